@@ -1,0 +1,64 @@
+"""Argument checks that name the argument and the allowed values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+FLOAT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def check_array(x: Any, name: str) -> None:
+  """Raises TypeError unless ``x`` is a JAX array, tracer or numpy array."""
+  if not isinstance(x, (jax.Array, np.ndarray)):
+    raise TypeError(f"{name} must be a jax.Array or numpy.ndarray, got "
+                    f"{type(x).__name__}")
+
+
+def check_float_dtype(dtype: Any, name: str) -> jnp.dtype:
+  """Returns ``jnp.dtype(dtype)`` if it is float32/bfloat16/float16."""
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"{name}={dtype!r} is not a dtype; allowed: "
+                    f"{', '.join(FLOAT_DTYPE_NAMES)}") from e
+  if dtype not in FLOAT_DTYPES:
+    raise TypeError(f"{name}={dtype.name} is not supported; allowed: "
+                    f"{', '.join(FLOAT_DTYPE_NAMES)}")
+  return dtype
+
+
+def check_float_array(x: Any, name: str) -> None:
+  """An array whose dtype is float32, bfloat16 or float16."""
+  check_array(x, name)
+  if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+    raise TypeError(f"{name}.dtype={jnp.dtype(x.dtype).name} is not supported; "
+                    f"allowed: {', '.join(FLOAT_DTYPE_NAMES)}")
+
+
+def check_choice(value: Any, name: str, allowed: Iterable[Any]) -> None:
+  """Raises ValueError unless ``value`` is one of ``allowed``."""
+  allowed = tuple(allowed)
+  if isinstance(value, bool) or value not in allowed:
+    raise ValueError(f"{name}={value!r} is not supported; allowed values: "
+                     f"{', '.join(repr(a) for a in allowed)}")
+
+
+def check_codebook(code: Any, name: str, size: int) -> jax.Array:
+  """A float32 ``[size]`` codebook, sorted ascending when its values are known."""
+  check_array(code, name)
+  if code.shape != (size,):
+    raise ValueError(f"{name}.shape={tuple(code.shape)} is not supported; "
+                     f"a codebook must have shape ({size},)")
+  if not jnp.issubdtype(code.dtype, jnp.floating):
+    raise TypeError(f"{name}.dtype={jnp.dtype(code.dtype).name} must be floating")
+  if not isinstance(code, jax.core.Tracer):
+    values = np.asarray(code, dtype=np.float32)
+    if not np.all(np.diff(values) > 0):
+      raise ValueError(f"{name} must be sorted in strictly increasing order")
+  return jnp.asarray(code, jnp.float32)
