@@ -8,9 +8,10 @@ The row-major flattened tensor is cut into blocks of ``blocksize`` elements
   c_i = \operatorname*{arg\,min}_k |\mathrm{code}_k - x_i / a_b|, \qquad
   \hat x_i = \mathrm{code}_{c_i} \, a_b
 
-with ties going to the lower index and :math:`a_b = 0` treated as 1 in the
-division (an all-zero block quantizes to the code of 0 and dequantizes to
-zeros, never NaN).
+with ties going to the lower index. The division is computed as
+:math:`x_i \cdot (1 / a_b)` (one correctly rounded reciprocal per block, as
+bitsandbytes does), with :math:`a_b = 0` treated as 1: an all-zero block
+quantizes to the code of 0 and dequantizes to zeros, never NaN.
 
 Non-finite input: a block holding NaN gets ``absmax = NaN`` and dequantizes
 to NaN; a block holding ``±inf`` gets ``absmax = inf`` and dequantizes to
@@ -65,7 +66,7 @@ def quantize_blockwise_reference(x: jax.Array, code: jax.Array,
   """Pure-jnp quantization: returns (codes uint8 ``[n]``, absmax float32)."""
   blocks = ref.blocked(x, blocksize)
   absmax = ref.block_absmax(blocks)
-  v = blocks / ref.safe_scale(absmax)[:, None]
+  v = blocks * ref.inverse_scale(absmax)[:, None]
   codes = ref.nearest_code_index(v, code).astype(jnp.uint8)
   return codes.reshape(-1)[:x.size], absmax
 

@@ -10,6 +10,8 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jlowbit import _impl  # noqa: E402
@@ -32,3 +34,18 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+def assert_same_cast(got, want, impl):
+  """Kernel output equals the reference, bit for bit.
+
+  Exception: Triton 3.6's interpreter rounds float32 -> bfloat16 toward zero
+  (compiled Triton and XLA round to nearest even), so interpreted bfloat16
+  outputs may sit one bfloat16 ulp below the reference.
+  """
+  assert got.dtype == want.dtype and got.shape == want.shape
+  if impl == "interpret" and got.dtype == jnp.bfloat16:
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(want, np.float32), rtol=2.0**-7, atol=0)
+  else:
+    np.testing.assert_array_equal(got, want)

@@ -31,7 +31,7 @@ def quantize_blockwise_kernel(x_ptr, code_ptr, n, codes_ptr, absmax_ptr,
   mask = offsets < n
   x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
   absmax = common.row_absmax(x)
-  codes = common.quantize_tile(x, absmax[:, None], code_ptr, CODE_BITS)
+  codes = common.quantize_tile(x, absmax, code_ptr, CODE_BITS)
   tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
   tl.store(absmax_ptr + block, absmax, mask=block < tl.cdiv(n, BLOCKSIZE))
 

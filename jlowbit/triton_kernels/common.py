@@ -20,9 +20,10 @@ def row_absmax(x):
 
 
 @triton.jit
-def safe_scale(absmax):
-  """``absmax`` with zeros replaced by one (all-zero blocks stay zero)."""
-  return tl.where(absmax > 0, absmax, 1.0)
+def inverse_scale(absmax):
+  """``1 / absmax`` (correctly rounded), 0 treated as 1: zero blocks stay zero."""
+  return tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32),
+                        tl.where(absmax > 0, absmax, 1.0))
 
 
 @triton.jit
@@ -46,6 +47,6 @@ def nearest_code_index(v, code_ptr, CODE_BITS: tl.constexpr):
 
 @triton.jit
 def quantize_tile(x, absmax, code_ptr, CODE_BITS: tl.constexpr):
-  """Codes of ``x / absmax`` (``absmax`` broadcast over the tile's rows)."""
-  v = tl.math.div_rn(x, safe_scale(absmax))
+  """Codes of ``x * (1 / absmax)``; ``absmax`` is ``[rows]``, ``x`` ``[rows, cols]``."""
+  v = x * inverse_scale(absmax)[:, None]
   return nearest_code_index(v, code_ptr, CODE_BITS)

@@ -1,0 +1,191 @@
+"""8-bit blockwise quantization: reference math, kernels vs reference, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ALL_IMPLS, FLOAT_DTYPES, KERNEL_IMPLS, assert_same_cast
+
+import jlowbit
+from jlowbit import codebooks
+
+SHAPES = [(), (1,), (0,), (3, 0), (255,), (1000,), (7, 300), (2, 3, 129)]
+
+
+def _normal(shape, dtype="float32", seed=0):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def _numpy_quantize(x, code, blocksize):
+  """Independent float64 nearest-code quantizer for the reference math."""
+  flat = np.asarray(x, np.float32).reshape(-1)
+  pad = (-flat.size) % blocksize
+  blocks = np.pad(flat, (0, pad)).reshape(-1, blocksize)
+  absmax = np.abs(blocks).max(axis=1)
+  scaled = blocks / np.where(absmax > 0, absmax, 1)[:, None]
+  dist = np.abs(scaled[..., None].astype(np.float64) - np.asarray(code, np.float64))
+  return dist.argmin(-1).reshape(-1)[:flat.size], absmax
+
+
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+@pytest.mark.parametrize("signed", [True, False])
+def test_reference_matches_numpy_nearest(blocksize, signed):
+  x = _normal((5000,), seed=1)
+  x = x if signed else jnp.abs(x)
+  code = codebooks.dynamic(signed)
+  q = jlowbit.quantize_blockwise(x, code, blocksize=blocksize, impl="xla")
+  codes, absmax = _numpy_quantize(x, code, blocksize)
+  np.testing.assert_array_equal(q.absmax, absmax)
+  # float32 vs float64 distances may disagree only on exact float32 ties.
+  assert np.mean(np.asarray(q.codes) != codes) < 1e-3
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip_shapes(impl, shape):
+  x = _normal(shape)
+  q = jlowbit.quantize_blockwise(x, blocksize=64, impl=impl)
+  assert q.codes.shape == shape and q.codes.dtype == jnp.uint8
+  assert q.absmax.shape == (-(-x.size // 64),) and q.absmax.dtype == jnp.float32
+  y = jlowbit.dequantize_blockwise(q, impl=impl)
+  assert y.shape == shape and y.dtype == x.dtype
+  if x.size:
+    assert float(jnp.max(jnp.abs(y - x))) <= float(jnp.max(q.absmax)) * 0.01
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 128, 512, 4096])
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_matches_xla(impl, dtype, blocksize, signed):
+  n = 3 * blocksize + 37 if impl == "interpret" else 1_000_003
+  x = _normal((n,), dtype, seed=blocksize)
+  x = x if signed else jnp.abs(x)
+  code = codebooks.dynamic(signed)
+  want = jlowbit.quantize_blockwise(x, code, blocksize=blocksize, impl="xla")
+  got = jlowbit.quantize_blockwise(x, code, blocksize=blocksize, impl=impl)
+  np.testing.assert_array_equal(got.codes, want.codes)
+  np.testing.assert_array_equal(got.absmax, want.absmax)
+  for out_dtype in FLOAT_DTYPES:
+    assert_same_cast(
+        jlowbit.dequantize_blockwise(got, out_dtype, impl=impl),
+        jlowbit.dequantize_blockwise(want, out_dtype, impl="xla"), impl)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("shape", [(5, 7, 300), (4097,), (64,)])
+def test_kernel_matches_xla_shapes(impl, shape):
+  x = _normal(shape, "bfloat16", seed=3)
+  want = jlowbit.quantize_blockwise(x, blocksize=256, impl="xla")
+  got = jlowbit.quantize_blockwise(x, blocksize=256, impl=impl)
+  np.testing.assert_array_equal(got.codes, want.codes)
+  np.testing.assert_array_equal(got.absmax, want.absmax)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_zero_blocks_give_zeros(impl):
+  x = jnp.zeros((300,)).at[200:].set(1.5)
+  q = jlowbit.quantize_blockwise(x, blocksize=64, impl=impl)
+  y = jlowbit.dequantize_blockwise(q, impl=impl)
+  assert not jnp.isnan(y).any()
+  np.testing.assert_array_equal(y[:192], 0.0)
+  np.testing.assert_allclose(y[200:], 1.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_non_finite_poisons_its_block_only(impl):
+  x = _normal((256,)).at[10].set(jnp.nan).at[130].set(jnp.inf)
+  q = jlowbit.quantize_blockwise(x, blocksize=64, impl=impl)
+  assert jnp.isnan(q.absmax[0]) and jnp.isinf(q.absmax[2])
+  y = jlowbit.dequantize_blockwise(q, impl=impl)
+  assert jnp.isnan(y[:64]).all()
+  assert not jnp.isfinite(y[130])
+  assert jnp.isfinite(y[64:128]).all() and jnp.isfinite(y[192:]).all()
+
+
+def test_error_bound_normal_data():
+  x = _normal((1 << 20,), seed=7)
+  q = jlowbit.quantize_blockwise(x, blocksize=4096, impl="xla")
+  err = float(jnp.mean(jnp.abs(jlowbit.dequantize_blockwise(q, impl="xla") - x)))
+  assert err < 0.011
+
+
+def test_unsigned_code_for_non_negative_data_is_finer():
+  x = jnp.abs(_normal((1 << 16,), seed=8))
+  errors = []
+  for signed in (True, False):
+    q = jlowbit.quantize_blockwise(x, codebooks.dynamic(signed), blocksize=256, impl="xla")
+    errors.append(float(jnp.mean(jnp.abs(jlowbit.dequantize_blockwise(q) - x))))
+  assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_jit_matches_eager(impl):
+  x = _normal((777,), seed=4)
+
+  @jax.jit
+  def round_trip(x):
+    q = jlowbit.quantize_blockwise(x, blocksize=128, impl=impl)
+    return q, jlowbit.dequantize_blockwise(q, impl=impl)
+
+  q_jit, y_jit = round_trip(x)
+  q = jlowbit.quantize_blockwise(x, blocksize=128, impl=impl)
+  np.testing.assert_array_equal(q_jit.codes, q.codes)
+  np.testing.assert_array_equal(y_jit, jlowbit.dequantize_blockwise(q, impl=impl))
+
+
+def test_pytree_and_save_restore(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  q = jlowbit.quantize_blockwise(_normal((3, 100)), blocksize=64)
+  leaves, treedef = jax.tree_util.tree_flatten(q)
+  assert [l.dtype for l in leaves] == [jnp.uint8, jnp.float32, jnp.float32]
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "q", q)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(tmp_path / "q", q)
+  assert jax.tree_util.tree_structure(restored) == treedef
+  for a, b in zip(jax.tree_util.tree_leaves(restored), leaves):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(jlowbit.dequantize_blockwise(restored),
+                                jlowbit.dequantize_blockwise(q))
+
+
+def test_custom_codebook_linear():
+  code = jnp.linspace(-1.0, 1.0, 256)
+  x = _normal((1000,), seed=5)
+  q = jlowbit.quantize_blockwise(x, code, blocksize=256)
+  y = jlowbit.dequantize_blockwise(q)
+  assert float(jnp.max(jnp.abs(y - x) / jnp.repeat(q.absmax, 256)[:1000])) <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(x=jnp.arange(10)), TypeError, r"x.dtype=int32 .*float32, bfloat16, float16"),
+    (dict(x=[1.0, 2.0]), TypeError, r"x must be a jax.Array or numpy.ndarray, got list"),
+    (dict(x=jnp.ones(10), blocksize=100), ValueError, r"blocksize=100 .*64, 128"),
+    (dict(x=jnp.ones(10), blocksize=8192), ValueError, r"blocksize=8192"),
+    (dict(x=jnp.ones(10), code=jnp.ones(16)), ValueError, r"code.shape=\(16,\)"),
+    (dict(x=jnp.ones(10), code=jnp.ones(256)), ValueError, r"code must be sorted"),
+    (dict(x=jnp.ones(10), impl="cuda"), ValueError, r"impl='cuda' .*'xla'"),
+])
+def test_quantize_errors(kwargs, exc, match):
+  x = kwargs.pop("x")
+  with pytest.raises(exc, match=match):
+    jlowbit.quantize_blockwise(x, **kwargs)
+
+
+def test_dequantize_errors():
+  q = jlowbit.quantize_blockwise(jnp.ones(10), blocksize=64)
+  with pytest.raises(TypeError, match=r"dtype=int8 .*float32"):
+    jlowbit.dequantize_blockwise(q, jnp.int8)
+  with pytest.raises(TypeError, match=r"q must be a Quantized8bit"):
+    jlowbit.dequantize_blockwise(jnp.ones(10))
+  with pytest.raises(ValueError, match=r"q.absmax.shape=\(2,\)"):
+    jlowbit.dequantize_blockwise(q.replace(absmax=jnp.ones(2)))
+
+
+def test_env_var_selects_impl(monkeypatch):
+  monkeypatch.setenv("JLOWBIT_IMPL", "xla")
+  assert jlowbit.resolve_impl(None) == "xla"
+  monkeypatch.setenv("JLOWBIT_IMPL", "bogus")
+  with pytest.raises(ValueError, match=r"JLOWBIT_IMPL='bogus'"):
+    jlowbit.resolve_impl(None)
