@@ -11,5 +11,44 @@ from jlowbit.blockwise8 import (
     dequantize_blockwise,
     quantize_blockwise,
 )
+from jlowbit.bnb_format import from_bnb, to_bnb
+from jlowbit.matmul4 import gemv_4bit, gemv_4bit_reference, matmul_4bit
+from jlowbit.quant4 import Quantized4bit, dequantize_4bit, quantize_4bit
+from jlowbit.optax_transforms import (
+    STATIC_ARGS,
+    PercentileClippingState,
+    Quantized8bitMoment,
+    ScaleByAdam8bitState,
+    ScaleByAdemamix8bitState,
+    ScaleByLion8bitState,
+    ScaleByMomentum8bitState,
+    ScaleByRms8bitState,
+    ScaleByRss8bitState,
+    adagrad_8bit,
+    adagrad_32bit,
+    adam_8bit,
+    adam_32bit,
+    adamw_8bit,
+    adamw_32bit,
+    ademamix_8bit,
+    ademamix_32bit,
+    lamb_8bit,
+    lamb_32bit,
+    lars_8bit,
+    lars_32bit,
+    lion_8bit,
+    lion_32bit,
+    percentile_clipping,
+    rmsprop_8bit,
+    rmsprop_32bit,
+    scale_by_adam_8bit,
+    scale_by_ademamix_8bit,
+    scale_by_lion_8bit,
+    scale_by_momentum_8bit,
+    scale_by_rms_8bit,
+    scale_by_rss_8bit,
+    sgd_8bit,
+    sgd_32bit,
+)
 
 __version__ = "0.1.0"

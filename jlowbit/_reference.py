@@ -6,8 +6,11 @@ operation for operation, so the two backends round to identical codes.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def nearest_code_index(v: jax.Array, code: jax.Array) -> jax.Array:
@@ -54,3 +57,146 @@ def blocked(x: jax.Array, blocksize: int) -> jax.Array:
 def block_absmax(blocks: jax.Array) -> jax.Array:
   """``max |x|`` of each row of ``blocks``; NaN anywhere in a row gives NaN."""
   return jnp.max(jnp.abs(blocks), axis=1)
+
+
+def nearest_4bit_index(v: jax.Array, levels: jax.Array, bits: jax.Array,
+                       sign_magnitude: bool) -> jax.Array:
+  """4-bit codes of normalized float32 ``v`` (int32, the shape of ``v``).
+
+  NF4 (``sign_magnitude=False``): nearest of the 16 sorted ``levels``.
+  FP4: sign bit ``8`` for ``v < 0`` OR-ed with ``bits`` of the nearest of the
+  8 sorted non-negative ``levels`` to ``|v|``.
+  """
+  if not sign_magnitude:
+    return nearest_code_index(v, levels)
+  magnitude = bits[nearest_code_index(jnp.abs(v), levels)]
+  return jnp.where(v < 0, magnitude | 8, magnitude)
+
+
+def unpack_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(high, low) int32 nibbles of uint8 ``packed``: elements ``2i``, ``2i + 1``."""
+  packed = packed.astype(jnp.int32)
+  return packed >> 4, packed & 15
+
+
+def _float_key(x: np.ndarray) -> np.ndarray:
+  """int64 keys with the order of float32 ``x`` (-0 just below +0)."""
+  bits = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+  return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
+
+
+def _key_float(key: np.ndarray) -> np.ndarray:
+  """Inverse of :func:`_float_key`."""
+  bits = np.where(key >= 0, key, (-(key + 1)) | 0x80000000)
+  return bits.astype(np.uint32).view(np.float32)
+
+
+def decision_thresholds(code: np.ndarray) -> np.ndarray:
+  """Exact decision thresholds of :func:`nearest_code_index` for ``code``.
+
+  ``t[j - 1]`` is the smallest float32 ``v`` whose nearest code (float32
+  arithmetic, ties to the lower index) has index ``>= j``, found by bisection
+  over float32 bit patterns in ``(code[j - 1], code[j]]``. The index is
+  monotone in ``v``, so ``nearest_code_index(v) == count(t <= v)`` for every
+  float32 ``v`` (NaN: 0).
+
+  Args:
+    code: float32 ``[2**k]``, strictly increasing (host values).
+
+  Returns:
+    float32 ``[2**k - 1]``, strictly increasing.
+  """
+  code = np.asarray(code, np.float32)
+  below, above = code[:-1], code[1:]
+  lo, hi = _float_key(below), _float_key(above)
+  while np.any(hi - lo > 1):
+    mid = (lo + hi) // 2
+    v = _key_float(mid)
+    upper = (above - v) < (v - below)
+    hi, lo = np.where(upper, mid, hi), np.where(upper, lo, mid)
+  return _key_float(hi)
+
+
+def decision_tree(code: np.ndarray) -> np.ndarray:
+  """:func:`decision_thresholds` in breadth-first (Eytzinger) order.
+
+  Node ``i`` (``1 <= i < 2**k``) at depth ``d = floor(log2 i)`` holds the
+  threshold of sorted rank ``(2 (i - 2**d) + 1) 2**(k-1-d) - 1``; slot 0 is
+  unused (0). Level ``d`` of the search reads only the ``2**d`` contiguous
+  entries ``[2**d, 2**(d+1))``, so a warp's gathers touch few cache lines.
+
+  Returns:
+    float32 ``[2**k]`` (host values).
+  """
+  thresholds = decision_thresholds(code)
+  levels = code.shape[0].bit_length() - 1
+  node = np.arange(1, code.shape[0])
+  depth = np.floor(np.log2(node)).astype(np.int64)
+  rank = (2 * (node - (1 << depth)) + 1) * (1 << (levels - 1 - depth)) - 1
+  return np.concatenate([np.zeros(1, np.float32), thresholds[rank]])
+
+
+def tree_code_index(v: jax.Array, tree: jax.Array) -> jax.Array:
+  """:func:`nearest_code_index` through a :func:`decision_tree` (same result).
+
+  Branch-free descent: ``node = 2 node + (tree[node] <= v)`` for ``k``
+  levels from the root ``1``; ``node - 2**k`` is the number of thresholds
+  ``<= v``, i.e. the nearest code's index. NaN maps to 0.
+
+  Args:
+    v: float32 values, any shape.
+    tree: float32 ``[2**k]`` from :func:`decision_tree`.
+
+  Returns:
+    int32 indices, the shape of ``v``.
+  """
+  size = tree.shape[0]
+  node = jnp.ones(v.shape, jnp.int32)
+  for _ in range(size.bit_length() - 1):
+    node = 2 * node + (tree[node] <= v).astype(jnp.int32)
+  return node - size
+
+
+def scaled_tree_index(x: jax.Array, scale: jax.Array, tree: jax.Array) -> jax.Array:
+  """Nearest-code index of ``x / scale`` without dividing (int32, ``x``'s shape).
+
+  Descends the :func:`decision_tree` comparing ``tree[node] * scale <= x``:
+  a correctly rounded product and a comparison, which every backend (XLA on
+  CPU or GPU, Triton compiled or interpreted) evaluates identically, whereas
+  XLA on GPU computes ``x / scale`` approximately. NaN maps to 0.
+
+  Args:
+    x: float32 values, any shape.
+    scale: float32 positive block scale, broadcastable to ``x``.
+    tree: float32 ``[2**k]`` from :func:`decision_tree`.
+  """
+  size = tree.shape[0]
+  node = jnp.ones(x.shape, jnp.int32)
+  for _ in range(size.bit_length() - 1):
+    node = 2 * node + (tree[node] * scale <= x).astype(jnp.int32)
+  return node - size
+
+
+def block_scale(absmax: jax.Array) -> jax.Array:
+  """``absmax`` with 0 replaced by 1, so an all-zero block stays zero."""
+  return jnp.where(absmax > 0, absmax, jnp.float32(1))
+
+
+@functools.lru_cache(maxsize=64)
+def _tree_from_bytes(data: bytes) -> np.ndarray:
+  tree = decision_tree(np.frombuffer(data, np.float32))
+  tree.setflags(write=False)
+  return tree
+
+
+def code_tree(code) -> np.ndarray:
+  """The cached :func:`decision_tree` of a concrete (not traced) codebook.
+
+  Raises:
+    TypeError: ``code`` is a tracer (thresholds are computed on the host).
+  """
+  if isinstance(code, jax.core.Tracer):
+    raise TypeError("code must be a concrete array to quantize with (its "
+                    "decision thresholds are computed on the host), not a "
+                    "value traced inside jax.jit; close over it instead")
+  return _tree_from_bytes(np.asarray(code, np.float32).tobytes())

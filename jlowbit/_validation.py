@@ -49,16 +49,21 @@ def check_choice(value: Any, name: str, allowed: Iterable[Any]) -> None:
                      f"{', '.join(repr(a) for a in allowed)}")
 
 
-def check_codebook(code: Any, name: str, size: int) -> jax.Array:
-  """A float32 ``[size]`` codebook, sorted ascending when its values are known."""
+def check_codebook(code: Any, name: str, size: int):
+  """A float32 ``[size]`` codebook, strictly increasing.
+
+  Returns a float32 numpy array for concrete input (so it stays a host
+  constant under ``jax.jit``), the tracer itself otherwise.
+  """
   check_array(code, name)
   if code.shape != (size,):
     raise ValueError(f"{name}.shape={tuple(code.shape)} is not supported; "
                      f"a codebook must have shape ({size},)")
   if not jnp.issubdtype(code.dtype, jnp.floating):
     raise TypeError(f"{name}.dtype={jnp.dtype(code.dtype).name} must be floating")
-  if not isinstance(code, jax.core.Tracer):
-    values = np.asarray(code, dtype=np.float32)
-    if not np.all(np.diff(values) > 0):
-      raise ValueError(f"{name} must be sorted in strictly increasing order")
-  return jnp.asarray(code, jnp.float32)
+  if isinstance(code, jax.core.Tracer):
+    return code
+  values = np.asarray(code, dtype=np.float32)
+  if not np.all(np.diff(values) > 0):
+    raise ValueError(f"{name} must be sorted in strictly increasing order")
+  return values

@@ -8,10 +8,13 @@ The row-major flattened tensor is cut into blocks of ``blocksize`` elements
   c_i = \operatorname*{arg\,min}_k |\mathrm{code}_k - x_i / a_b|, \qquad
   \hat x_i = \mathrm{code}_{c_i} \, a_b
 
-with ties going to the lower index. The division is computed as
-:math:`x_i \cdot (1 / a_b)` (one correctly rounded reciprocal per block, as
-bitsandbytes does), with :math:`a_b = 0` treated as 1: an all-zero block
-quantizes to the code of 0 and dequantizes to zeros, never NaN.
+with ties going to the lower index. The arg-min is evaluated without
+dividing: the exact float32 decision thresholds :math:`t_k` between
+neighbouring codes (computed once per codebook on the host) are compared as
+:math:`t_k a_b \le x_i`, a correctly rounded product that XLA (CPU and GPU)
+and Triton evaluate identically, so every backend returns the same codes.
+:math:`a_b = 0` is treated as 1: an all-zero block quantizes to the code of 0
+and dequantizes to zeros, never NaN.
 
 Non-finite input: a block holding NaN gets ``absmax = NaN`` and dequantizes
 to NaN; a block holding ``±inf`` gets ``absmax = inf`` and dequantizes to
@@ -66,9 +69,9 @@ def quantize_blockwise_reference(x: jax.Array, code: jax.Array,
   """Pure-jnp quantization: returns (codes uint8 ``[n]``, absmax float32)."""
   blocks = ref.blocked(x, blocksize)
   absmax = ref.block_absmax(blocks)
-  v = blocks * ref.inverse_scale(absmax)[:, None]
-  codes = ref.nearest_code_index(v, code).astype(jnp.uint8)
-  return codes.reshape(-1)[:x.size], absmax
+  tree = jnp.asarray(ref.code_tree(code))
+  codes = ref.scaled_tree_index(blocks, ref.block_scale(absmax)[:, None], tree)
+  return codes.astype(jnp.uint8).reshape(-1)[:x.size], absmax
 
 
 def dequantize_blockwise_reference(codes: jax.Array, code: jax.Array,
@@ -86,14 +89,14 @@ def _kernels():
   return blockwise8
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "impl"))
 def _quantize(x, code, blocksize, impl):
   flat = x.reshape(-1)
   if flat.size == 0:
     return jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)
   if impl == "xla":
     return quantize_blockwise_reference(flat, code, blocksize)
-  return _kernels().quantize_blockwise(flat, code, blocksize, impl)
+  tree = jnp.asarray(ref.code_tree(code))
+  return _kernels().quantize_blockwise(flat, tree, blocksize, impl)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "dtype", "impl"))
@@ -115,7 +118,8 @@ def quantize_blockwise(x: jax.Array, code: jax.Array | None = None, *,
 
   Args:
     x: float32, bfloat16 or float16 array of any shape (0-d and empty too).
-    code: float32 ``[256]`` sorted codebook; default
+    code: float32 ``[256]`` sorted codebook, a concrete array (not traced
+      inside ``jax.jit``; close over it); default
       :func:`jlowbit.codebooks.dynamic` (signed).
     blocksize: elements per block, one of 64, 128, ..., 4096.
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"`` (see
@@ -137,7 +141,8 @@ def quantize_blockwise(x: jax.Array, code: jax.Array | None = None, *,
   code = val.check_codebook(code, "code", 256)
   impl = _impl.resolve_impl(impl)
   codes, absmax = _quantize(jnp.asarray(x), code, blocksize, impl)
-  return Quantized8bit(codes=codes.reshape(x.shape), absmax=absmax, code=code,
+  return Quantized8bit(codes=codes.reshape(x.shape), absmax=absmax,
+                       code=jnp.asarray(code),
                        blocksize=blocksize, dtype=jnp.dtype(x.dtype).name)
 
 

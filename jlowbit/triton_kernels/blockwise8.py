@@ -1,78 +1,118 @@
 """8-bit blockwise quantize / dequantize kernels and their launchers.
 
-A program handles ``BLOCKS`` consecutive quantization blocks of ``BLOCKSIZE``
-elements of the row-major flattened tensor as one ``[BLOCKS, BLOCKSIZE]``
-tile: one read of the input, one write of the codes and the absmax.
+A program handles one tile of ``TILE = BLOCKS * BLOCKSIZE`` (4096) elements of
+the row-major flattened tensor: one read of the input, one write of the codes
+and the absmax. Full tiles run without masks (masked accesses defeat
+vectorization: measured 3x slower for bfloat16); only the last, partial tile
+takes the masked path.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import triton
 import triton.language as tl
 
 from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
-TILE_ELEMENTS = 4096  # elements per program (several small blocks share one)
+TILE = 4096  # elements per program; a multiple of every supported blocksize
 
 
 @triton.jit
-def _tile_offsets(pid, BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr):
-  block = pid * BLOCKS + tl.arange(0, BLOCKS)
-  offsets = block.to(tl.int64)[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-  return block, offsets
+def _broadcast_rows(per_block, BLOCKS: tl.constexpr, BLOCKSIZE: tl.constexpr):
+  """``[BLOCKS]`` -> flat ``[BLOCKS * BLOCKSIZE]``, each value repeated."""
+  return tl.reshape(tl.broadcast_to(per_block[:, None], (BLOCKS, BLOCKSIZE)),
+                    (BLOCKS * BLOCKSIZE,))
 
 
 @triton.jit
-def quantize_blockwise_kernel(x_ptr, code_ptr, n, codes_ptr, absmax_ptr,
+def _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
+                   BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
+                   CODE_BITS: tl.constexpr, MASKED: tl.constexpr):
+  offsets = tl.arange(0, BLOCKS * BLOCKSIZE)
+  blocks = start // BLOCKSIZE + tl.arange(0, BLOCKS)
+  if MASKED:
+    mask = offsets < n - start
+    x = tl.load(x_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
+  else:
+    x = tl.load(x_ptr + start + offsets).to(tl.float32)
+  absmax = common.row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
+  scale = _broadcast_rows(common.block_scale(absmax), BLOCKS, BLOCKSIZE)
+  codes = common.scaled_tree_index(x, scale, tree_ptr, CODE_BITS).to(tl.uint8)
+  if MASKED:
+    tl.store(codes_ptr + start + offsets, codes, mask=mask)
+    tl.store(absmax_ptr + blocks, absmax, mask=blocks < tl.cdiv(n, BLOCKSIZE))
+  else:
+    tl.store(codes_ptr + start + offsets, codes)
+    tl.store(absmax_ptr + blocks, absmax)
+
+
+@triton.jit
+def quantize_blockwise_kernel(x_ptr, tree_ptr, n, codes_ptr, absmax_ptr,
                               BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
                               CODE_BITS: tl.constexpr):
-  block, offsets = _tile_offsets(tl.program_id(0), BLOCKSIZE, BLOCKS)
-  mask = offsets < n
-  x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-  absmax = common.row_absmax(x)
-  codes = common.quantize_tile(x, absmax, code_ptr, CODE_BITS)
-  tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
-  tl.store(absmax_ptr + block, absmax, mask=block < tl.cdiv(n, BLOCKSIZE))
+  start = tl.program_id(0).to(tl.int64) * (BLOCKS * BLOCKSIZE)
+  if start + BLOCKS * BLOCKSIZE <= n:
+    _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
+                   BLOCKSIZE, BLOCKS, CODE_BITS, False)
+  else:
+    _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
+                   BLOCKSIZE, BLOCKS, CODE_BITS, True)
+
+
+@triton.jit
+def _dequantize_tile(codes_ptr, code_ptr, absmax_ptr, out_ptr, start, n,
+                     BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
+                     MASKED: tl.constexpr):
+  offsets = tl.arange(0, BLOCKS * BLOCKSIZE)
+  blocks = start // BLOCKSIZE + tl.arange(0, BLOCKS)
+  if MASKED:
+    mask = offsets < n - start
+    codes = tl.load(codes_ptr + start + offsets, mask=mask, other=0)
+    absmax = tl.load(absmax_ptr + blocks, mask=blocks < tl.cdiv(n, BLOCKSIZE), other=0.0)
+  else:
+    codes = tl.load(codes_ptr + start + offsets)
+    absmax = tl.load(absmax_ptr + blocks)
+  values = tl.load(code_ptr + codes.to(tl.int32)) * _broadcast_rows(absmax, BLOCKS, BLOCKSIZE)
+  values = values.to(out_ptr.dtype.element_ty)
+  if MASKED:
+    tl.store(out_ptr + start + offsets, values, mask=mask)
+  else:
+    tl.store(out_ptr + start + offsets, values)
 
 
 @triton.jit
 def dequantize_blockwise_kernel(codes_ptr, code_ptr, absmax_ptr, n, out_ptr,
                                 BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr):
-  block, offsets = _tile_offsets(tl.program_id(0), BLOCKSIZE, BLOCKS)
-  mask = offsets < n
-  codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-  absmax = tl.load(absmax_ptr + block, mask=block < tl.cdiv(n, BLOCKSIZE), other=0.0)
-  values = tl.load(code_ptr + codes) * absmax[:, None]
-  tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=mask)
+  start = tl.program_id(0).to(tl.int64) * (BLOCKS * BLOCKSIZE)
+  if start + BLOCKS * BLOCKSIZE <= n:
+    _dequantize_tile(codes_ptr, code_ptr, absmax_ptr, out_ptr, start, n,
+                     BLOCKSIZE, BLOCKS, False)
+  else:
+    _dequantize_tile(codes_ptr, code_ptr, absmax_ptr, out_ptr, start, n,
+                     BLOCKSIZE, BLOCKS, True)
 
 
-def _blocks_per_program(blocksize: int) -> int:
-  return max(1, TILE_ELEMENTS // blocksize)
-
-
-def quantize_blockwise(x: jax.Array, code: jax.Array, blocksize: int, impl: str):
-  """Launches the quantize kernel on flat ``x``; returns (codes, absmax)."""
+def quantize_blockwise(x: jax.Array, tree: jax.Array, blocksize: int, impl: str):
+  """Quantizes flat ``x`` with a decision ``tree``; returns (codes, absmax)."""
   n = x.size
-  n_blocks = cdiv(n, blocksize)
-  blocks = _blocks_per_program(blocksize)
   return launch(
-      __name__, "quantize_blockwise_kernel", x, code, n,
+      __name__, "quantize_blockwise_kernel", x, tree, n,
       out_shape=(jax.ShapeDtypeStruct((n,), jnp.uint8),
-                 jax.ShapeDtypeStruct((n_blocks,), jnp.float32)),
-      grid=(cdiv(n_blocks, blocks),), impl=impl, num_warps=8,
-      BLOCKSIZE=blocksize, BLOCKS=blocks,
-      CODE_BITS=code.shape[0].bit_length() - 1)
+                 jax.ShapeDtypeStruct((cdiv(n, blocksize),), jnp.float32)),
+      grid=(cdiv(n, TILE),), impl=impl, num_warps=8,
+      BLOCKSIZE=blocksize, BLOCKS=TILE // blocksize,
+      CODE_BITS=int(np.log2(tree.shape[0])))
 
 
 def dequantize_blockwise(codes: jax.Array, code: jax.Array, absmax: jax.Array,
                          blocksize: int, dtype, impl: str) -> jax.Array:
-  """Launches the dequantize kernel on flat ``codes``; returns flat values."""
+  """Dequantizes flat ``codes``; returns flat ``dtype`` values."""
   n = codes.size
-  blocks = _blocks_per_program(blocksize)
   (out,) = launch(
       __name__, "dequantize_blockwise_kernel", codes, code, absmax, n,
       out_shape=(jax.ShapeDtypeStruct((n,), dtype),),
-      grid=(cdiv(absmax.shape[0], blocks),), impl=impl, num_warps=8,
-      BLOCKSIZE=blocksize, BLOCKS=blocks)
+      grid=(cdiv(n, TILE),), impl=impl, num_warps=4,
+      BLOCKSIZE=blocksize, BLOCKS=TILE // blocksize)
   return out

@@ -50,3 +50,95 @@ def quantize_tile(x, absmax, code_ptr, CODE_BITS: tl.constexpr):
   """Codes of ``x * (1 / absmax)``; ``absmax`` is ``[rows]``, ``x`` ``[rows, cols]``."""
   v = x * inverse_scale(absmax)[:, None]
   return nearest_code_index(v, code_ptr, CODE_BITS)
+
+
+@triton.jit
+def pair_row_absmax(a, b):
+  """``max |x|`` per row over two 2-D tiles of equal shape (NaN propagates)."""
+  return _max_propagate_nan(row_absmax(a), row_absmax(b))
+
+
+@triton.jit
+def nearest_4bit_index(v, levels_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr):
+  """4-bit code of normalized ``v`` (float32 tile; returns int32).
+
+  ``SIGN_MAGNITUDE=False`` (NF4): nearest of 16 sorted ``levels``.
+  ``SIGN_MAGNITUDE=True`` (FP4): ``8`` when ``v < 0`` (even for tiny ``v``,
+  which gives "-0"), OR-ed with ``bits[i]``, ``i`` the nearest of the 8 sorted
+  non-negative ``levels`` to ``|v|``.
+  """
+  if SIGN_MAGNITUDE:
+    magnitude = tl.load(bits_ptr + nearest_code_index(tl.abs(v), levels_ptr, 3))
+    return tl.where(v < 0, magnitude | 8, magnitude)
+  else:
+    return nearest_code_index(v, levels_ptr, 4)
+
+
+@triton.jit
+def unpack_nibbles(packed):
+  """(high, low) int32 nibbles of a uint8 tile: elements ``2i`` and ``2i + 1``."""
+  packed = packed.to(tl.int32)
+  return packed >> 4, packed & 15
+
+
+@triton.jit
+def tree_code_index(v, tree_ptr, CODE_BITS: tl.constexpr):
+  """Nearest-code index of float32 ``v`` through a decision tree (int32).
+
+  ``tree_ptr`` holds ``jlowbit._reference.decision_tree(code)``; the result
+  equals :func:`nearest_code_index` on ``code`` for every float32 ``v``, with
+  ``CODE_BITS`` gathers and no arithmetic: level ``d`` reads the contiguous
+  entries ``[2**d, 2**(d+1))``, so a warp touches at most ``2**d / 32`` cache
+  lines there (vs. the whole table for a sorted-array binary search).
+  """
+  node = tl.full(v.shape, 1, tl.int32)
+  for _ in tl.static_range(CODE_BITS):
+    node = 2 * node + (tl.load(tree_ptr + node) <= v).to(tl.int32)
+  return node - (1 << CODE_BITS)
+
+
+@triton.jit
+def quantize_flat_tile(x, tree_ptr, BLOCKSIZE: tl.constexpr,
+                       BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr):
+  """Blockwise codes of a flat tile of ``BLOCKS`` whole blocks.
+
+  ``x`` is float32 ``[BLOCKS * BLOCKSIZE]`` (lanes past the data must hold
+  0); returns (int32 codes of ``x``'s shape, float32 absmax ``[BLOCKS]``),
+  the codes those of :func:`quantize_tile` (``x * (1 / absmax)``, nearest
+  code) found through the decision tree at ``tree_ptr``. The tile stays
+  one-dimensional so that the tree gathers keep a coalesced layout.
+  """
+  absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
+  scale = tl.broadcast_to(inverse_scale(absmax)[:, None], (BLOCKS, BLOCKSIZE))
+  v = x * tl.reshape(scale, (BLOCKS * BLOCKSIZE,))
+  return tree_code_index(v, tree_ptr, CODE_BITS), absmax
+
+
+@triton.jit
+def dequantize_flat_tile(codes_ptr, absmax_ptr, code_ptr, offsets, mask,
+                         BLOCKSIZE: tl.constexpr):
+  """``code[codes] * absmax[block]`` at flat int64 ``offsets`` (float32; 0
+  where ``mask`` is false)."""
+  codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
+  absmax = tl.load(absmax_ptr + offsets // BLOCKSIZE, mask=mask, other=0.0)
+  return tl.load(code_ptr + codes) * absmax
+
+
+@triton.jit
+def block_scale(absmax):
+  """``absmax`` with 0 replaced by 1, so an all-zero block stays zero."""
+  return tl.where(absmax > 0, absmax, 1.0)
+
+
+@triton.jit
+def scaled_tree_index(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
+  """Nearest-code index of ``x / scale`` via the decision tree, division-free.
+
+  Twin of ``jlowbit._reference.scaled_tree_index``: compares
+  ``tree[node] * scale <= x`` (int32 result, ``x``'s shape; ``scale``
+  broadcastable to it).
+  """
+  node = tl.full(x.shape, 1, tl.int32)
+  for _ in tl.static_range(CODE_BITS):
+    node = 2 * node + (tl.load(tree_ptr + node) * scale <= x).to(tl.int32)
+  return node - (1 << CODE_BITS)

@@ -1,0 +1,159 @@
+"""Quantization benchmarks: effective TB/s and 4-bit gemv vs dense bf16.
+
+Run on an NVIDIA GPU::
+
+  python benchmarks/quant.py [--json out.json] [--sizes 64M 256M] [--bnb]
+
+Effective bandwidth counts each input read once and each output written once
+(quantize: x + codes + absmax; dequantize: codes + absmax + output). gemv
+times ``x @ W.T`` for batch-1 ``x`` with W 4-bit NF4 (blocksize 64) against
+the same product with W dense bf16, each over several distinct weights so
+nothing stays in L2. ``--bnb`` adds bitsandbytes' own kernels, timed in the
+same run with torch CUDA events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+
+import jlowbit
+from timing import HBM_TBPS, table, time_jax, time_torch
+
+GEMV_SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192)]
+
+
+def _parse_size(text: str) -> int:
+  units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+  return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def _inputs(n: int, dtype, copies: int, seed: int = 0):
+  keys = jax.random.split(jax.random.key(seed), copies)
+  return [(jax.random.normal(k, (n,), jnp.float32).astype(dtype),) for k in keys]
+
+
+def _row(op, n, dtype, seconds, nbytes, extra=None):
+  row = dict(op=op, n=f"{n >> 20}M", dtype=jnp.dtype(dtype).name,
+             us=seconds * 1e6, TBps=nbytes / seconds / 1e12,
+             pct_hbm=100 * nbytes / seconds / 1e12 / HBM_TBPS)
+  row.update(extra or {})
+  return row
+
+
+def bench_blockwise8(n: int, dtype, blocksize: int, copies: int) -> list[dict]:
+  xs = _inputs(n, dtype, copies)
+  itemsize = jnp.dtype(dtype).itemsize
+  absmax_bytes = 4 * math.ceil(n / blocksize)
+  quant = lambda x: jlowbit.quantize_blockwise(x, blocksize=blocksize)
+  t_q = time_jax(quant, xs)
+  qs = [(quant(*x),) for x in xs]
+  t_d = time_jax(lambda q: jlowbit.dequantize_blockwise(q), qs)
+  tag = dict(blocksize=blocksize, impl="jlowbit")
+  return [_row("quantize_blockwise", n, dtype, t_q, n * itemsize + n + absmax_bytes, tag),
+          _row("dequantize_blockwise", n, dtype, t_d, n + absmax_bytes + n * itemsize, tag)]
+
+
+def bench_4bit(n: int, dtype, copies: int, quant_type: str = "nf4") -> list[dict]:
+  xs = _inputs(n, dtype, copies)
+  itemsize = jnp.dtype(dtype).itemsize
+  packed = n // 2 + 4 * math.ceil(n / 64)
+  quant = lambda x: jlowbit.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+  t_q = time_jax(quant, xs)
+  qs = [(quant(*x),) for x in xs]
+  t_d = time_jax(lambda q: jlowbit.dequantize_4bit(q), qs)
+  tag = dict(blocksize=64, impl=f"jlowbit {quant_type}")
+  return [_row("quantize_4bit", n, dtype, t_q, n * itemsize + packed, tag),
+          _row("dequantize_4bit", n, dtype, t_d, packed + n * itemsize, tag)]
+
+
+def bench_bnb_quant(n: int, dtype_name: str, copies: int) -> list[dict]:
+  import bitsandbytes.functional as F  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  dtype = getattr(torch, dtype_name)
+  xs = [(torch.randn(n, device="cuda", dtype=dtype),) for _ in range(copies)]
+  itemsize = xs[0][0].element_size()
+  absmax_bytes = 4 * math.ceil(n / 4096)
+  t_q = time_torch(lambda x: F.quantize_blockwise(x, blocksize=4096), xs)
+  qs = [F.quantize_blockwise(x, blocksize=4096) for (x,) in xs]
+  t_d = time_torch(lambda q: F.dequantize_blockwise(q[0], q[1]), [(q,) for q in qs])
+  tag = dict(blocksize=4096, impl="bitsandbytes")
+  rows = [_row("quantize_blockwise", n, dtype_name, t_q, n * itemsize + n + absmax_bytes, tag),
+          _row("dequantize_blockwise", n, dtype_name, t_d, n + absmax_bytes + n * itemsize, tag)]
+  packed = n // 2 + 4 * math.ceil(n / 64)
+  t_q4 = time_torch(lambda x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"), xs)
+  q4 = [F.quantize_4bit(x, blocksize=64, quant_type="nf4") for (x,) in xs]
+  t_d4 = time_torch(lambda q: F.dequantize_4bit(q[0], q[1]), [(q,) for q in q4])
+  tag = dict(blocksize=64, impl="bitsandbytes nf4")
+  rows += [_row("quantize_4bit", n, dtype_name, t_q4, n * itemsize + packed, tag),
+           _row("dequantize_4bit", n, dtype_name, t_d4, packed + n * itemsize, tag)]
+  return rows
+
+
+def bench_gemv(out_features: int, in_features: int, copies: int, bnb: bool) -> dict:
+  keys = jax.random.split(jax.random.key(1), copies)
+  weights = [jax.random.normal(k, (out_features, in_features), jnp.bfloat16) * 0.02 for k in keys]
+  x = jax.random.normal(jax.random.key(2), (1, in_features), jnp.bfloat16)
+  w4s = [jlowbit.quantize_4bit(w, blocksize=64, quant_type="nf4") for w in weights]
+  t_dense = time_jax(lambda w: x @ w.T, [(w,) for w in weights])
+  t_4bit = time_jax(lambda w4: jlowbit.gemv_4bit(x, w4), [(w4,) for w4 in w4s])
+  bytes_4bit = out_features * in_features // 2 + 4 * out_features * in_features // 64
+  row = dict(shape=f"{out_features}x{in_features}", dense_bf16_us=t_dense * 1e6,
+             nf4_gemv_us=t_4bit * 1e6, speedup=t_dense / t_4bit,
+             nf4_TBps=bytes_4bit / t_4bit / 1e12)
+  del weights
+  if bnb:
+    row.update(_bnb_gemv(out_features, in_features, copies))
+  return row
+
+
+def _bnb_gemv(out_features: int, in_features: int, copies: int) -> dict:
+  import bitsandbytes as bnb  # pylint: disable=g-import-not-at-top
+  import bitsandbytes.functional as F  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  weights = [torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) * 0.02
+             for _ in range(copies)]
+  x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)
+  q = [F.quantize_4bit(w, blocksize=64, quant_type="nf4") for w in weights]
+  t_bnb = time_torch(lambda p, s: bnb.matmul_4bit(x, p.t(), quant_state=s), q)
+  t_torch = time_torch(lambda w: x @ w.t(), [(w,) for w in weights])
+  return dict(bnb_nf4_us=t_bnb * 1e6, torch_dense_us=t_torch * 1e6)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", nargs="+", default=["64M", "256M"])
+  parser.add_argument("--sections", nargs="+", default=["q8", "q4", "gemv"])
+  parser.add_argument("--bnb", action="store_true", help="also time bitsandbytes")
+  parser.add_argument("--json", help="write all rows to this file")
+  args = parser.parse_args()
+  print("device:", jax.devices()[0].device_kind, "| impl:", jlowbit.resolve_impl(None))
+  results = {"device": jax.devices()[0].device_kind, "quant": [], "gemv": []}
+  for size in map(_parse_size, args.sizes):
+    copies = 4 if size <= (64 << 20) else 2
+    for dtype in (jnp.float32, jnp.bfloat16):
+      if "q8" in args.sections:
+        results["quant"] += bench_blockwise8(size, dtype, 4096, copies)
+        results["quant"] += bench_blockwise8(size, dtype, 256, copies)
+      if "q4" in args.sections:
+        results["quant"] += bench_4bit(size, dtype, copies)
+      if args.bnb:
+        results["quant"] += bench_bnb_quant(size, jnp.dtype(dtype).name, copies)
+  print(table(results["quant"], ["op", "impl", "n", "dtype", "blocksize", "us", "TBps", "pct_hbm"]))
+  if "gemv" in args.sections:
+    for shape in GEMV_SHAPES:
+      copies = max(2, 8 * 4096 * 4096 // (shape[0] * shape[1]))
+      results["gemv"].append(bench_gemv(*shape, copies, args.bnb))
+    print(table(results["gemv"], ["shape", "dense_bf16_us", "nf4_gemv_us", "speedup", "nf4_TBps",
+                                  "bnb_nf4_us", "torch_dense_us"]))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

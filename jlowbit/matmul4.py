@@ -1,0 +1,160 @@
+r"""Products with a 4-bit weight: fused gemv and ``matmul_4bit``.
+
+For a weight :math:`W \in \mathbb{R}^{N \times K}` (out, in) quantized by
+:func:`jlowbit.quantize_4bit`, both ops compute
+
+.. math::
+  y = x W^\top, \qquad \frac{\partial L}{\partial x} = \frac{\partial L}{\partial y} W
+
+with float32 accumulation; ``y`` has ``x``'s dtype. The 4-bit weight is
+frozen: it receives a zero cotangent.
+
+Dispatch rule of :func:`matmul_4bit`: when ``x`` holds a single row
+(``prod(x.shape[:-1]) == 1``, batch-1 decoding) it runs the fused gemv kernel,
+which reads the packed weight once and never materializes ``W``; with more
+rows it dequantizes ``W`` to ``x.dtype`` (one kernel) and calls ``jnp.dot``
+(float32 products at ``Precision.HIGHEST``, i.e. no TF32 for float32 inputs),
+where tensor cores win. With ``impl="xla"`` the single-row case is
+:func:`gemv_4bit_reference` and the dequantization is the jnp reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlowbit import _impl
+from jlowbit import _validation as val
+from jlowbit import quant4
+
+
+def _dense(x2d: jax.Array, w: jax.Array) -> jax.Array:
+  """``x2d @ w.T`` accumulated in float32, returned in ``x2d.dtype``."""
+  y = jnp.dot(x2d, w.T, precision=jax.lax.Precision.HIGHEST,
+              preferred_element_type=jnp.float32)
+  return y.astype(x2d.dtype)
+
+
+def gemv_4bit_reference(x: jax.Array, w4: quant4.Quantized4bit) -> jax.Array:
+  """Dense reference: ``dequantize_4bit(w4)`` (float32) and ``jnp.dot``.
+
+  Args:
+    x: ``[..., K]``.
+    w4: quantized ``[N, K]`` weight.
+
+  Returns:
+    ``[..., N]`` in ``x.dtype``.
+  """
+  w = quant4.dequantize_4bit(w4, jnp.float32, impl="xla")
+  y = jnp.dot(x.astype(jnp.float32), w.T, precision=jax.lax.Precision.HIGHEST)
+  return y.astype(x.dtype)
+
+
+def _kernels():
+  from jlowbit.triton_kernels import gemv4  # pylint: disable=g-import-not-at-top
+  return gemv4
+
+
+def _forward(x2d, w4, impl, config):
+  """``x2d`` ``[M, K]`` times ``w4`` ``[N, K]``^T: ``[M, N]`` in x's dtype."""
+  (m, k), n = x2d.shape, w4.shape[0]
+  if m == 0 or n == 0 or k == 0:
+    return jnp.zeros((m, n), x2d.dtype)
+  if m == 1 and impl == "xla":
+    return gemv_4bit_reference(x2d, w4)
+  if m == 1:
+    absmax = quant4.absmax_float32(w4, impl=impl)
+    y = _kernels().gemv_4bit(x2d[0], w4.packed, w4.quant_map, absmax, n,
+                             w4.blocksize, impl, config)
+    return y[None, :]
+  return _dense(x2d, quant4.dequantize_4bit(w4, x2d.dtype, impl=impl))
+
+
+def _zero_cotangent(leaf):
+  if jnp.issubdtype(leaf.dtype, jnp.floating):
+    return jnp.zeros_like(leaf)
+  return np.zeros(leaf.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x2d, w4, impl, config):
+  return _forward(x2d, w4, impl, config)
+
+
+def _matmul_fwd(x2d, w4, impl, config):
+  return _forward(x2d, w4, impl, config), w4
+
+
+def _matmul_bwd(impl, config, w4, grad_y):
+  del config
+  m, n = grad_y.shape
+  k = w4.shape[1]
+  if m == 0 or n == 0 or k == 0:
+    grad_x = jnp.zeros((m, k), grad_y.dtype)
+  else:
+    w = quant4.dequantize_4bit(w4, grad_y.dtype, impl=impl)
+    grad_x = _dense(grad_y, w.T)
+  return grad_x, jax.tree.map(_zero_cotangent, w4)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _check_weight(w4) -> None:
+  quant4.check_quantized(w4)
+  if len(w4.shape) != 2:
+    raise ValueError(f"w4.shape={w4.shape} must be 2-D [out_features, "
+                     "in_features] (quantize the weight matrix, not a vector)")
+
+
+def matmul_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
+                impl: str | None = None, config=None) -> jax.Array:
+  """``x @ W^T`` with a 4-bit ``W``; differentiable with respect to ``x``.
+
+  Args:
+    x: ``[..., in_features]`` float32, bfloat16 or float16.
+    w4: ``W`` ``[out_features, in_features]`` from :func:`jlowbit.quantize_4bit`
+      or :func:`jlowbit.from_bnb`.
+    impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
+    config: :class:`jlowbit.triton_kernels.gemv4.GemvConfig` tile sizes for
+      the single-row (gemv) case; default per shape.
+
+  Returns:
+    ``[..., out_features]`` in ``x.dtype``. One row runs the fused gemv
+    kernel, more rows dequantize + ``jnp.dot`` (see the module docstring).
+  """
+  val.check_float_array(x, "x")
+  _check_weight(w4)
+  if x.ndim == 0 or x.shape[-1] != w4.shape[1]:
+    raise ValueError(f"x.shape={tuple(x.shape)} does not match "
+                     f"w4.shape={w4.shape}: x must be [..., {w4.shape[1]}]")
+  impl = _impl.resolve_impl(impl)
+  rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+  y = _matmul(jnp.asarray(x).reshape(rows, w4.shape[1]), w4, impl, config)
+  return y.reshape(*x.shape[:-1], w4.shape[0])
+
+
+def gemv_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
+              impl: str | None = None, config=None) -> jax.Array:
+  """Batch-1 product ``x @ W^T`` by the fused 4-bit kernel.
+
+  Args:
+    x: ``[in_features]`` or ``[1, in_features]``, float32 / bfloat16 / float16.
+    w4: ``W`` ``[out_features, in_features]`` (see :func:`matmul_4bit`).
+    impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
+    config: :class:`jlowbit.triton_kernels.gemv4.GemvConfig`; default per shape.
+
+  Returns:
+    ``[out_features]`` or ``[1, out_features]`` (following ``x``), ``x.dtype``.
+  """
+  val.check_float_array(x, "x")
+  _check_weight(w4)
+  if x.shape not in ((w4.shape[1],), (1, w4.shape[1])):
+    raise ValueError(f"x.shape={tuple(x.shape)} does not match "
+                     f"w4.shape={w4.shape}: gemv_4bit takes x of shape "
+                     f"({w4.shape[1]},) or (1, {w4.shape[1]}); use matmul_4bit "
+                     "for batches")
+  return matmul_4bit(x, w4, impl=impl, config=config)

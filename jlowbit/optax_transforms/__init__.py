@@ -1,0 +1,61 @@
+"""8-bit blockwise optimizers as optax transformations.
+
+* :mod:`~jlowbit.optax_transforms.aliases`: ``adam_8bit``, ``adamw_8bit``,
+  ``ademamix_8bit``, ``lion_8bit``, ``sgd_8bit``, ``rmsprop_8bit``,
+  ``adagrad_8bit``, ``lamb_8bit``, ``lars_8bit`` and their ``*_32bit`` twins;
+* :mod:`~jlowbit.optax_transforms.transforms`: the ``scale_by_*_8bit``
+  building blocks;
+* :mod:`~jlowbit.optax_transforms.clipping`: ``percentile_clipping``;
+* :mod:`~jlowbit.optax_transforms.state`: state NamedTuples and
+  :class:`Quantized8bitMoment`;
+* :mod:`~jlowbit.optax_transforms.update8`: the per-leaf math
+  (``update_8bit_reference``, ``update_fp32``).
+"""
+
+from jlowbit.optax_transforms.aliases import (
+    adagrad_8bit,
+    adagrad_32bit,
+    adam_8bit,
+    adam_32bit,
+    adamw_8bit,
+    adamw_32bit,
+    ademamix_8bit,
+    ademamix_32bit,
+    lamb_8bit,
+    lamb_32bit,
+    lars_8bit,
+    lars_32bit,
+    lion_8bit,
+    lion_32bit,
+    rmsprop_8bit,
+    rmsprop_32bit,
+    sgd_8bit,
+    sgd_32bit,
+)
+from jlowbit.optax_transforms.checks import STATIC_ARGS
+from jlowbit.optax_transforms.clipping import (
+    PercentileClippingState,
+    percentile_clipping,
+)
+from jlowbit.optax_transforms.state import (
+    Quantized8bitMoment,
+    ScaleByAdam8bitState,
+    ScaleByAdemamix8bitState,
+    ScaleByLion8bitState,
+    ScaleByMomentum8bitState,
+    ScaleByRms8bitState,
+    ScaleByRss8bitState,
+)
+from jlowbit.optax_transforms.transforms import (
+    ademamix_schedules,
+    scale_by_adam_8bit,
+    scale_by_ademamix_8bit,
+    scale_by_lion_8bit,
+    scale_by_momentum_8bit,
+    scale_by_rms_8bit,
+    scale_by_rss_8bit,
+)
+from jlowbit.optax_transforms.update8 import (
+    update_8bit_reference,
+    update_fp32,
+)

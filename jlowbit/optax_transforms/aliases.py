@@ -1,0 +1,375 @@
+r"""Ready-to-use optimizers: ``optax.chain``\ s of the 8-bit building blocks.
+
+Like ``optax.adamw``, each alias is the direction of a ``scale_by_*_8bit``
+transformation, weight decay through ``optax.add_decayed_weights`` and the
+learning rate through ``optax.scale_by_learning_rate``:
+
+* decoupled decay (AdamW, AdEMAMix, Lion, LAMB): ``chain(scale_by_*,
+  add_decayed_weights, scale_by_learning_rate)``, i.e.
+  :math:`p \leftarrow p - \eta (d + \lambda p)`;
+* coupled (L2) decay (SGD, RMSprop, Adagrad): ``chain(add_decayed_weights,
+  scale_by_*, scale_by_learning_rate)``, i.e. :math:`g \leftarrow g + \lambda p`
+  before the moments see it (torch semantics).
+
+A ``weight_decay`` given as the Python number 0 is left out of the chain (an
+``optax.identity`` takes its place, the state is the same), so such optimizers
+do not need ``params`` in ``update``.
+
+Every ``*_8bit`` alias takes the keyword-only ``block_size=256``,
+``min_8bit_size=4096`` and ``impl=None`` (see
+:mod:`jlowbit.optax_transforms.transforms`); its ``*_32bit`` twin runs the same
+math with float32 state for every leaf and takes the same arguments except
+those three. With ``optax.inject_hyperparams``, pass
+``static_args=jlowbit.STATIC_ARGS`` for the 8-bit aliases.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from jlowbit.optax_transforms import transforms
+
+_CONFIG = ("block_size", "min_8bit_size", "impl")
+
+
+def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
+  """``add_decayed_weights``, or ``identity`` for a literal zero decay."""
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    return optax.identity()
+  return optax.add_decayed_weights(weight_decay, mask)
+
+
+def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+              b2: Any = 0.999, eps: Any = 1e-8, *, block_size: int = 256,
+              min_8bit_size: int | None = 4096, impl: str | None = None
+              ) -> optax.GradientTransformationExtraArgs:
+  r"""Adam with 8-bit blockwise moments.
+
+  .. math::
+    p \leftarrow p - \eta \, \frac{m_t / (1-\beta_1^t)}
+        {\sqrt{v_t} / \sqrt{1-\beta_2^t} + \epsilon}
+
+  (moments as :func:`~jlowbit.scale_by_adam_8bit`).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    b1, b2, eps: see :func:`~jlowbit.scale_by_adam_8bit`.
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jlowbit as lowbit
+    >>> params = {"w": jnp.ones((64, 128))}
+    >>> tx = lowbit.adam_8bit(1e-3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, state)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  return optax.chain(
+      transforms.scale_by_adam_8bit(b1, b2, eps, block_size=block_size,
+                                    min_8bit_size=min_8bit_size, impl=impl),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+               b2: Any = 0.999, eps: Any = 1e-8,
+               weight_decay: optax.ScalarOrSchedule = 1e-2, mask: Any = None,
+               *, block_size: int = 256, min_8bit_size: int | None = 4096,
+               impl: str | None = None) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW (decoupled weight decay) with 8-bit blockwise moments.
+
+  .. math::
+    p \leftarrow p - \eta \Big(\frac{m_t / (1-\beta_1^t)}
+        {\sqrt{v_t} / \sqrt{1-\beta_2^t} + \epsilon} + \lambda p\Big)
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    b1, b2, eps: see :func:`~jlowbit.scale_by_adam_8bit`.
+    weight_decay: :math:`\lambda` (float, array or schedule).
+    mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  return optax.chain(
+      transforms.scale_by_adam_8bit(b1, b2, eps, block_size=block_size,
+                                    min_8bit_size=min_8bit_size, impl=impl),
+      _decay(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+                  b2: Any = 0.999, b3: optax.ScalarOrSchedule = 0.9999,
+                  alpha: optax.ScalarOrSchedule = 5.0, eps: Any = 1e-8,
+                  weight_decay: optax.ScalarOrSchedule = 1e-2, mask: Any = None,
+                  t_alpha: Any = None, t_beta3: Any = None, *,
+                  block_size: int = 256, min_8bit_size: int | None = 4096,
+                  impl: str | None = None
+                  ) -> optax.GradientTransformationExtraArgs:
+  r"""AdEMAMix with 8-bit blockwise moments (defaults of bitsandbytes).
+
+  .. math::
+    p \leftarrow p - \eta \Big(\frac{m_1 / (1-\beta_1^t) + \alpha_t m_2}
+        {\sqrt{\nu} / \sqrt{1-\beta_2^t} + \epsilon} + \lambda p\Big)
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    b1, b2, b3, alpha, eps, t_alpha, t_beta3: see
+      :func:`~jlowbit.scale_by_ademamix_8bit` (``b3`` and ``alpha`` may be
+      schedules as in ``optax.contrib.ademamix``; ``t_alpha``/``t_beta3`` are
+      bitsandbytes' warm-up horizons).
+    weight_decay: :math:`\lambda` (float, array or schedule).
+    mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
+    <https://arxiv.org/abs/2409.03137>`_, 2024.
+  """
+  return optax.chain(
+      transforms.scale_by_ademamix_8bit(
+          b1, b2, b3, alpha, eps, t_alpha=t_alpha, t_beta3=t_beta3,
+          block_size=block_size, min_8bit_size=min_8bit_size, impl=impl),
+      _decay(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+              b2: Any = 0.99, weight_decay: optax.ScalarOrSchedule = 1e-3,
+              mask: Any = None, *, block_size: int = 256,
+              min_8bit_size: int | None = 4096, impl: str | None = None
+              ) -> optax.GradientTransformationExtraArgs:
+  r"""Lion (decoupled weight decay) with an 8-bit momentum.
+
+  .. math::
+    p \leftarrow p - \eta \big(\mathrm{sign}(\beta_1 m + (1-\beta_1) g)
+        + \lambda p\big), \qquad m \leftarrow \beta_2 m + (1-\beta_2) g
+
+  Args:
+    learning_rate: :math:`\eta` (bitsandbytes' default is 1e-4).
+    b1, b2: see :func:`~jlowbit.scale_by_lion_8bit`.
+    weight_decay: :math:`\lambda` (float, array or schedule).
+    mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    Chen et al., `Symbolic Discovery of Optimization Algorithms
+    <https://arxiv.org/abs/2302.06675>`_, 2023.
+  """
+  return optax.chain(
+      transforms.scale_by_lion_8bit(b1, b2, block_size=block_size,
+                                    min_8bit_size=min_8bit_size, impl=impl),
+      _decay(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum: Any = 0.9,
+             weight_decay: optax.ScalarOrSchedule = 0.0, *,
+             block_size: int = 256, min_8bit_size: int | None = 4096,
+             impl: str | None = None) -> optax.GradientTransformationExtraArgs:
+  r"""SGD with heavy-ball momentum in 8 bits and coupled weight decay.
+
+  .. math::
+    g \leftarrow g + \lambda p, \quad m_1 = g_1, \quad
+    m_t = \mu m_{t-1} + g_t, \quad p \leftarrow p - \eta m_t
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    momentum: :math:`\mu`.
+    weight_decay: :math:`\lambda`, added to the gradient (L2).
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return optax.chain(
+      _decay(weight_decay, None),
+      transforms.scale_by_momentum_8bit(momentum, block_size=block_size,
+                                        min_8bit_size=min_8bit_size, impl=impl),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay: Any = 0.99,
+                 eps: Any = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0, *,
+                 block_size: int = 256, min_8bit_size: int | None = 4096,
+                 impl: str | None = None
+                 ) -> optax.GradientTransformationExtraArgs:
+  r"""RMSprop (torch semantics) with an 8-bit second moment.
+
+  .. math::
+    g \leftarrow g + \lambda p, \quad v \leftarrow \rho v + (1-\rho) g^2, \quad
+    p \leftarrow p - \eta \, g / (\sqrt{v} + \epsilon)
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    decay: :math:`\rho`.
+    eps: added to the denominator outside the square root.
+    weight_decay: :math:`\lambda`, added to the gradient (L2).
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return optax.chain(
+      _decay(weight_decay, None),
+      transforms.scale_by_rms_8bit(decay, eps, block_size=block_size,
+                                   min_8bit_size=min_8bit_size, impl=impl),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, eps: Any = 1e-10,
+                 weight_decay: optax.ScalarOrSchedule = 0.0, *,
+                 block_size: int = 256, min_8bit_size: int | None = 4096,
+                 impl: str | None = None
+                 ) -> optax.GradientTransformationExtraArgs:
+  r"""Adagrad with an 8-bit sum of squared gradients.
+
+  .. math::
+    g \leftarrow g + \lambda p, \quad v \leftarrow v + g^2, \quad
+    p \leftarrow p - \eta \, g / (\sqrt{v} + \epsilon)
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    eps: added to the denominator outside the square root.
+    weight_decay: :math:`\lambda`, added to the gradient (L2).
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return optax.chain(
+      _decay(weight_decay, None),
+      transforms.scale_by_rss_8bit(eps, block_size=block_size,
+                                   min_8bit_size=min_8bit_size, impl=impl),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def lamb_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+              b2: Any = 0.999, eps: Any = 1e-6,
+              weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
+              block_size: int = 256, min_8bit_size: int | None = 4096,
+              impl: str | None = None) -> optax.GradientTransformationExtraArgs:
+  r"""LAMB (as ``optax.lamb``) with 8-bit Adam moments.
+
+  .. math::
+    u = d_{\mathrm{adam}} + \lambda p, \qquad
+    p \leftarrow p - \eta \, \frac{\lVert p \rVert}{\lVert u \rVert} \, u
+
+  per leaf (``optax.scale_by_trust_ratio``).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    b1, b2, eps: see :func:`~jlowbit.scale_by_adam_8bit` (``eps`` defaults to
+      1e-6 as in ``optax.lamb``).
+    weight_decay: :math:`\lambda` (float, array or schedule).
+    mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, 2020.
+  """
+  return optax.chain(
+      transforms.scale_by_adam_8bit(b1, b2, eps, block_size=block_size,
+                                    min_8bit_size=min_8bit_size, impl=impl),
+      _decay(weight_decay, mask),
+      optax.scale_by_trust_ratio(),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def lars_8bit(learning_rate: optax.ScalarOrSchedule,
+              weight_decay: optax.ScalarOrSchedule = 0.0,
+              weight_decay_mask: Any = True, trust_coefficient: Any = 0.001,
+              eps: Any = 0.0, trust_ratio_mask: Any = True,
+              momentum: Any = 0.9, *, block_size: int = 256,
+              min_8bit_size: int | None = 4096, impl: str | None = None
+              ) -> optax.GradientTransformationExtraArgs:
+  r"""LARS (as ``optax.lars``) with an 8-bit momentum buffer.
+
+  .. math::
+    u = \eta \, \kappa \frac{\lVert p \rVert}{\lVert g + \lambda p \rVert}
+        (g + \lambda p), \qquad m_t = \mu m_{t-1} + u_t, \qquad
+    p \leftarrow p - m_t
+
+  per leaf, :math:`\kappa` the ``trust_coefficient``.
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    weight_decay: :math:`\lambda`.
+    weight_decay_mask: which leaves to decay (``True``: all).
+    trust_coefficient: :math:`\kappa`.
+    eps: added to the trust ratio's denominator.
+    trust_ratio_mask: which leaves get the trust ratio (``True``: all).
+    momentum: :math:`\mu`.
+    block_size, min_8bit_size, impl: see the module docstring.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  References:
+    You et al., `Large Batch Training of Convolutional Networks
+    <https://arxiv.org/abs/1708.03888>`_, 2017.
+  """
+  return optax.chain(
+      _decay(weight_decay, weight_decay_mask),
+      optax.masked(optax.scale_by_trust_ratio(
+          trust_coefficient=trust_coefficient, eps=eps), trust_ratio_mask),
+      optax.scale_by_learning_rate(learning_rate),
+      transforms.scale_by_momentum_8bit(momentum, block_size=block_size,
+                                        min_8bit_size=min_8bit_size, impl=impl))
+
+
+def _twin_32bit(alias: Callable[..., optax.GradientTransformationExtraArgs]
+                ) -> Callable[..., optax.GradientTransformationExtraArgs]:
+  """The ``*_32bit`` twin of an 8-bit alias: same math, float32 state.
+
+  It takes the alias' arguments except ``block_size``, ``min_8bit_size`` and
+  ``impl`` and calls the alias with ``min_8bit_size=None``.
+  """
+  signature = inspect.signature(alias)
+
+  def twin(*args, **kwargs):
+    bound = twin.__signature__.bind(*args, **kwargs)
+    return alias(*bound.args, **bound.kwargs, min_8bit_size=None)
+
+  twin.__signature__ = signature.replace(parameters=[
+      p for name, p in signature.parameters.items() if name not in _CONFIG])
+  twin.__name__ = twin.__qualname__ = alias.__name__.replace("_8bit", "_32bit")
+  twin.__module__ = alias.__module__
+  twin.__doc__ = (
+      f"Float32-state twin of :func:`{alias.__name__}`: the same math without "
+      f"quantization.\n\n  Takes the arguments of :func:`{alias.__name__}` "
+      f"except ``block_size``, ``min_8bit_size`` and ``impl``; every leaf's "
+      f"moments are float32 arrays in the parameter's shape.\n")
+  return twin
+
+
+adam_32bit = _twin_32bit(adam_8bit)
+adamw_32bit = _twin_32bit(adamw_8bit)
+ademamix_32bit = _twin_32bit(ademamix_8bit)
+lion_32bit = _twin_32bit(lion_8bit)
+sgd_32bit = _twin_32bit(sgd_8bit)
+rmsprop_32bit = _twin_32bit(rmsprop_8bit)
+adagrad_32bit = _twin_32bit(adagrad_8bit)
+lamb_32bit = _twin_32bit(lamb_8bit)
+lars_32bit = _twin_32bit(lars_8bit)

@@ -1,0 +1,365 @@
+r"""Optax building blocks whose state is 8-bit blockwise (or float32).
+
+Each ``scale_by_*_8bit`` turns gradients into a *direction* (no learning rate,
+no weight decay) like its optax counterpart, keeping one or more moments per
+parameter leaf. A leaf's moments are 8-bit (uint8 codes in the leaf's shape +
+float32 absmax per ``block_size`` elements) when the leaf's global size is at
+least ``min_8bit_size``, float32 otherwise; ``min_8bit_size=None`` keeps every
+leaf in float32 (the ``*_32bit`` optimizers). See
+:mod:`jlowbit.optax_transforms.state`.
+
+Hyperparameters may be Python floats, arrays, tracers (``optax.inject_hyperparams``)
+and, where noted, schedules; they reach the update as one float32 device
+vector, so a moving schedule never recompiles the step. The fused Triton kernel
+(``impl="triton"``/``"interpret"``) or its pure-jnp twin (``impl="xla"``)
+updates each 8-bit leaf in one pass; float32 leaves use plain jnp (fused by
+XLA).
+
+Non-finite gradients are not filtered (as in optax): a NaN/Inf gradient
+element makes that element's direction and moments non-finite, and in 8-bit
+state it makes the whole block's ``absmax`` non-finite, so the block's 256
+moment values become NaN/Inf. Wrap the optimizer in
+``optax.apply_if_finite`` to skip such steps instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jlowbit import _impl
+from jlowbit.optax_transforms import checks
+from jlowbit.optax_transforms import state as state_lib
+from jlowbit.optax_transforms import update8
+
+# (count before the step, int32; t = step number, float32) -> hyper vector.
+HyperFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _f32(*values: Any) -> jax.Array:
+  """Stacks scalars (floats, arrays or tracers) into a float32 vector."""
+  return jnp.stack([jnp.asarray(v, jnp.float32).reshape(()) for v in values])
+
+
+def _scheduled(value: Any, count: jax.Array) -> Any:
+  """``value(count)`` for a schedule, else ``value``."""
+  return value(count) if callable(value) else value
+
+
+def _update_leaf(algorithm: str, grad: jax.Array, codes: tuple,
+                 absmax: tuple, hyper: jax.Array, block_size: int, impl: str):
+  """Direction and new ``(codes, absmax)`` per moment of one leaf.
+
+  ``absmax`` entries are ``None`` for a float32-state leaf, whose ``codes``
+  are the float32 moments.
+  """
+  if absmax[0] is None:
+    direction, new = update8.update_fp32(algorithm, grad, codes, hyper)
+    return direction, tuple((m, None) for m in new)
+  pairs = tuple(zip(codes, absmax))
+  if impl == "xla":
+    return update8.update_8bit_reference(algorithm, grad, pairs, hyper,
+                                         block_size=block_size)
+  from jlowbit.triton_kernels import optim8  # pylint: disable=g-import-not-at-top
+  return optim8.fused_update(algorithm, grad, pairs, hyper,
+                             block_size=block_size, impl=impl)
+
+
+def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
+                  block_size: int, min_8bit_size: int | None,
+                  impl: str | None) -> optax.GradientTransformationExtraArgs:
+  """The generic transformation behind every ``scale_by_*_8bit``.
+
+  Args:
+    algorithm: one of :data:`jlowbit.optax_transforms.update8.ALGORITHMS`.
+    state_cls: NamedTuple ``(count, *moments)`` holding the state.
+    hyper_fn: builds the float32 ``hyper`` vector from ``(count, t)``.
+    block_size: elements per quantization block, 64..4096 (powers of two).
+    min_8bit_size: smallest leaf size with 8-bit state; ``None``: none.
+    impl: ``None`` | ``"auto"`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  checks.check_config(block_size, min_8bit_size, impl)
+  signed = update8.MOMENT_SIGNED[algorithm]
+
+  def init_fn(params):
+    checks.check_float_leaves(params, "params")
+    return state_cls(jnp.zeros([], jnp.int32), *(
+        state_lib.init_moment(params, signed=s, block_size=block_size,
+                              min_8bit_size=min_8bit_size) for s in signed))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    moments = state[1:]
+    checks.check_float_leaves(updates, "updates")
+    checks.check_matches_state(updates, moments[0].codes, params)
+    count = optax.safe_increment(state.count)
+    hyper = hyper_fn(state.count, count.astype(jnp.float32))
+    resolved = _impl.resolve_impl(impl)
+    k = len(signed)
+    out = jax.tree.map(
+        lambda g, *leaf: _update_leaf(algorithm, g, leaf[:k], leaf[k:], hyper,
+                                      block_size, resolved),
+        updates, *(m.codes for m in moments), *(m.absmax for m in moments))
+    pick = lambda f: jax.tree.map(lambda _, o: f(o), updates, out)
+    new_moments = [
+        state_lib.Quantized8bitMoment(pick(lambda o, i=i: o[1][i][0]),
+                                      pick(lambda o, i=i: o[1][i][1]))
+        for i in range(k)]
+    return pick(lambda o: o[0]), state_cls(count, *new_moments)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _bias_corrections(b1: Any, b2: Any, t: jax.Array) -> tuple[jax.Array, ...]:
+  """``(1 - b1**t, 1 - b2**t)`` in float32."""
+  return (1 - jnp.asarray(b1, jnp.float32) ** t,
+          1 - jnp.asarray(b2, jnp.float32) ** t)
+
+
+_CONFIG_DOC = """
+    block_size: elements per quantization block of the 8-bit state (keyword
+      only; 64, 128, ..., 4096).
+    min_8bit_size: leaves with fewer elements keep float32 state (keyword
+      only); ``None`` keeps every leaf in float32.
+    impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"`` (keyword only;
+      see :mod:`jlowbit._impl`)."""
+
+
+def _config_doc(fn):
+  fn.__doc__ = fn.__doc__.replace("    {config}", _CONFIG_DOC.strip("\n"))
+  return fn
+
+
+@_config_doc
+def scale_by_adam_8bit(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, *,
+                       block_size: int = 256, min_8bit_size: int | None = 4096,
+                       impl: str | None = None
+                       ) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales updates by Adam's moments, stored 8-bit blockwise.
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+    d_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t} / \sqrt{1-\beta_2^t} + \epsilon}
+
+  with :math:`m` quantized with the signed and :math:`v` with the unsigned
+  dynamic codebook after every step.
+
+  Args:
+    b1: decay of the first moment (float, array or tracer).
+    b2: decay of the second moment.
+    eps: added to the denominator outside the square root.
+    {config}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`~jlowbit.optax_transforms.state.ScaleByAdam8bitState`.
+
+  References:
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, 2014.
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization
+    <https://arxiv.org/abs/2110.02861>`_, 2021.
+  """
+  def hyper(count, t):
+    del count
+    return _f32(b1, b2, eps, *_bias_corrections(b1, b2, t))
+  return scale_by_8bit("adam", state_lib.ScaleByAdam8bitState, hyper,
+                       block_size=block_size, min_8bit_size=min_8bit_size,
+                       impl=impl)
+
+
+def ademamix_schedules(b1: Any, b3: Any, alpha: Any, t: jax.Array,
+                       t_alpha: Any, t_beta3: Any) -> tuple[jax.Array, jax.Array]:
+  r"""AdEMAMix's warm-up schedules of bitsandbytes, at step ``t`` (1-based).
+
+  .. math::
+    \alpha_t = \min(t \alpha / T_\alpha, \alpha), \qquad
+    \beta_{3,t} = \min\Big(\exp\frac{\ln\beta_1 \ln\beta_3}
+        {(1-s)\ln\beta_3 + s\ln\beta_1}, \beta_3\Big), \quad s = t / T_{\beta_3}
+
+  each applied only when its horizon (``t_alpha``, ``t_beta3``) is not None.
+
+  Returns:
+    ``(b3_t, alpha_t)`` as float32 scalars.
+  """
+  b3 = jnp.asarray(b3, jnp.float32)
+  alpha = jnp.asarray(alpha, jnp.float32)
+  if t_alpha is not None:
+    alpha = jnp.minimum(t * alpha / jnp.asarray(t_alpha, jnp.float32), alpha)
+  if t_beta3 is not None:
+    ln_b1 = jnp.log(jnp.asarray(b1, jnp.float32))
+    ln_b3 = jnp.log(b3)
+    s = t / jnp.asarray(t_beta3, jnp.float32)
+    b3 = jnp.minimum(jnp.exp(ln_b1 * ln_b3 / ((1 - s) * ln_b3 + s * ln_b1)), b3)
+  return b3, alpha
+
+
+@_config_doc
+def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
+                           alpha: Any = 5.0, eps: Any = 1e-8, *,
+                           t_alpha: Any = None, t_beta3: Any = None,
+                           block_size: int = 256,
+                           min_8bit_size: int | None = 4096,
+                           impl: str | None = None
+                           ) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales updates by AdEMAMix's fast and slow EMAs, stored 8-bit.
+
+  .. math::
+    m_1 &= \beta_1 m_1 + (1-\beta_1) g, \quad
+    m_2 = \beta_{3,t} m_2 + (1-\beta_{3,t}) g, \quad
+    \nu = \beta_2 \nu + (1-\beta_2) g^2 \\
+    d &= \frac{m_1 / (1-\beta_1^t) + \alpha_t m_2}
+              {\sqrt{\nu} / \sqrt{1-\beta_2^t} + \epsilon}
+
+  :math:`m_1, m_2` use the signed, :math:`\nu` the unsigned codebook.
+  :math:`\beta_{3,t}, \alpha_t` are ``b3``/``alpha`` evaluated at the step
+  count when they are schedules (as in ``optax.contrib.ademamix``), then
+  warmed up by :func:`ademamix_schedules` when ``t_beta3``/``t_alpha`` are set
+  (as in bitsandbytes).
+
+  Args:
+    b1: decay of the fast EMA.
+    b2: decay of the second moment.
+    b3: decay of the slow EMA (float, array or schedule of the step count).
+    alpha: weight of the slow EMA (float, array or schedule).
+    eps: added to the denominator outside the square root.
+    t_alpha: steps over which ``alpha`` warms up linearly; ``None``: no warm-up.
+    t_beta3: steps over which ``b3`` warms up from ``b1``; ``None``: no warm-up.
+    {config}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`~jlowbit.optax_transforms.state.ScaleByAdemamix8bitState`.
+
+  References:
+    Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
+    <https://arxiv.org/abs/2409.03137>`_, 2024.
+  """
+  def hyper(count, t):
+    b3_t, alpha_t = ademamix_schedules(
+        b1, _scheduled(b3, count), _scheduled(alpha, count), t, t_alpha,
+        t_beta3)
+    return _f32(b1, b2, b3_t, alpha_t, eps, *_bias_corrections(b1, b2, t))
+  return scale_by_8bit("ademamix", state_lib.ScaleByAdemamix8bitState, hyper,
+                       block_size=block_size, min_8bit_size=min_8bit_size,
+                       impl=impl)
+
+
+@_config_doc
+def scale_by_lion_8bit(b1: Any = 0.9, b2: Any = 0.99, *, block_size: int = 256,
+                       min_8bit_size: int | None = 4096,
+                       impl: str | None = None
+                       ) -> optax.GradientTransformationExtraArgs:
+  r"""Lion's sign direction with an 8-bit momentum.
+
+  .. math::
+    d_t = \mathrm{sign}(\beta_1 m_{t-1} + (1-\beta_1) g_t), \qquad
+    m_t = \beta_2 m_{t-1} + (1-\beta_2) g_t
+
+  Args:
+    b1: interpolation between momentum and gradient for the direction.
+    b2: decay of the momentum.
+    {config}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`~jlowbit.optax_transforms.state.ScaleByLion8bitState`.
+
+  References:
+    Chen et al., `Symbolic Discovery of Optimization Algorithms
+    <https://arxiv.org/abs/2302.06675>`_, 2023.
+  """
+  def hyper(count, t):
+    del count, t
+    return _f32(b1, b2)
+  return scale_by_8bit("lion", state_lib.ScaleByLion8bitState, hyper,
+                       block_size=block_size, min_8bit_size=min_8bit_size,
+                       impl=impl)
+
+
+@_config_doc
+def scale_by_momentum_8bit(momentum: Any = 0.9, *, block_size: int = 256,
+                           min_8bit_size: int | None = 4096,
+                           impl: str | None = None
+                           ) -> optax.GradientTransformationExtraArgs:
+  r"""Heavy-ball momentum (torch/bitsandbytes SGD) with an 8-bit buffer.
+
+  .. math::
+    m_1 = g_1, \qquad m_t = \mu m_{t-1} + g_t, \qquad d_t = m_t
+
+  Args:
+    momentum: decay :math:`\mu` of the buffer.
+    {config}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`~jlowbit.optax_transforms.state.ScaleByMomentum8bitState`.
+  """
+  def hyper(count, t):
+    del count
+    return _f32(momentum, (t == 1).astype(jnp.float32))
+  return scale_by_8bit("momentum", state_lib.ScaleByMomentum8bitState, hyper,
+                       block_size=block_size, min_8bit_size=min_8bit_size,
+                       impl=impl)
+
+
+@_config_doc
+def scale_by_rms_8bit(decay: Any = 0.99, eps: Any = 1e-8, *,
+                      block_size: int = 256, min_8bit_size: int | None = 4096,
+                      impl: str | None = None
+                      ) -> optax.GradientTransformationExtraArgs:
+  r"""RMSprop scaling (torch semantics) with an 8-bit second moment.
+
+  .. math::
+    v_t = \rho v_{t-1} + (1-\rho) g_t^2, \qquad
+    d_t = g_t / (\sqrt{v_t} + \epsilon)
+
+  Args:
+    decay: decay :math:`\rho` of the squared-gradient EMA.
+    eps: added to the denominator outside the square root.
+    {config}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`~jlowbit.optax_transforms.state.ScaleByRms8bitState`.
+  """
+  def hyper(count, t):
+    del count, t
+    return _f32(decay, eps)
+  return scale_by_8bit("rmsprop", state_lib.ScaleByRms8bitState, hyper,
+                       block_size=block_size, min_8bit_size=min_8bit_size,
+                       impl=impl)
+
+
+@_config_doc
+def scale_by_rss_8bit(eps: Any = 1e-10, *, block_size: int = 256,
+                      min_8bit_size: int | None = 4096,
+                      impl: str | None = None
+                      ) -> optax.GradientTransformationExtraArgs:
+  r"""Adagrad scaling by the root of the sum of squares, stored 8-bit.
+
+  .. math::
+    v_t = v_{t-1} + g_t^2, \qquad d_t = g_t / (\sqrt{v_t} + \epsilon)
+
+  Args:
+    eps: added to the denominator outside the square root.
+    {config}
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`~jlowbit.optax_transforms.state.ScaleByRss8bitState`.
+  """
+  def hyper(count, t):
+    del count, t
+    return _f32(eps)
+  return scale_by_8bit("adagrad", state_lib.ScaleByRss8bitState, hyper,
+                       block_size=block_size, min_8bit_size=min_8bit_size,
+                       impl=impl)

@@ -1,0 +1,319 @@
+r"""4-bit (NF4 / FP4) blockwise quantization in the bitsandbytes format.
+
+The row-major flattened tensor is cut into blocks of ``blocksize`` elements
+(the last may be partial). For block :math:`b`:
+
+.. math::
+  a_b = \max_{i \in b} |x_i|, \qquad
+  v_i = x_i \cdot (1 / a_b), \qquad
+  \hat x_i = \mathrm{quant\_map}_{c_i} \, a_b
+
+with :math:`1 / a_b` correctly rounded and :math:`a_b = 0` treated as 1 (an
+all-zero block gives zeros, never NaN). The 4-bit code :math:`c_i` is
+
+* NF4: the index of the nearest of the 16 sorted NF4 levels to :math:`v_i`
+  (ties to the lower index);
+* FP4 (sign-magnitude E2M1): bit 3 set when :math:`v_i < 0` (so a tiny
+  negative value encodes as ``0b1000``, "-0"), bits 0-2 the pattern of the
+  nearest of the 8 non-negative FP4 values to :math:`|v_i|`.
+
+Two codes share a byte: element ``2i`` in the high nibble, ``2i + 1`` in the
+low nibble; for odd sizes the last low nibble is 0. This is bitsandbytes'
+layout, so :mod:`jlowbit.bnb_format` reads and writes HF checkpoints as is.
+
+``compress_statistics=True`` (bitsandbytes "nested" / double quantization)
+stores the float32 absmax 8-bit: ``offset = mean(absmax)``, and
+``absmax - offset`` is quantized with :func:`jlowbit.quantize_blockwise`
+(blocksize 256, signed dynamic map); dequantization restores
+``absmax = dynamic[codes] * nested_absmax + offset``.
+
+Non-finite input: a block holding NaN gets ``absmax = NaN`` and dequantizes
+to NaN; ``±inf`` gives ``absmax = inf`` and non-finite values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jlowbit import _impl
+from jlowbit import _reference as ref
+from jlowbit import _validation as val
+from jlowbit import blockwise8
+from jlowbit import codebooks
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+NESTED_BLOCKSIZE = 256
+QUANT_STORAGES = ("uint8", "int8", "bfloat16", "float16", "float32")
+
+
+@struct.dataclass
+class Quantized4bit:
+  """A 4-bit blockwise-quantized array (a pytree; metadata is static).
+
+  Attributes:
+    packed: uint8 ``[ceil(size / 2)]``: two codes per byte, element ``2i`` in
+      the high nibble.
+    absmax: per-block scale, ``[ceil(size / blocksize)]``: float32, or uint8
+      codes when ``nested`` (``compress_statistics=True``).
+    quant_map: float32 ``[16]``: the value of each 4-bit code (NF4 sorted,
+      FP4 in bit-pattern order).
+    shape: the original array's shape (static).
+    dtype: name of the original dtype, the default for dequantization (static).
+    blocksize: elements per block (static).
+    quant_type: ``"nf4"`` or ``"fp4"`` (static).
+    nested_absmax: float32 ``[ceil(blocks / nested_blocksize)]`` scales of the
+      8-bit absmax codes, or None.
+    nested_quant_map: float32 ``[256]`` 8-bit codebook of the absmax, or None.
+    offset: float32 ``[]``, the mean absmax added back, or None.
+    nested_blocksize: block size of the 8-bit absmax quantization, or None
+      when the statistics are not compressed (static).
+    quant_storage: dtype name the packed bytes are viewed as when serialized
+      (bitsandbytes' ``quant_storage``; static). The bytes are the same for
+      every storage dtype: ``packed`` is always uint8 here.
+  """
+  packed: jax.Array
+  absmax: jax.Array
+  quant_map: jax.Array
+  shape: tuple[int, ...] = struct.field(pytree_node=False)
+  dtype: str = struct.field(pytree_node=False)
+  blocksize: int = struct.field(pytree_node=False)
+  quant_type: str = struct.field(pytree_node=False)
+  nested_absmax: jax.Array | None = None
+  nested_quant_map: jax.Array | None = None
+  offset: jax.Array | None = None
+  nested_blocksize: int | None = struct.field(pytree_node=False, default=None)
+  quant_storage: str = struct.field(pytree_node=False, default="uint8")
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def nested(self) -> bool:
+    """Whether the absmax is stored 8-bit (``compress_statistics=True``)."""
+    return self.nested_blocksize is not None
+
+  @property
+  def num_blocks(self) -> int:
+    return -(-self.size // self.blocksize)
+
+
+def search_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
+  """The sorted levels the quantizer searches and the code of each.
+
+  Returns:
+    NF4: ``(nf4 float32[16], identity int32[16])``; FP4: the 8 sorted
+    non-negative FP4 values and their 3-bit patterns (float32[8], int32[8]).
+  """
+  if quant_type == "fp4":
+    return codebooks.fp4_magnitudes()
+  return codebooks.nf4(), np.arange(16, dtype=np.int32)
+
+
+def default_quant_map(quant_type: str) -> np.ndarray:
+  """float32 ``[16]`` value of each code: NF4 sorted, FP4 in bit order."""
+  return codebooks.fp4() if quant_type == "fp4" else codebooks.nf4()
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+  """uint8 ``[ceil(n / 2)]`` from int ``[n]`` codes in 0..15 (odd n: low 0)."""
+  codes = jnp.pad(codes.astype(jnp.uint8), (0, codes.shape[0] % 2))
+  pairs = codes.reshape(-1, 2)
+  return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def quantize_4bit_reference(x: jax.Array, levels: jax.Array, bits: jax.Array,
+                            blocksize: int,
+                            sign_magnitude: bool) -> tuple[jax.Array, jax.Array]:
+  """Pure-jnp quantization of flat ``x``: (packed uint8, absmax float32).
+
+  ``levels`` / ``bits``: see :func:`search_tables`; ``sign_magnitude`` for FP4.
+  """
+  blocks = ref.blocked(x, blocksize)
+  absmax = ref.block_absmax(blocks)
+  v = blocks * ref.inverse_scale(absmax)[:, None]
+  codes = ref.nearest_4bit_index(v, levels, bits, sign_magnitude)
+  return pack_nibbles(codes.reshape(-1)[:x.size]), absmax
+
+
+def dequantize_4bit_reference(packed: jax.Array, table: jax.Array,
+                              absmax: jax.Array, n: int, blocksize: int,
+                              dtype) -> jax.Array:
+  """Pure-jnp dequantization: ``dtype[n]`` of ``table[code] * absmax``.
+
+  ``table``: float32 ``[16]`` quant map; ``absmax``: float32 ``[blocks]``.
+  """
+  high, low = ref.unpack_nibbles(packed)
+  codes = jnp.stack([high, low], axis=1).reshape(-1)
+  codes = jnp.pad(codes, (0, absmax.shape[0] * blocksize - codes.shape[0]))
+  values = table[codes.reshape(-1, blocksize)] * absmax[:, None]
+  return values.reshape(-1)[:n].astype(dtype)
+
+
+def _kernels():
+  from jlowbit.triton_kernels import quant4  # pylint: disable=g-import-not-at-top
+  return quant4
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize", "quant_type", "impl"))
+def _quantize(x, blocksize, quant_type, impl):
+  flat = x.reshape(-1)
+  if flat.size == 0:
+    return jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)
+  levels, bits = (jnp.asarray(t) for t in search_tables(quant_type))
+  fp4 = quant_type == "fp4"
+  if impl == "xla":
+    return quantize_4bit_reference(flat, levels, bits, blocksize, fp4)
+  return _kernels().quantize_4bit(flat, levels, bits, blocksize, fp4, impl)
+
+
+@jax.jit
+def _mean(absmax):
+  return jnp.mean(absmax) if absmax.size else jnp.float32(0)
+
+
+def _nest(absmax: jax.Array, impl: str):
+  """8-bit statistics: (codes, nested_absmax, nested_quant_map, offset).
+
+  The offset comes out of its own jitted step, so that ``absmax - offset``
+  is a plain subtraction: fused with the mean, XLA may contract it into a
+  fused multiply-add (1 ulp off) in some fusions and not in others. Under an
+  enclosing ``jax.jit`` that fusion can happen again; the statistics may
+  then differ from the eager ones by an ulp.
+  """
+  offset = _mean(absmax)
+  nested = blockwise8.quantize_blockwise(
+      absmax - offset, codebooks.dynamic(True), blocksize=NESTED_BLOCKSIZE,
+      impl=impl)
+  return nested.codes, nested.absmax, nested.code, offset
+
+
+def quantize_4bit(x: jax.Array, *, blocksize: int = 64, quant_type: str = "nf4",
+                  compress_statistics: bool = False, quant_storage=jnp.uint8,
+                  impl: str | None = None) -> Quantized4bit:
+  """Quantizes ``x`` to 4 bits per element (NF4 or FP4), blockwise.
+
+  Args:
+    x: float32, bfloat16 or float16 array of any shape (0-d and empty too).
+    blocksize: elements per block, a power of two in 32..4096.
+    quant_type: ``"nf4"`` (NormalFloat4) or ``"fp4"``.
+    compress_statistics: quantize the absmax to 8 bits (nested statistics).
+    quant_storage: uint8, int8, bfloat16, float16 or float32: the dtype
+      :func:`jlowbit.to_bnb` views the packed bytes as (bitsandbytes'
+      ``quant_storage``); ``packed`` itself is always uint8.
+    impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"`` (see
+      :mod:`jlowbit._impl`).
+
+  Returns:
+    A :class:`Quantized4bit` with ``packed`` uint8 ``[ceil(x.size / 2)]``.
+
+  Example:
+    >>> import jax.numpy as jnp, jlowbit
+    >>> w4 = jlowbit.quantize_4bit(jnp.ones((4, 64)), blocksize=64)
+    >>> w4.packed.shape, w4.absmax.shape
+    ((128,), (4,))
+  """
+  val.check_float_array(x, "x")
+  val.check_choice(blocksize, "blocksize", BLOCKSIZES)
+  val.check_choice(quant_type, "quant_type", QUANT_TYPES)
+  if not isinstance(compress_statistics, bool):
+    raise TypeError(f"compress_statistics={compress_statistics!r} must be a "
+                    "bool (True or False)")
+  storage = check_quant_storage(quant_storage)
+  impl = _impl.resolve_impl(impl)
+  packed, absmax = _quantize(jnp.asarray(x), blocksize, quant_type, impl)
+  nested_absmax = nested_quant_map = offset = None
+  if compress_statistics:
+    absmax, nested_absmax, nested_quant_map, offset = _nest(absmax, impl)
+  return Quantized4bit(
+      packed=packed, absmax=absmax, quant_map=jnp.asarray(default_quant_map(quant_type)),
+      shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, blocksize=blocksize,
+      quant_type=quant_type, nested_absmax=nested_absmax,
+      nested_quant_map=nested_quant_map, offset=offset,
+      nested_blocksize=NESTED_BLOCKSIZE if compress_statistics else None,
+      quant_storage=storage)
+
+
+def check_quant_storage(quant_storage) -> str:
+  """The dtype name of ``quant_storage`` if it is an allowed storage dtype."""
+  try:
+    name = jnp.dtype(quant_storage).name
+  except TypeError as e:
+    raise TypeError(f"quant_storage={quant_storage!r} is not a dtype; allowed: "
+                    f"{', '.join(QUANT_STORAGES)}") from e
+  if name not in QUANT_STORAGES:
+    raise TypeError(f"quant_storage={name} is not supported; allowed: "
+                    f"{', '.join(QUANT_STORAGES)}")
+  return name
+
+
+def check_quantized(w4, name: str = "w4") -> None:
+  """Raises unless ``w4`` is a consistent :class:`Quantized4bit`."""
+  if not isinstance(w4, Quantized4bit):
+    raise TypeError(f"{name} must be a Quantized4bit (from quantize_4bit or "
+                    f"from_bnb), got {type(w4).__name__}")
+  expected = {
+      "packed": (-(-w4.size // 2),), "absmax": (w4.num_blocks,),
+      "quant_map": (16,)}
+  if w4.nested:
+    expected["nested_absmax"] = (-(-w4.num_blocks // w4.nested_blocksize),)
+    expected["nested_quant_map"] = (256,)
+    expected["offset"] = ()
+  for field, shape in expected.items():
+    got = getattr(w4, field)
+    if got is None or tuple(got.shape) != shape:
+      got_shape = None if got is None else tuple(got.shape)
+      raise ValueError(f"{name}.{field}.shape={got_shape} does not match "
+                       f"{name}.shape={w4.shape}, blocksize={w4.blocksize}: "
+                       f"expected {shape}")
+
+
+def absmax_float32(w4: Quantized4bit, *, impl: str | None = None) -> jax.Array:
+  """float32 ``[blocks]`` absmax of ``w4``, dequantizing nested statistics.
+
+  Nested: ``dequantize_blockwise(absmax codes) + offset`` (float32 add, as
+  bitsandbytes does).
+  """
+  if not w4.nested:
+    return w4.absmax
+  q8 = blockwise8.Quantized8bit(
+      codes=w4.absmax, absmax=w4.nested_absmax, code=w4.nested_quant_map,
+      blocksize=w4.nested_blocksize, dtype="float32")
+  return blockwise8.dequantize_blockwise(q8, impl=impl) + w4.offset
+
+
+@functools.partial(jax.jit, static_argnames=("n", "blocksize", "dtype", "impl"))
+def _dequantize(packed, table, absmax, n, blocksize, dtype, impl):
+  if n == 0:
+    return jnp.zeros((0,), dtype)
+  if impl == "xla":
+    return dequantize_4bit_reference(packed, table, absmax, n, blocksize, dtype)
+  return _kernels().dequantize_4bit(packed, table, absmax, n, blocksize, dtype,
+                                    impl)
+
+
+def dequantize_4bit(w4: Quantized4bit, dtype=None, *,
+                    impl: str | None = None) -> jax.Array:
+  """Reconstructs ``quant_map[code] * absmax`` in ``dtype`` (default ``w4.dtype``).
+
+  Args:
+    w4: the result of :func:`quantize_4bit` or :func:`jlowbit.from_bnb`.
+    dtype: float32, bfloat16 or float16; default the quantized array's dtype.
+    impl: see :func:`quantize_4bit`.
+
+  Returns:
+    An array of ``w4.shape`` and ``dtype``.
+  """
+  check_quantized(w4)
+  dtype = val.check_float_dtype(w4.dtype if dtype is None else dtype, "dtype")
+  impl = _impl.resolve_impl(impl)
+  absmax = absmax_float32(w4, impl=impl)
+  flat = _dequantize(w4.packed, w4.quant_map, absmax, w4.size, w4.blocksize,
+                     dtype, impl)
+  return flat.reshape(w4.shape)

@@ -1,0 +1,293 @@
+"""Fused 8-bit optimizer kernels (``jlowbit.triton_kernels.optim8``).
+
+Each kernel is checked against a pure-jnp implementation of the optimizer
+contract written here (dequantize with ``dequantize_blockwise_reference``,
+float32 math, requantize with ``quantize_blockwise_reference``) and against
+the library twin ``update_8bit_reference``. The interpreter must agree bit
+for bit (bfloat16 directions: one ulp, see ``assert_same_cast``); compiled
+Triton may contract ``a * b + c`` into an FMA, so on the GPU directions agree
+to a few ulp and rare moment codes sit one step away.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FLOAT_DTYPES, KERNEL_IMPLS, assert_same_cast
+
+from jlowbit import _reference as ref
+from jlowbit import codebooks
+from jlowbit.blockwise8 import dequantize_blockwise_reference, quantize_blockwise_reference
+
+pytest.importorskip("triton")
+from jlowbit.triton_kernels import optim8  # noqa: E402  pylint: disable=g-import-not-at-top
+
+ALGORITHMS = ["adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad"]
+SIGNED = {"adam": (True, False), "ademamix": (True, True, False), "lion": (True,),
+          "momentum": (True,), "rmsprop": (False,), "adagrad": (False,)}
+T = 3  # the step whose bias corrections the hyperparameters use
+HYPER = {
+    "adam": [0.9, 0.999, 1e-8, 1 - 0.9**T, 1 - 0.999**T],
+    "ademamix": [0.9, 0.999, 0.9999, 5.0, 1e-8, 1 - 0.9**T, 1 - 0.999**T],
+    "lion": [0.9, 0.99],
+    "momentum": [0.9, 0.0],
+    "rmsprop": [0.99, 1e-8],
+    "adagrad": [1e-10],
+}
+# (shape, block_size): partial last blocks; sizes 16 divides and does not.
+INTERPRET_CASES = [((1000,), 256), ((300, 7), 64), ((48, 50), 2048)]
+GPU_CASES = [((1_000_037,), 256), ((1000, 1024), 64), ((1_000_037,), 2048)]
+
+
+def _adam(g, s, h):
+  b1, b2, eps, bc1, bc2 = h
+  m = b1 * s[0] + (1 - b1) * g
+  v = b2 * s[1] + (1 - b2) * g * g
+  return (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps), (m, v)
+
+
+def _ademamix(g, s, h):
+  b1, b2, b3, alpha, eps, bc1, bc2 = h
+  m1 = b1 * s[0] + (1 - b1) * g
+  m2 = b3 * s[1] + (1 - b3) * g
+  nu = b2 * s[2] + (1 - b2) * g * g
+  return (m1 / bc1 + alpha * m2) / (jnp.sqrt(nu) / jnp.sqrt(bc2) + eps), (m1, m2, nu)
+
+
+def _lion(g, s, h):
+  b1, b2 = h
+  return jnp.sign(b1 * s[0] + (1 - b1) * g), (b2 * s[0] + (1 - b2) * g,)
+
+
+def _momentum(g, s, h):
+  momentum, first = h
+  m = jnp.where(first != 0, g, momentum * s[0] + g)
+  return m, (m,)
+
+
+def _rmsprop(g, s, h):
+  decay, eps = h
+  v = decay * s[0] + (1 - decay) * g * g
+  return g / (jnp.sqrt(v) + eps), (v,)
+
+
+def _adagrad(g, s, h):
+  (eps,) = h
+  v = s[0] + g * g
+  return g / (jnp.sqrt(v) + eps), (v,)
+
+
+MATH = {"adam": _adam, "ademamix": _ademamix, "lion": _lion,
+        "momentum": _momentum, "rmsprop": _rmsprop, "adagrad": _adagrad}
+
+
+def contract_reference(algorithm, grad, moments, hyper, block_size):
+  """The optimizer contract in plain jnp: dequantize, fp32 math, requantize."""
+  codes = [jnp.asarray(codebooks.dynamic(s)) for s in SIGNED[algorithm]]
+  old = [dequantize_blockwise_reference(c.reshape(-1), code, a, block_size, jnp.float32)
+         for (c, a), code in zip(moments, codes)]
+  h = [hyper[i] for i in range(hyper.shape[0])]
+  d, new = MATH[algorithm](grad.reshape(-1).astype(jnp.float32), old, h)
+  requantized = []
+  for value, code in zip(new, codes):
+    c, a = quantize_blockwise_reference(value, code, block_size)
+    requantized.append((c.reshape(grad.shape), a))
+  return d.astype(grad.dtype).reshape(grad.shape), tuple(requantized)
+
+
+def _inputs(algorithm, shape, dtype, block_size, seed=0):
+  """A gradient and non-trivial 8-bit moments (quantized random values)."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  grad = (0.1 * jax.random.normal(keys[0], shape)).astype(dtype)
+  moments = []
+  for i, signed in enumerate(SIGNED[algorithm]):
+    x = jax.random.normal(keys[i + 1], shape)
+    x = 0.05 * x if signed else 1e-3 * x * x
+    code = jnp.asarray(codebooks.dynamic(signed))
+    codes, absmax = quantize_blockwise_reference(x, code, block_size)
+    moments.append((codes.reshape(shape), absmax))
+  return grad, tuple(moments), jnp.asarray(HYPER[algorithm], jnp.float32)
+
+
+def _assert_direction(got, want, impl, algorithm):
+  assert got.dtype == want.dtype and got.shape == want.shape
+  if impl == "interpret":
+    assert_same_cast(got, want, impl)
+    return
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  if algorithm == "lion":  # an FMA may flip sign() of a value within an ulp of 0
+    assert np.mean(got != want) < 1e-3
+    return
+  tol = {np.dtype(jnp.bfloat16): 2.0**-7, np.dtype(jnp.float16): 2.0**-10}.get(
+      np.dtype(got.dtype), 1e-5)
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def _assert_moments(got, want, impl):
+  assert len(got) == len(want)
+  for (codes, absmax), (want_codes, want_absmax) in zip(got, want):
+    assert codes.dtype == jnp.uint8 and codes.shape == want_codes.shape
+    assert absmax.dtype == jnp.float32 and absmax.shape == want_absmax.shape
+    if impl == "interpret":
+      np.testing.assert_array_equal(codes, want_codes)
+      np.testing.assert_array_equal(absmax, want_absmax)
+      continue
+    step = np.abs(np.asarray(codes, np.int32) - np.asarray(want_codes, np.int32))
+    assert step.max(initial=0) <= 1 and np.mean(step != 0) < 1e-3
+    np.testing.assert_allclose(absmax, want_absmax, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_matches_contract_reference(impl, case, dtype, algorithm):
+  shape, block_size = (INTERPRET_CASES if impl == "interpret" else GPU_CASES)[case]
+  grad, moments, hyper = _inputs(algorithm, shape, dtype, block_size, seed=case)
+  d, new = optim8.fused_update(algorithm, grad, moments, hyper,
+                               block_size=block_size, impl=impl)
+  want_d, want_new = contract_reference(algorithm, grad, moments, hyper, block_size)
+  _assert_direction(d, want_d, impl, algorithm)
+  _assert_moments(new, want_new, impl)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_matches_library_reference(impl, algorithm):
+  update8 = pytest.importorskip("jlowbit.optax_transforms.update8")
+  shape, block_size = ((5, 300), 256) if impl == "interpret" else ((4099, 1001), 256)
+  grad, moments, hyper = _inputs(algorithm, shape, "bfloat16", block_size, seed=7)
+  d, new = optim8.fused_update(algorithm, grad, moments, hyper,
+                               block_size=block_size, impl=impl)
+  want_d, want_new = update8.update_8bit_reference(algorithm, grad, moments, hyper,
+                                                   block_size=block_size)
+  _assert_direction(d, want_d, impl, algorithm)
+  _assert_moments(new, want_new, impl)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_momentum_first_step_takes_the_gradient(impl):
+  grad, moments, _ = _inputs("momentum", (777,), "float32", 64, seed=3)
+  hyper = jnp.asarray([0.9, 1.0], jnp.float32)
+  d, new = optim8.fused_update("momentum", grad, moments, hyper, block_size=64,
+                               impl=impl)
+  np.testing.assert_array_equal(d, grad)
+  _assert_moments(new, contract_reference("momentum", grad, moments, hyper, 64)[1], impl)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_chained_jitted_steps_with_donated_state(impl):
+  n = 3000 if impl == "interpret" else 1 << 20
+  _, moments, hyper = _inputs("adam", (n,), "float32", 256)
+  step = jax.jit(
+      lambda g, state, h: optim8.fused_update("adam", g, state, h, block_size=256,
+                                              impl=impl),
+      donate_argnums=1)
+  for t in range(1, 4):
+    grad = jax.random.normal(jax.random.key(t), (n,), jnp.bfloat16)
+    h = jnp.asarray([0.9, 0.999, 1e-8, 1 - 0.9**t, 1 - 0.999**t], jnp.float32)
+    want_d, want_new = contract_reference("adam", grad, moments, h, 256)
+    d, moments = step(grad, moments, h)
+    _assert_direction(d, want_d, impl, "adam")
+    _assert_moments(moments, want_new, impl)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_new_hyperparameters_do_not_retrace(impl):
+  grad, moments, hyper = _inputs("ademamix", (2000,), "float32", 256)
+  traces = []
+
+  @jax.jit
+  def step(grad, moments, hyper):
+    traces.append(None)
+    return optim8.fused_update("ademamix", grad, moments, hyper, block_size=256,
+                               impl=impl)
+
+  d1, _ = step(grad, moments, hyper)
+  d2, _ = step(grad, moments, hyper.at[3].set(8.0))
+  assert len(traces) == 1
+  assert not np.array_equal(d1, d2)
+  _assert_direction(d2, contract_reference("ademamix", grad, moments,
+                                           hyper.at[3].set(8.0), 256)[0],
+                    impl, "ademamix")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_nan_gradient_poisons_only_its_block(impl):
+  grad, moments, hyper = _inputs("adam", (1000,), "float32", 256)
+  grad = grad.at[300].set(jnp.nan)
+  d, new = optim8.fused_update("adam", grad, moments, hyper, block_size=256,
+                               impl=impl)
+  want_d, want_new = contract_reference("adam", grad, moments, hyper, 256)
+  _assert_direction(d, want_d, impl, "adam")
+  _assert_moments(new, want_new, impl)
+  for _, absmax in new:
+    assert np.isnan(absmax[1]) and np.isfinite(np.delete(np.asarray(absmax), 1)).all()
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0)])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_empty_leaf_does_not_launch(monkeypatch, shape, algorithm):
+  def no_launch(*args, **kwargs):
+    raise AssertionError("an empty leaf must not launch a kernel")
+
+  monkeypatch.setattr(optim8, "launch", no_launch)
+  grad, moments, hyper = _inputs(algorithm, shape, "bfloat16", 64)
+  d, new = optim8.fused_update(algorithm, grad, moments, hyper, block_size=64,
+                               impl="interpret")
+  assert d.shape == shape and d.dtype == jnp.bfloat16
+  assert all(c is old_c and a is old_a for (c, a), (old_c, old_a) in zip(new, moments))
+
+
+def _call(algorithm="adam", grad=None, moments=None, hyper=None, block_size=256,
+          impl="interpret"):
+  g, m, h = _inputs("adam", (300,), "float32", 256)
+  return optim8.fused_update(
+      algorithm, g if grad is None else grad, m if moments is None else moments,
+      h if hyper is None else hyper, block_size=block_size, impl=impl)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(algorithm="adamw"), ValueError, r"algorithm='adamw' .*'adam', 'ademamix'"),
+    (dict(impl="xla"), ValueError, r"impl='xla' .*'triton', 'interpret'"),
+    (dict(block_size=100), ValueError, r"block_size=100 .*64, 128"),
+    (dict(grad=jnp.ones(300, jnp.int32)), TypeError, r"grad.dtype=int32"),
+    (dict(moments=()), ValueError, r"moments must be 2 .*\('m', 'v'\)"),
+    (dict(moments=((jnp.zeros(300, jnp.uint8),), (jnp.zeros(300, jnp.uint8),))),
+     ValueError, r"moment 'm' must be a \(codes, absmax\) pair"),
+    (dict(moments=((jnp.zeros(300, jnp.int8), jnp.ones(2)),) * 2), ValueError,
+     r"m codes must be uint8 of grad.shape=\(300,\), got int8\(300,\)"),
+    (dict(moments=((jnp.zeros(300, jnp.uint8), jnp.ones(3)),) * 2), ValueError,
+     r"m absmax must be float32\(2,\)"),
+    (dict(hyper=jnp.ones(4)), ValueError, r"hyper for algorithm='adam' must be "
+     r"float32\[5\] \[b1, b2, eps, bc1, bc2\], got float32\(4,\)"),
+    (dict(hyper=jnp.ones(5, jnp.bfloat16)), ValueError, r"got bfloat16\(5,\)"),
+])
+def test_errors_name_the_argument(kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    _call(**kwargs)
+
+
+@pytest.mark.parametrize("code", [
+    codebooks.dynamic(True), codebooks.dynamic(False), codebooks.nf4(),
+    np.linspace(-1, 1, 256, dtype=np.float32)], ids=["signed", "unsigned", "nf4", "linear"])
+def test_decision_tree_equals_nearest_code_index(code):
+  thresholds = ref.decision_thresholds(code)
+  assert np.all(np.diff(thresholds) > 0)
+  assert np.all((thresholds > code[:-1]) & (thresholds <= code[1:]))
+  near = np.concatenate([code, thresholds])
+  v = np.concatenate([
+      near, np.nextafter(near, np.float32(-2)), np.nextafter(near, np.float32(2)),
+      np.random.default_rng(0).uniform(-1.1, 1.1, 20_000),
+      [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf, np.nan]]).astype(np.float32)
+  got = ref.tree_code_index(jnp.asarray(v), jnp.asarray(ref.decision_tree(code)))
+  want = ref.nearest_code_index(jnp.asarray(v), jnp.asarray(code))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_qmaps_layout():
+  maps = optim8.qmaps()
+  assert maps.shape == (2, 2, 256) and maps.dtype == np.float32
+  for i, signed in enumerate((True, False)):
+    np.testing.assert_array_equal(maps[i, 0], codebooks.dynamic(signed))
+    np.testing.assert_array_equal(maps[i, 1], ref.decision_tree(codebooks.dynamic(signed)))
