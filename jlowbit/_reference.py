@@ -59,20 +59,6 @@ def block_absmax(blocks: jax.Array) -> jax.Array:
   return jnp.max(jnp.abs(blocks), axis=1)
 
 
-def nearest_4bit_index(v: jax.Array, levels: jax.Array, bits: jax.Array,
-                       sign_magnitude: bool) -> jax.Array:
-  """4-bit codes of normalized float32 ``v`` (int32, the shape of ``v``).
-
-  NF4 (``sign_magnitude=False``): nearest of the 16 sorted ``levels``.
-  FP4: sign bit ``8`` for ``v < 0`` OR-ed with ``bits`` of the nearest of the
-  8 sorted non-negative ``levels`` to ``|v|``.
-  """
-  if not sign_magnitude:
-    return nearest_code_index(v, levels)
-  magnitude = bits[nearest_code_index(jnp.abs(v), levels)]
-  return jnp.where(v < 0, magnitude | 8, magnitude)
-
-
 def unpack_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(high, low) int32 nibbles of uint8 ``packed``: elements ``2i``, ``2i + 1``."""
   packed = packed.astype(jnp.int32)
@@ -200,3 +186,18 @@ def code_tree(code) -> np.ndarray:
                     "decision thresholds are computed on the host), not a "
                     "value traced inside jax.jit; close over it instead")
   return _tree_from_bytes(np.asarray(code, np.float32).tobytes())
+
+
+def scaled_4bit_index(x: jax.Array, scale: jax.Array, tree: jax.Array,
+                      bits: jax.Array, sign_magnitude: bool) -> jax.Array:
+  """4-bit code of ``x / scale``, division-free (int32, ``x``'s shape).
+
+  NF4 (``sign_magnitude=False``): :func:`scaled_tree_index` with the
+  :func:`decision_tree` of the 16 sorted levels. FP4: sign bit ``8`` for
+  ``x < 0`` OR-ed with ``bits`` of the index of ``|x| / scale`` through the
+  tree of the 8 sorted non-negative levels.
+  """
+  if not sign_magnitude:
+    return scaled_tree_index(x, scale, tree)
+  magnitude = bits[scaled_tree_index(jnp.abs(x), scale, tree)]
+  return jnp.where(x < 0, magnitude | 8, magnitude)

@@ -5,17 +5,22 @@ The row-major flattened tensor is cut into blocks of ``blocksize`` elements
 
 .. math::
   a_b = \max_{i \in b} |x_i|, \qquad
-  v_i = x_i \cdot (1 / a_b), \qquad
+  v_i = x_i / a_b, \qquad
   \hat x_i = \mathrm{quant\_map}_{c_i} \, a_b
 
-with :math:`1 / a_b` correctly rounded and :math:`a_b = 0` treated as 1 (an
-all-zero block gives zeros, never NaN). The 4-bit code :math:`c_i` is
+with :math:`a_b = 0` treated as 1 (an all-zero block gives zeros, never
+NaN). The 4-bit code :math:`c_i` is
 
 * NF4: the index of the nearest of the 16 sorted NF4 levels to :math:`v_i`
   (ties to the lower index);
-* FP4 (sign-magnitude E2M1): bit 3 set when :math:`v_i < 0` (so a tiny
+* FP4 (sign-magnitude E2M1): bit 3 set when :math:`x_i < 0` (so a tiny
   negative value encodes as ``0b1000``, "-0"), bits 0-2 the pattern of the
   nearest of the 8 non-negative FP4 values to :math:`|v_i|`.
+
+As for 8-bit (:mod:`jlowbit.blockwise8`), the nearest level is found
+without dividing: the exact float32 decision thresholds :math:`t_k` between
+neighbouring levels are compared as :math:`t_k a_b \le x_i` (a correctly
+rounded product), which XLA on CPU/GPU and Triton evaluate identically.
 
 Two codes share a byte: element ``2i`` in the high nibble, ``2i + 1`` in the
 low nibble; for odd sizes the last low nibble is 0. This is bitsandbytes'
@@ -105,15 +110,17 @@ class Quantized4bit:
 
 
 def search_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
-  """The sorted levels the quantizer searches and the code of each.
+  """The decision tree the quantizer descends and the code of each leaf.
 
   Returns:
-    NF4: ``(nf4 float32[16], identity int32[16])``; FP4: the 8 sorted
-    non-negative FP4 values and their 3-bit patterns (float32[8], int32[8]).
+    NF4: (``decision_tree(nf4)`` float32[16], identity int32[16]); FP4: the
+    tree of the 8 sorted non-negative FP4 values (float32[8]) and their
+    3-bit patterns (int32[8]). See :func:`jlowbit._reference.decision_tree`.
   """
   if quant_type == "fp4":
-    return codebooks.fp4_magnitudes()
-  return codebooks.nf4(), np.arange(16, dtype=np.int32)
+    magnitudes, bits = codebooks.fp4_magnitudes()
+    return ref.code_tree(magnitudes), bits
+  return ref.code_tree(codebooks.nf4()), np.arange(16, dtype=np.int32)
 
 
 def default_quant_map(quant_type: str) -> np.ndarray:
@@ -128,17 +135,17 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
   return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
-def quantize_4bit_reference(x: jax.Array, levels: jax.Array, bits: jax.Array,
+def quantize_4bit_reference(x: jax.Array, tree: jax.Array, bits: jax.Array,
                             blocksize: int,
                             sign_magnitude: bool) -> tuple[jax.Array, jax.Array]:
   """Pure-jnp quantization of flat ``x``: (packed uint8, absmax float32).
 
-  ``levels`` / ``bits``: see :func:`search_tables`; ``sign_magnitude`` for FP4.
+  ``tree`` / ``bits``: see :func:`search_tables`; ``sign_magnitude`` for FP4.
   """
   blocks = ref.blocked(x, blocksize)
   absmax = ref.block_absmax(blocks)
-  v = blocks * ref.inverse_scale(absmax)[:, None]
-  codes = ref.nearest_4bit_index(v, levels, bits, sign_magnitude)
+  scale = ref.block_scale(absmax)[:, None]
+  codes = ref.scaled_4bit_index(blocks, scale, tree, bits, sign_magnitude)
   return pack_nibbles(codes.reshape(-1)[:x.size]), absmax
 
 
@@ -166,11 +173,11 @@ def _quantize(x, blocksize, quant_type, impl):
   flat = x.reshape(-1)
   if flat.size == 0:
     return jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)
-  levels, bits = (jnp.asarray(t) for t in search_tables(quant_type))
+  tree, bits = (jnp.asarray(t) for t in search_tables(quant_type))
   fp4 = quant_type == "fp4"
   if impl == "xla":
-    return quantize_4bit_reference(flat, levels, bits, blocksize, fp4)
-  return _kernels().quantize_4bit(flat, levels, bits, blocksize, fp4, impl)
+    return quantize_4bit_reference(flat, tree, bits, blocksize, fp4)
+  return _kernels().quantize_4bit(flat, tree, bits, blocksize, fp4, impl)
 
 
 @jax.jit

@@ -17,10 +17,11 @@ from conftest import FLOAT_DTYPES, KERNEL_IMPLS, assert_same_cast
 
 from jlowbit import _reference as ref
 from jlowbit import codebooks
-from jlowbit.blockwise8 import dequantize_blockwise_reference, quantize_blockwise_reference
+from jlowbit.blockwise8 import (dequantize_blockwise_reference,
+                                quantize_blockwise_reference)
 
 pytest.importorskip("triton")
-from jlowbit.triton_kernels import optim8  # noqa: E402  pylint: disable=g-import-not-at-top
+from jlowbit.triton_kernels import optim8  # noqa: E402
 
 ALGORITHMS = ["adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad"]
 SIGNED = {"adam": (True, False), "ademamix": (True, True, False), "lion": (True,),
@@ -172,7 +173,18 @@ def test_momentum_first_step_takes_the_gradient(impl):
   d, new = optim8.fused_update("momentum", grad, moments, hyper, block_size=64,
                                impl=impl)
   np.testing.assert_array_equal(d, grad)
-  _assert_moments(new, contract_reference("momentum", grad, moments, hyper, 64)[1], impl)
+  want = contract_reference("momentum", grad, moments, hyper, 64)[1]
+  _assert_moments(new, want, impl)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_scalar_leaf(impl):
+  grad, moments, hyper = _inputs("adam", (), "float16", 64, seed=5)
+  d, new = optim8.fused_update("adam", grad, moments, hyper, block_size=64,
+                               impl=impl)
+  want_d, want_new = contract_reference("adam", grad, moments, hyper, 64)
+  _assert_direction(d, want_d, impl, "adam")
+  _assert_moments(new, want_new, impl)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -186,7 +198,8 @@ def test_chained_jitted_steps_with_donated_state(impl):
   for t in range(1, 4):
     grad = jax.random.normal(jax.random.key(t), (n,), jnp.bfloat16)
     h = jnp.asarray([0.9, 0.999, 1e-8, 1 - 0.9**t, 1 - 0.999**t], jnp.float32)
-    want_d, want_new = contract_reference("adam", grad, moments, h, 256)
+    want_d, want_new = jax.block_until_ready(
+        contract_reference("adam", grad, moments, h, 256))
     d, moments = step(grad, moments, h)
     _assert_direction(d, want_d, impl, "adam")
     _assert_moments(moments, want_new, impl)
@@ -270,7 +283,8 @@ def test_errors_name_the_argument(kwargs, exc, match):
 
 @pytest.mark.parametrize("code", [
     codebooks.dynamic(True), codebooks.dynamic(False), codebooks.nf4(),
-    np.linspace(-1, 1, 256, dtype=np.float32)], ids=["signed", "unsigned", "nf4", "linear"])
+    np.linspace(-1, 1, 256, dtype=np.float32),
+], ids=["signed", "unsigned", "nf4", "linear"])
 def test_decision_tree_equals_nearest_code_index(code):
   thresholds = ref.decision_thresholds(code)
   assert np.all(np.diff(thresholds) > 0)
@@ -290,4 +304,5 @@ def test_qmaps_layout():
   assert maps.shape == (2, 2, 256) and maps.dtype == np.float32
   for i, signed in enumerate((True, False)):
     np.testing.assert_array_equal(maps[i, 0], codebooks.dynamic(signed))
-    np.testing.assert_array_equal(maps[i, 1], ref.decision_tree(codebooks.dynamic(signed)))
+    np.testing.assert_array_equal(maps[i, 1],
+                                  ref.decision_tree(codebooks.dynamic(signed)))

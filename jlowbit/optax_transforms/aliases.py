@@ -11,9 +11,9 @@ learning rate through ``optax.scale_by_learning_rate``:
   scale_by_*, scale_by_learning_rate)``, i.e. :math:`g \leftarrow g + \lambda p`
   before the moments see it (torch semantics).
 
-A ``weight_decay`` given as the Python number 0 is left out of the chain (an
-``optax.identity`` takes its place, the state is the same), so such optimizers
-do not need ``params`` in ``update``.
+A ``weight_decay`` given as the Python number 0 without a mask is left out of
+the chain (an ``optax.identity`` takes its place, the state is the same), so
+such optimizers do not need ``params`` in ``update``.
 
 Every ``*_8bit`` alias takes the keyword-only ``block_size=256``,
 ``min_8bit_size=4096`` and ``impl=None`` (see
@@ -37,8 +37,10 @@ _CONFIG = ("block_size", "min_8bit_size", "impl")
 
 
 def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
-  """``add_decayed_weights``, or ``identity`` for a literal zero decay."""
-  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+  """``add_decayed_weights``, or ``identity`` for a literal zero, unmasked decay
+  (both have the state ``EmptyState``)."""
+  if (mask is None and isinstance(weight_decay, (int, float))
+      and weight_decay == 0):
     return optax.identity()
   return optax.add_decayed_weights(weight_decay, mask)
 

@@ -59,22 +59,6 @@ def pair_row_absmax(a, b):
 
 
 @triton.jit
-def nearest_4bit_index(v, levels_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr):
-  """4-bit code of normalized ``v`` (float32 tile; returns int32).
-
-  ``SIGN_MAGNITUDE=False`` (NF4): nearest of 16 sorted ``levels``.
-  ``SIGN_MAGNITUDE=True`` (FP4): ``8`` when ``v < 0`` (even for tiny ``v``,
-  which gives "-0"), OR-ed with ``bits[i]``, ``i`` the nearest of the 8 sorted
-  non-negative ``levels`` to ``|v|``.
-  """
-  if SIGN_MAGNITUDE:
-    magnitude = tl.load(bits_ptr + nearest_code_index(tl.abs(v), levels_ptr, 3))
-    return tl.where(v < 0, magnitude | 8, magnitude)
-  else:
-    return nearest_code_index(v, levels_ptr, 4)
-
-
-@triton.jit
 def unpack_nibbles(packed):
   """(high, low) int32 nibbles of a uint8 tile: elements ``2i`` and ``2i + 1``."""
   packed = packed.to(tl.int32)
@@ -103,15 +87,16 @@ def quantize_flat_tile(x, tree_ptr, BLOCKSIZE: tl.constexpr,
   """Blockwise codes of a flat tile of ``BLOCKS`` whole blocks.
 
   ``x`` is float32 ``[BLOCKS * BLOCKSIZE]`` (lanes past the data must hold
-  0); returns (int32 codes of ``x``'s shape, float32 absmax ``[BLOCKS]``),
-  the codes those of :func:`quantize_tile` (``x * (1 / absmax)``, nearest
-  code) found through the decision tree at ``tree_ptr``. The tile stays
+  0); returns (int32 codes of ``x``'s shape, float32 absmax ``[BLOCKS]``):
+  the rules of ``jlowbit.blockwise8.quantize_blockwise_reference``
+  (:func:`scaled_tree_index` with :func:`block_scale` of each block's absmax,
+  ``tree_ptr`` holding the codebook's decision tree). The tile stays
   one-dimensional so that the tree gathers keep a coalesced layout.
   """
   absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
-  scale = tl.broadcast_to(inverse_scale(absmax)[:, None], (BLOCKS, BLOCKSIZE))
-  v = x * tl.reshape(scale, (BLOCKS * BLOCKSIZE,))
-  return tree_code_index(v, tree_ptr, CODE_BITS), absmax
+  scale = tl.broadcast_to(block_scale(absmax)[:, None], (BLOCKS, BLOCKSIZE))
+  scale = tl.reshape(scale, (BLOCKS * BLOCKSIZE,))
+  return scaled_tree_index(x, scale, tree_ptr, CODE_BITS), absmax
 
 
 @triton.jit
@@ -142,3 +127,20 @@ def scaled_tree_index(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
   for _ in tl.static_range(CODE_BITS):
     node = 2 * node + (tl.load(tree_ptr + node) * scale <= x).to(tl.int32)
   return node - (1 << CODE_BITS)
+
+
+@triton.jit
+def scaled_4bit_index(x, scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr):
+  """4-bit code of ``x / scale``, division-free (int32, ``x``'s shape).
+
+  ``SIGN_MAGNITUDE=False`` (NF4): :func:`scaled_tree_index` through the tree
+  of the 16 sorted levels. ``SIGN_MAGNITUDE=True`` (FP4): ``8`` when
+  ``x < 0`` (a tiny negative ``x`` gives "-0"), OR-ed with ``bits[i]``, ``i``
+  the index of ``|x| / scale`` through the tree of the 8 sorted magnitudes.
+  Twin of ``jlowbit._reference.scaled_4bit_index``.
+  """
+  if SIGN_MAGNITUDE:
+    magnitude = tl.load(bits_ptr + scaled_tree_index(tl.abs(x), scale, tree_ptr, 3))
+    return tl.where(x < 0, magnitude | 8, magnitude)
+  else:
+    return scaled_tree_index(x, scale, tree_ptr, 4)

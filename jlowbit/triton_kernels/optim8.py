@@ -41,9 +41,10 @@ adagrad    eps                              v = v + g g; d = g / (sqrt(v) + eps)
 First moments use the signed dynamic codebook, second moments (``v``,
 ``nu``) the unsigned one. Both reach the kernels in one float32
 ``[2, 2, 256]`` array ``qmaps``: ``[signed, unsigned] x [codebook, decision
-tree]`` (:func:`jlowbit._reference.decision_tree`), so requantization takes
-8 cache-friendly gathers per element instead of a 10-gather binary search,
-with codes identical to :func:`jlowbit._reference.nearest_code_index`.
+tree]`` (:func:`jlowbit._reference.decision_tree`): requantization descends
+the tree comparing ``threshold * absmax <= moment``
+(:func:`jlowbit.triton_kernels.common.scaled_tree_index`), 8 cache-friendly
+gathers per element and no division, with the codes of the reference.
 
 Divisions by the scalars ``bc1`` and ``sqrt(bc2)`` are multiplications by
 their correctly rounded reciprocals, exactly what XLA makes of ``x / scalar``
@@ -71,8 +72,8 @@ from jlowbit.blockwise8 import BLOCKSIZES
 from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
-TILE_ELEMENTS = 2048  # elements per program (at least one whole block)
-NUM_WARPS = 8
+TILE_ELEMENTS = 2048  # elements per program (more when a block is larger)
+NUM_WARPS = 8  # per TILE_ELEMENTS: 8 elements per thread at any tile size
 VECTOR_CHUNK = 16  # leaves whose size it divides get vectorized loads/stores
 CODE_BITS = 8
 
@@ -381,8 +382,8 @@ def fused_update(algorithm: str, grad: jax.Array, moments: tuple[Moment, ...],
                  *moment_shapes * len(moments)),
       grid=(cdiv(n, tile),), impl=impl,
       input_output_aliases={i: i for i in range(1, len(flat_moments) + 1)},
-      num_warps=NUM_WARPS, BLOCKSIZE=block_size, TILE=tile, CHUNK=chunk,
-      CODE_BITS=CODE_BITS)
+      num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCKSIZE=block_size,
+      TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS)
   new_moments = tuple((outs[i].reshape(grad.shape), outs[i + 1])
                       for i in range(1, len(outs), 2))
   return outs[0].reshape(grad.shape), new_moments

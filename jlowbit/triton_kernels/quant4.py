@@ -29,7 +29,7 @@ def _byte_offsets(pid, BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def quantize_4bit_kernel(x_ptr, levels_ptr, bits_ptr, n, packed_ptr, absmax_ptr,
+def quantize_4bit_kernel(x_ptr, tree_ptr, bits_ptr, n, packed_ptr, absmax_ptr,
                          BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
                          SIGN_MAGNITUDE: tl.constexpr):
   block, byte = _byte_offsets(tl.program_id(0), BLOCKSIZE, BLOCKS)
@@ -39,11 +39,11 @@ def quantize_4bit_kernel(x_ptr, levels_ptr, bits_ptr, n, packed_ptr, absmax_ptr,
   x_even = tl.load(x_ptr + even, mask=has_even, other=0.0).to(tl.float32)
   x_odd = tl.load(x_ptr + even + 1, mask=has_odd, other=0.0).to(tl.float32)
   absmax = common.pair_row_absmax(x_even, x_odd)
-  scale = common.inverse_scale(absmax)[:, None]
-  high = common.nearest_4bit_index(x_even * scale, levels_ptr, bits_ptr,
-                                   SIGN_MAGNITUDE)
-  low = common.nearest_4bit_index(x_odd * scale, levels_ptr, bits_ptr,
+  scale = common.block_scale(absmax)[:, None]
+  high = common.scaled_4bit_index(x_even, scale, tree_ptr, bits_ptr,
                                   SIGN_MAGNITUDE)
+  low = common.scaled_4bit_index(x_odd, scale, tree_ptr, bits_ptr,
+                                 SIGN_MAGNITUDE)
   low = tl.where(has_odd, low, 0)  # odd n: the last low nibble is 0
   tl.store(packed_ptr + byte, ((high << 4) | low).to(tl.uint8), mask=has_even)
   tl.store(absmax_ptr + block, absmax, mask=block < tl.cdiv(n, BLOCKSIZE))
@@ -69,18 +69,19 @@ def _blocks_per_program(blocksize: int) -> int:
   return max(1, TILE_ELEMENTS // blocksize)
 
 
-def quantize_4bit(x: jax.Array, levels: jax.Array, bits: jax.Array,
+def quantize_4bit(x: jax.Array, tree: jax.Array, bits: jax.Array,
                   blocksize: int, sign_magnitude: bool, impl: str):
   """Launches the quantize kernel on flat ``x``; returns (packed, absmax).
 
-  ``levels``: float32 sorted search table (16 NF4 levels or 8 FP4
-  magnitudes); ``bits``: int32 code of each FP4 magnitude (unused for NF4).
+  ``tree``: float32 decision tree (``jlowbit._reference.decision_tree``) of
+  the 16 NF4 levels or the 8 FP4 magnitudes; ``bits``: int32 code of each
+  FP4 magnitude (unused for NF4).
   """
   n = x.size
   n_blocks = cdiv(n, blocksize)
   blocks = _blocks_per_program(blocksize)
   return launch(
-      __name__, "quantize_4bit_kernel", x, levels, bits, n,
+      __name__, "quantize_4bit_kernel", x, tree, bits, n,
       out_shape=(jax.ShapeDtypeStruct((cdiv(n, 2),), jnp.uint8),
                  jax.ShapeDtypeStruct((n_blocks,), jnp.float32)),
       grid=(cdiv(n_blocks, blocks),), impl=impl, num_warps=8,
