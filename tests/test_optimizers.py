@@ -485,3 +485,72 @@ def test_percentile_clipping_runs_on_device_without_host_sync():
 def test_percentile_clipping_bad_arguments(kwargs):
   with pytest.raises(ValueError, match="percentile|history"):
     lowbit.percentile_clipping(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Bad input and non-finite gradients.
+
+def test_integer_or_complex_leaves_are_rejected():
+  tx = lowbit.adamw_8bit(1e-3, impl="xla")
+  with pytest.raises(TypeError, match=r"params\['n'\] has dtype int32; "
+                     r"allowed: float32, bfloat16, float16"):
+    tx.init({"w": jnp.zeros(3), "n": jnp.zeros(3, jnp.int32)})
+  params = {"w": jnp.zeros(3)}
+  with pytest.raises(TypeError, match=r"updates\['w'\] has dtype complex64"):
+    tx.update({"w": jnp.zeros(3, jnp.complex64)}, tx.init(params), params)
+
+
+def test_tree_mismatches_are_rejected():
+  tx = lowbit.adam_8bit(1e-3, impl="xla")
+  params = {"w": jnp.zeros((64, 64)), "b": jnp.zeros(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="structure of the parameters"):
+    tx.update({"w": jnp.zeros((64, 64))}, state)
+  with pytest.raises(ValueError, match="updates and params have different"):
+    tx.update(params, state, {"w": params["w"]})
+  with pytest.raises(ValueError, match=r"updates\['w'\].shape=\(64, 65\)"):
+    tx.update({"w": jnp.zeros((64, 65)), "b": jnp.zeros(3)}, state)
+
+
+@pytest.mark.parametrize("block_size", [32, 100, 8192, 256.0, True])
+def test_unsupported_block_size(block_size):
+  with pytest.raises((ValueError, TypeError), match="block_size"):
+    lowbit.adamw_8bit(1e-3, block_size=block_size)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(min_8bit_size=-1), "min_8bit_size=-1"),
+    (dict(min_8bit_size=4096.0), "min_8bit_size"),
+    (dict(impl="cuda"), "impl='cuda'"),
+])
+def test_bad_configuration(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    lowbit.lion_8bit(1e-4, **kwargs)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_non_finite_gradients_propagate(name):
+  """Policy: like optax, nothing is filtered; in 8-bit state a NaN poisons
+  its block's absmax (256 moment values) and nothing else."""
+  _, alias8, _, kwargs = ALGOS[name]
+  tx = alias8(**kwargs, impl="xla")
+  params = {"w": jnp.ones((16, 256))}
+  grads = {"w": jnp.full((16, 256), 0.01).at[3, 7].set(jnp.nan)}
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert np.isnan(updates["w"][3, 7])
+  assert np.isfinite(np.delete(np.asarray(updates["w"]).ravel(), 3 * 256 + 7)).all()
+  for moment in inner_state(state)[1:]:
+    absmax = np.asarray(moment.absmax["w"])
+    assert np.isnan(absmax[3]) and np.isfinite(np.delete(absmax, 3)).all()
+
+
+def test_apply_if_finite_skips_non_finite_steps():
+  tx = optax.apply_if_finite(lowbit.adamw_8bit(1e-3, impl="xla"), 3)
+  params = {"w": jnp.ones((16, 256))}
+  state = tx.init(params)
+  bad = {"w": jnp.full((16, 256), jnp.inf)}
+  updates, new_state = jax.jit(tx.update)(bad, state, params)
+  assert not np.asarray(updates["w"]).any()
+  jax.tree.map(np.testing.assert_array_equal, new_state.inner_state,
+               state.inner_state)
+  assert int(new_state.notfinite_count) == 1
