@@ -55,8 +55,12 @@ def blocked(x: jax.Array, blocksize: int) -> jax.Array:
 
 
 def block_absmax(blocks: jax.Array) -> jax.Array:
-  """``max |x|`` of each row of ``blocks``; NaN anywhere in a row gives NaN."""
-  return jnp.max(jnp.abs(blocks), axis=1)
+  """``max |x|`` of each row of ``blocks``; NaN anywhere in a row gives NaN.
+
+  (XLA's CPU reduce-max drops NaN on its vectorized path, hence the select.)
+  """
+  absmax = jnp.max(jnp.abs(blocks), axis=1)
+  return jnp.where(jnp.isnan(blocks).any(axis=1), jnp.float32(jnp.nan), absmax)
 
 
 def unpack_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
