@@ -17,6 +17,8 @@ from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
 TILE = 4096  # elements per program; a multiple of every supported blocksize
+QUANTIZE_WARPS = 8
+DEQUANTIZE_WARPS = 4
 
 
 @triton.jit
@@ -37,9 +39,8 @@ def _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
     x = tl.load(x_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
   else:
     x = tl.load(x_ptr + start + offsets).to(tl.float32)
-  absmax = common.row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
-  scale = _broadcast_rows(common.block_scale(absmax), BLOCKS, BLOCKSIZE)
-  codes = common.scaled_tree_index(x, scale, tree_ptr, CODE_BITS).to(tl.uint8)
+  codes, absmax = common.quantize_flat_tile(x, tree_ptr, BLOCKSIZE, BLOCKS, CODE_BITS)
+  codes = codes.to(tl.uint8)
   if MASKED:
     tl.store(codes_ptr + start + offsets, codes, mask=mask)
     tl.store(absmax_ptr + blocks, absmax, mask=blocks < tl.cdiv(n, BLOCKSIZE))
@@ -101,7 +102,7 @@ def quantize_blockwise(x: jax.Array, tree: jax.Array, blocksize: int, impl: str)
       __name__, "quantize_blockwise_kernel", x, tree, n,
       out_shape=(jax.ShapeDtypeStruct((n,), jnp.uint8),
                  jax.ShapeDtypeStruct((cdiv(n, blocksize),), jnp.float32)),
-      grid=(cdiv(n, TILE),), impl=impl, num_warps=8,
+      grid=(cdiv(n, TILE),), impl=impl, num_warps=QUANTIZE_WARPS,
       BLOCKSIZE=blocksize, BLOCKS=TILE // blocksize,
       CODE_BITS=int(np.log2(tree.shape[0])))
 
@@ -113,6 +114,6 @@ def dequantize_blockwise(codes: jax.Array, code: jax.Array, absmax: jax.Array,
   (out,) = launch(
       __name__, "dequantize_blockwise_kernel", codes, code, absmax, n,
       out_shape=(jax.ShapeDtypeStruct((n,), dtype),),
-      grid=(cdiv(n, TILE),), impl=impl, num_warps=4,
+      grid=(cdiv(n, TILE),), impl=impl, num_warps=DEQUANTIZE_WARPS,
       BLOCKSIZE=blocksize, BLOCKS=TILE // blocksize)
   return out
