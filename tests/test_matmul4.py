@@ -1,5 +1,7 @@
 """Fused 4-bit gemv and matmul_4bit against the dense reference; autodiff."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,28 +72,51 @@ def test_gemv_row_vector_keeps_its_shape(impl):
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("blocksize", [32, 256])
-@pytest.mark.parametrize("block_n, block_k", [(1, 32), (4, 64), (8, 512)])
-def test_gemv_tile_configs(impl, blocksize, block_n, block_k):
+@pytest.mark.parametrize("block_n, block_k, split_k",
+                         [(1, 32, 1), (4, 64, 2), (8, 512, 4)])
+def test_gemv_tile_configs(impl, blocksize, block_n, block_k, split_k):
   from jlowbit.triton_kernels.gemv4 import GemvConfig  # pylint: disable=g-import-not-at-top
-  config = GemvConfig(block_n=block_n, block_k=block_k)
-  for in_features in (256, 288):  # aligned, and aligned only for blocksize 32
-    w4 = _weight(9, in_features, blocksize)
-    x = _normal((in_features,), "float32", seed=4)
+  config = GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+  # in_features 256: whole steps; 288: a ragged last step (blocksize 32) or
+  # the general kernel (blocksize 256). 9 rows leave a partial row block,
+  # 8 rows fill every one (block_n <= 8).
+  for (out_features, in_features), dtype in itertools.product(
+      ((9, 256), (8, 288)), ("float32", "bfloat16")):
+    w4 = _weight(out_features, in_features, blocksize)
+    x = _normal((in_features,), dtype, seed=4)
     _assert_close_to_dense(jlowbit.gemv_4bit(x, w4, impl=impl, config=config),
                            x, w4)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_gemv_split_k_matches_unsplit(impl):
+  from jlowbit.triton_kernels.gemv4 import GemvConfig  # pylint: disable=g-import-not-at-top
+  w4 = _weight(6, 1024, 64)
+  x = _normal((1024,), "float32", seed=12)
+  whole = jlowbit.gemv_4bit(x, w4, impl=impl, config=GemvConfig(block_k=256))
+  split = jlowbit.gemv_4bit(x, w4, impl=impl,
+                            config=GemvConfig(block_k=256, split_k=4))
+  np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
+  _assert_close_to_dense(split, x, w4)
 
 
 def test_gemv_config_defaults_and_errors():
   from jlowbit.triton_kernels.gemv4 import GemvConfig  # pylint: disable=g-import-not-at-top
   default = GemvConfig.get_default()
-  assert (default.block_n, default.block_k) == (16, 512)
-  assert GemvConfig.get_default(4096, 4096) == GemvConfig(block_n=8)
+  assert default == GemvConfig(block_n=4, block_k=1024, num_warps=4, split_k=1)
+  assert GemvConfig.get_default(4096, 4096) == default
+  assert GemvConfig.get_default(1024, 8192) == GemvConfig(split_k=2)
+  assert GemvConfig.get_default(256, 8192) == GemvConfig(split_k=4)
   small = GemvConfig.get_default(3, 40)
-  assert (small.block_n, small.block_k) == (4, 64)
+  assert (small.block_n, small.block_k, small.split_k) == (4, 64, 1)
   with pytest.raises(ValueError, match=r"block_n=3 must be a power of two"):
     GemvConfig(block_n=3)
   with pytest.raises(ValueError, match=r"block_k=16 must be >= 32"):
     GemvConfig(block_k=16)
+  with pytest.raises(ValueError, match=r"split_k=3 must be a power of two"):
+    GemvConfig(split_k=3)
+  with pytest.raises(ValueError, match=r"num_stages=0 must be >= 1"):
+    GemvConfig(num_stages=0)
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)

@@ -132,6 +132,23 @@ def test_kernel_matches_xla(impl, dtype, blocksize, quant_type):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("n", [2 * 4096, 2 * 4096 + 1, 4096 + 38])
+@pytest.mark.parametrize("dtype, blocksize, quant_type", [
+    ("bfloat16", 64, "nf4"), ("float32", 4096, "fp4"), ("float16", 32, "fp4")])
+def test_kernel_full_and_partial_tiles(impl, n, dtype, blocksize, quant_type):
+  # Kernels work in tiles of 4096 elements: whole tiles take the unmasked
+  # path, the last partial one (odd or even length) the masked path.
+  x = _normal((n,), dtype, seed=n)
+  kwargs = dict(blocksize=blocksize, quant_type=quant_type)
+  want = jlowbit.quantize_4bit(x, **kwargs, impl="xla")
+  got = jlowbit.quantize_4bit(x, **kwargs, impl=impl)
+  _assert_same_quantized(got, want)
+  for out_dtype in ("float32", "bfloat16"):
+    assert_same_cast(jlowbit.dequantize_4bit(got, out_dtype, impl=impl),
+                     jlowbit.dequantize_4bit(want, out_dtype, impl="xla"), impl)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("shape", [(5, 7, 33), (4097,)])
 def test_kernel_matches_xla_nested(impl, quant_type, shape):

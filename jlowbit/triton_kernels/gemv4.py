@@ -2,23 +2,32 @@
 
 ``W`` is ``[N, K]`` (out, in) quantized by :func:`jlowbit.quantize_4bit`: its
 row-major flattened elements are packed two per byte with one absmax per
-``BLOCKSIZE`` elements. Each program owns ``BLOCK_N`` output rows and streams
+``BLOCKSIZE`` elements. A program owns ``BLOCK_N`` output rows and streams
 their packed bytes once, ``BLOCK_K`` columns at a time: unpack the nibbles,
-look the codes up in the 16-entry table, multiply by ``x`` and accumulate in
-float32. The dequantized ``W`` never exists in memory; the weight costs 0.5
-byte per element of HBM traffic plus one float32 absmax per block.
+look the codes up in the 16-entry table (an L1-resident 64-byte gather),
+multiply by ``x`` and accumulate in float32. The dequantized ``W`` never
+exists in memory; the weight costs 0.5 byte per element of HBM traffic plus
+one float32 absmax per block.
 
 ``K`` (in_features) is a ``tl.constexpr``: a static shape under JAX anyway,
-it gives the compiler the row alignment for wide loads and a fixed trip count
-(and Triton's interpreter cannot loop to a runtime bound).
+it gives the compiler the row alignment for 16-byte loads and a fixed trip
+count (and Triton's interpreter cannot loop to a runtime bound).
 
 Two kernels:
 
 * :func:`gemv_4bit_kernel` (``K % BLOCKSIZE == 0``, the case of every real
-  layer): a ``BLOCK_K`` chunk of a row is ``GROUPS`` whole absmax blocks (or a
-  part of one), loaded as a ``[BLOCK_N, GROUPS, HALF]`` byte tile with
-  contiguous rows (wide vector loads); the products are summed per group and
-  scaled by the group's absmax once.
+  layer). A step's ``[BLOCK_N, BLOCK_K]`` tile is handled as one flat vector
+  (rows one after the other): Triton then gives the packed bytes, the codes,
+  the table gather and ``x`` one consistent layout with 16-byte loads (a 2-D
+  tile makes it pick a lane-per-row layout for the gather and shuffle data
+  through shared memory). Each thread sums its ``V`` contiguous products
+  in registers, scales the sum by the block's absmax and accumulates into a
+  per-thread ``[BLOCK_N, groups, SEG // V]`` tile that is reduced once after
+  the K loop. Full steps are unmasked; a ``K`` that ``BLOCK_K`` does not
+  divide ends with one masked step. Rows past ``N`` (``EVEN_N`` false) re-read
+  row ``N - 1`` and are not stored. ``SPLIT_K > 1`` cuts ``K`` into that many
+  ranges (grid axis 1) that write float32 partial sums ``[SPLIT_K, N]``; the
+  launcher adds them, for layers with too few rows to fill the GPU.
 * :func:`gemv_4bit_general_kernel` (any ``K`` and block size): per-element
   flat index, nibble select and absmax gather.
 """
@@ -28,11 +37,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import triton
 import triton.language as tl
 
 from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
+
+TARGET_PROGRAMS = 512  # below this many row blocks, default configs split K
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,72 +53,128 @@ class GemvConfig:
 
   Attributes:
     block_n: output rows per program (power of two).
-    block_k: input columns per loop step (power of two, >= 32).
+    block_k: input columns per loop step (power of two, >= 32; capped by
+      ``in_features / split_k``).
     num_warps: warps per program.
     num_stages: software-pipelining depth of the K loop.
+    split_k: independent ranges ``K`` is cut into (power of two); the
+      launcher halves it until ``in_features`` is a multiple of
+      ``split_k * blocksize``. Not used by the general (``in_features %
+      blocksize != 0``) kernel.
   """
-  block_n: int = 16
-  block_k: int = 512
+  block_n: int = 4
+  block_k: int = 1024
   num_warps: int = 4
-  num_stages: int = 3
+  num_stages: int = 1
+  split_k: int = 1
 
   def __post_init__(self):
-    for name in ("block_n", "block_k", "num_warps"):
+    for name in ("block_n", "block_k", "num_warps", "split_k"):
       value = getattr(self, name)
       if value < 1 or value & (value - 1):
         raise ValueError(f"{name}={value} must be a power of two")
     if self.block_k < 32:
       raise ValueError(f"block_k={self.block_k} must be >= 32")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
 
   @classmethod
   def get_default(cls, out_features: int | None = None,
                   in_features: int | None = None) -> GemvConfig:
     """Defaults for an H100-class GPU (memory bound: 0.5 byte per weight).
 
-    16 rows x 512 columns per step moves 4 KiB of packed weight per program
-    per step (two 16-byte loads per thread at 4 warps). Layers with few
-    output rows use 8 or 4 rows per program to keep enough programs in
-    flight; narrow inputs shrink ``block_k``.
+    4 rows x 1024 columns per step and 4 warps: 32 weights (16 packed bytes)
+    per thread per step, ~40 registers, so ~12 programs share an SM and keep
+    enough loads in flight. Layers with fewer than ``TARGET_PROGRAMS`` row
+    blocks split K (up to 4 ways) to occupy every SM; narrow inputs shrink
+    ``block_k``.
     """
-    block_n = 16
-    if out_features is not None:
-      while block_n > 4 and cdiv(out_features, block_n) < 512:
-        block_n //= 2
-    block_k = 512
+    block_k, split_k = 1024, 1
+    if out_features is not None and in_features is not None:
+      while (split_k < 4 and cdiv(out_features, 4) * split_k < TARGET_PROGRAMS
+             and in_features >= 2 * split_k * block_k):
+        split_k *= 2
     if in_features is not None:
       block_k = max(32, min(block_k, triton.next_power_of_2(in_features)))
-    return cls(block_n=block_n, block_k=block_k)
+    return cls(block_k=block_k, split_k=split_k)
+
+
+@triton.jit
+def _step_sums(packed_ptrs, x_ptrs, absmax_ptrs, quant_map_ptr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG: tl.constexpr,
+               V: tl.constexpr, VALID: tl.constexpr):
+  """``[BLOCK_N, BLOCK_K // SEG, SEG // V]`` absmax-scaled partial sums.
+
+  One step: ``packed_ptrs`` ``[BLOCK_N * BLOCK_K // 2]`` and ``x_ptrs``
+  ``[BLOCK_N * BLOCK_K]`` (flat, row after row), ``absmax_ptrs``
+  ``[BLOCK_N, BLOCK_K // SEG]``. Columns from ``VALID`` on (the ragged end of
+  K) count as 0; ``VALID == BLOCK_K`` loads without masks.
+  """
+  groups: tl.constexpr = BLOCK_K // SEG
+  if VALID == BLOCK_K:
+    packed = tl.load(packed_ptrs)
+    x = tl.load(x_ptrs)
+    absmax = tl.load(absmax_ptrs)
+  else:
+    byte = tl.arange(0, BLOCK_N * BLOCK_K // 2) % (BLOCK_K // 2)
+    col = tl.arange(0, BLOCK_N * BLOCK_K) % BLOCK_K
+    packed = tl.load(packed_ptrs, mask=2 * byte < VALID, other=0)
+    x = tl.load(x_ptrs, mask=col < VALID, other=0.0)
+    absmax = tl.load(absmax_ptrs, mask=(tl.arange(0, groups) * SEG < VALID)[None, :],
+                     other=0.0)
+  high, low = common.unpack_nibbles(packed)
+  codes = tl.reshape(tl.join(high, low), (BLOCK_N * BLOCK_K,))
+  products = tl.load(quant_map_ptr + codes) * x.to(tl.float32)
+  sums = tl.sum(tl.reshape(products, (BLOCK_N, groups, SEG // V, V)), axis=3)
+  return sums * absmax[:, :, None]
 
 
 @triton.jit
 def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N, y_ptr,
                      K: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                     BLOCK_K: tl.constexpr, HALF: tl.constexpr):
-  """``K % BLOCKSIZE == 0``; a step is ``GROUPS`` groups of ``2 * HALF`` columns."""
-  rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-  row_ok = rows < N
-  group = tl.arange(0, GROUPS)
-  byte_in_step = group[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [G, H]
-  row_bytes = rows.to(tl.int64) * (K // 2)
-  row_blocks = rows.to(tl.int64) * (K // BLOCKSIZE)  # first absmax of each row
-  acc = tl.zeros([BLOCK_N], tl.float32)
-  for b0 in range(0, K // 2, BLOCK_K // 2):  # in bytes: 16-byte aligned rows
-    byte = b0 + byte_in_step                                # [G, H]
-    byte_ok = byte < K // 2
-    packed = tl.load(packed_ptr + row_bytes[:, None, None] + byte[None, :, :],
-                     mask=row_ok[:, None, None] & byte_ok[None, :, :], other=0)
-    high, low = common.unpack_nibbles(packed)
-    x_even = tl.load(x_ptr + 2 * byte, mask=byte_ok, other=0.0).to(tl.float32)
-    x_odd = tl.load(x_ptr + 2 * byte + 1, mask=byte_ok, other=0.0).to(tl.float32)
-    products = (tl.load(quant_map_ptr + high) * x_even[None, :, :]
-                + tl.load(quant_map_ptr + low) * x_odd[None, :, :])
-    group_byte = b0 + group * HALF                          # [G]
-    absmax = tl.load(
-        absmax_ptr + row_blocks[:, None] + (2 * group_byte // BLOCKSIZE)[None, :],
-        mask=row_ok[:, None] & (group_byte < K // 2)[None, :], other=0.0)
-    acc += tl.sum(tl.sum(products, axis=2) * absmax, axis=1)
-  tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, V: tl.constexpr,
+                     EVEN_N: tl.constexpr):
+  """``K % (SPLIT_K * BLOCKSIZE) == 0``; ``y`` is ``[SPLIT_K, N]``.
+
+  ``V``: elements of ``x`` per 16-byte load (the per-thread run Triton picks
+  for the flat tile); ``EVEN_N``: ``N % BLOCK_N == 0``.
+  """
+  SEG: tl.constexpr = min(BLOCK_K, BLOCKSIZE)
+  K_SPLIT: tl.constexpr = K // SPLIT_K
+  TAIL: tl.constexpr = K_SPLIT % BLOCK_K
+  half: tl.constexpr = BLOCK_K // 2
+  first_row = tl.program_id(0) * BLOCK_N
+  k_first = tl.program_id(1) * K_SPLIT
+  rows = first_row + tl.arange(0, BLOCK_N)
+  byte = tl.arange(0, BLOCK_N * half)
+  byte_rows = first_row + byte // half
+  load_rows = rows
+  if not EVEN_N:  # re-read the last row instead of masking every load
+    load_rows = tl.minimum(rows, N - 1)
+    byte_rows = tl.minimum(byte_rows, N - 1)
+  packed_ptrs = (packed_ptr + byte_rows.to(tl.int64) * (K // 2) + k_first // 2
+                 + byte % half)
+  x_ptrs = x_ptr + k_first + tl.arange(0, BLOCK_N * BLOCK_K) % BLOCK_K
+  absmax_ptrs = (absmax_ptr + load_rows.to(tl.int64)[:, None] * (K // BLOCKSIZE)
+                 + k_first // BLOCKSIZE
+                 + (tl.arange(0, BLOCK_K // SEG) * SEG // BLOCKSIZE)[None, :])
+  acc = tl.zeros([BLOCK_N, BLOCK_K // SEG, SEG // V], tl.float32)
+  for step in range(K_SPLIT // BLOCK_K):
+    k0 = step * BLOCK_K
+    acc += _step_sums(packed_ptrs + k0 // 2, x_ptrs + k0,
+                      absmax_ptrs + k0 // BLOCKSIZE, quant_map_ptr,
+                      BLOCK_N, BLOCK_K, SEG, V, BLOCK_K)
+  if TAIL > 0:
+    k0 = K_SPLIT - TAIL
+    acc += _step_sums(packed_ptrs + k0 // 2, x_ptrs + k0,
+                      absmax_ptrs + k0 // BLOCKSIZE, quant_map_ptr,
+                      BLOCK_N, BLOCK_K, SEG, V, TAIL)
+  y = tl.sum(tl.sum(acc, axis=2), axis=1).to(y_ptr.dtype.element_ty)
+  if EVEN_N:
+    tl.store(y_ptr + tl.program_id(1) * N + rows, y)
+  else:
+    tl.store(y_ptr + tl.program_id(1) * N + rows, y, mask=rows < N)
 
 
 @triton.jit
@@ -133,6 +201,13 @@ def gemv_4bit_general_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N,
   tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+def _split_k(k: int, blocksize: int, split_k: int) -> int:
+  """``split_k`` halved until ``k`` is a multiple of ``split_k * blocksize``."""
+  while split_k > 1 and k % (split_k * blocksize):
+    split_k //= 2
+  return split_k
+
+
 def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
               absmax: jax.Array, out_features: int, blocksize: int, impl: str,
               config: GemvConfig | None = None) -> jax.Array:
@@ -153,20 +228,26 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
   """
   n, k = out_features, x.shape[0]
   config = config or GemvConfig.get_default(n, k)
-  out_shape = (jax.ShapeDtypeStruct((n,), x.dtype),)
-  grid = (cdiv(n, config.block_n),)
-  options = dict(grid=grid, impl=impl, num_warps=config.num_warps,
-                 num_stages=config.num_stages)
-  if k % blocksize == 0:
-    step = min(config.block_k, blocksize)
-    (y,) = launch(
-        __name__, "gemv_4bit_kernel", x, packed, quant_map, absmax, n,
-        out_shape=out_shape, **options, K=k, BLOCKSIZE=blocksize,
-        BLOCK_N=config.block_n, GROUPS=max(1, config.block_k // blocksize),
-        BLOCK_K=config.block_k, HALF=step // 2)
-  else:
+  options = dict(impl=impl, num_warps=config.num_warps,
+                 num_stages=config.num_stages, K=k, BLOCKSIZE=blocksize,
+                 BLOCK_N=config.block_n)
+  if k % blocksize:
+    block_k = max(32, min(config.block_k, triton.next_power_of_2(k)))
     (y,) = launch(
         __name__, "gemv_4bit_general_kernel", x, packed, quant_map, absmax, n,
-        out_shape=out_shape, **options, K=k, BLOCKSIZE=blocksize,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-  return y
+        out_shape=(jax.ShapeDtypeStruct((n,), x.dtype),),
+        grid=(cdiv(n, config.block_n),), **options, BLOCK_K=block_k)
+    return y
+  split_k = _split_k(k, blocksize, config.split_k)
+  # The largest power of two <= K / split_k: no step is mostly padding.
+  block_k = min(config.block_k, 1 << ((k // split_k).bit_length() - 1))
+  out_dtype = x.dtype if split_k == 1 else jnp.float32
+  (y,) = launch(
+      __name__, "gemv_4bit_kernel", x, packed, quant_map, absmax, n,
+      out_shape=(jax.ShapeDtypeStruct((split_k, n), out_dtype),),
+      grid=(cdiv(n, config.block_n), split_k), **options, BLOCK_K=block_k,
+      SPLIT_K=split_k, V=16 // x.dtype.itemsize,
+      EVEN_N=n % config.block_n == 0)
+  if split_k == 1:
+    return y[0]
+  return jnp.sum(y, axis=0).astype(x.dtype)
