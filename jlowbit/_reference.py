@@ -37,16 +37,6 @@ def nearest_code_index(v: jax.Array, code: jax.Array) -> jax.Array:
   return jnp.where(code[hi] - v < v - code[lo], hi, lo)
 
 
-def inverse_scale(absmax: jax.Array) -> jax.Array:
-  """``1 / absmax`` per block, with 0 treated as 1 (all-zero blocks stay zero).
-
-  Values are normalized as ``x * inverse_scale`` (as bitsandbytes does), one
-  division per block; XLA would rewrite ``x / broadcast(absmax)`` into this
-  form anyway, so the kernels do exactly the same.
-  """
-  return jnp.float32(1) / jnp.where(absmax > 0, absmax, jnp.float32(1))
-
-
 def blocked(x: jax.Array, blocksize: int) -> jax.Array:
   """Flattens ``x`` to float32 ``[blocks, blocksize]``, zero-padding the tail."""
   flat = x.reshape(-1).astype(jnp.float32)

@@ -22,13 +22,6 @@ DEQUANTIZE_WARPS = 4
 
 
 @triton.jit
-def _broadcast_rows(per_block, BLOCKS: tl.constexpr, BLOCKSIZE: tl.constexpr):
-  """``[BLOCKS]`` -> flat ``[BLOCKS * BLOCKSIZE]``, each value repeated."""
-  return tl.reshape(tl.broadcast_to(per_block[:, None], (BLOCKS, BLOCKSIZE)),
-                    (BLOCKS * BLOCKSIZE,))
-
-
-@triton.jit
 def _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
                    BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
                    CODE_BITS: tl.constexpr, MASKED: tl.constexpr):
@@ -75,7 +68,7 @@ def _dequantize_tile(codes_ptr, code_ptr, absmax_ptr, out_ptr, start, n,
   else:
     codes = tl.load(codes_ptr + start + offsets)
     absmax = tl.load(absmax_ptr + blocks)
-  values = tl.load(code_ptr + codes.to(tl.int32)) * _broadcast_rows(absmax, BLOCKS, BLOCKSIZE)
+  values = tl.load(code_ptr + codes.to(tl.int32)) * common.broadcast_rows(absmax, BLOCKS, BLOCKSIZE)
   values = values.to(out_ptr.dtype.element_ty)
   if MASKED:
     tl.store(out_ptr + start + offsets, values, mask=mask)

@@ -19,43 +19,8 @@ def row_absmax(x):
   return tl.reduce(tl.abs(x), 1, _max_propagate_nan)
 
 
-@triton.jit
-def inverse_scale(absmax):
-  """``1 / absmax`` (correctly rounded), 0 treated as 1: zero blocks stay zero."""
-  return tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32),
-                        tl.where(absmax > 0, absmax, 1.0))
 
 
-@triton.jit
-def nearest_code_index(v, code_ptr, CODE_BITS: tl.constexpr):
-  """Index of the nearest of ``2**CODE_BITS`` sorted codes (ties: lower).
-
-  Binary search for the number of codes ``<= v``, then the nearer neighbour.
-  ``v`` is float32 of any tile shape; returns int32 of the same shape.
-  """
-  size: tl.constexpr = 1 << CODE_BITS
-  pos = tl.zeros(v.shape, tl.int32)
-  for i in tl.static_range(CODE_BITS):
-    candidate = pos + (1 << (CODE_BITS - 1 - i))
-    pos = tl.where(tl.load(code_ptr + candidate - 1) <= v, candidate, pos)
-  lo = tl.minimum(tl.maximum(pos - 1, 0), size - 2)
-  hi = lo + 1
-  c_lo = tl.load(code_ptr + lo)
-  c_hi = tl.load(code_ptr + hi)
-  return tl.where(c_hi - v < v - c_lo, hi, lo)
-
-
-@triton.jit
-def quantize_tile(x, absmax, code_ptr, CODE_BITS: tl.constexpr):
-  """Codes of ``x * (1 / absmax)``; ``absmax`` is ``[rows]``, ``x`` ``[rows, cols]``."""
-  v = x * inverse_scale(absmax)[:, None]
-  return nearest_code_index(v, code_ptr, CODE_BITS)
-
-
-@triton.jit
-def pair_row_absmax(a, b):
-  """``max |x|`` per row over two 2-D tiles of equal shape (NaN propagates)."""
-  return _max_propagate_nan(row_absmax(a), row_absmax(b))
 
 
 @triton.jit
@@ -64,21 +29,6 @@ def unpack_nibbles(packed):
   packed = packed.to(tl.int32)
   return packed >> 4, packed & 15
 
-
-@triton.jit
-def tree_code_index(v, tree_ptr, CODE_BITS: tl.constexpr):
-  """Nearest-code index of float32 ``v`` through a decision tree (int32).
-
-  ``tree_ptr`` holds ``jlowbit._reference.decision_tree(code)``; the result
-  equals :func:`nearest_code_index` on ``code`` for every float32 ``v``, with
-  ``CODE_BITS`` gathers and no arithmetic: level ``d`` reads the contiguous
-  entries ``[2**d, 2**(d+1))``, so a warp touches at most ``2**d / 32`` cache
-  lines there (vs. the whole table for a sorted-array binary search).
-  """
-  node = tl.full(v.shape, 1, tl.int32)
-  for _ in tl.static_range(CODE_BITS):
-    node = 2 * node + (tl.load(tree_ptr + node) <= v).to(tl.int32)
-  return node - (1 << CODE_BITS)
 
 
 @triton.jit
