@@ -151,8 +151,10 @@ def scaled_tree_index(x: jax.Array, scale: jax.Array, tree: jax.Array) -> jax.Ar
     tree: float32 ``[2**k]`` from :func:`decision_tree`.
   """
   size = tree.shape[0]
-  node = jnp.ones(x.shape, jnp.int32)
-  for _ in range(size.bit_length() - 1):
+  # The root is one scalar: comparing against it directly (rather than
+  # gathering tree[ones]) keeps XLA from constant-folding a huge gather.
+  node = 2 + (tree[1] * scale <= x).astype(jnp.int32)
+  for _ in range(size.bit_length() - 2):
     node = 2 * node + (tree[node] * scale <= x).astype(jnp.int32)
   return node - size
 
