@@ -116,6 +116,66 @@ def decision_tree(code: np.ndarray) -> np.ndarray:
   return np.concatenate([np.zeros(1, np.float32), thresholds[rank]])
 
 
+BUCKET_MANTISSA_BITS = 7  # buckets per octave: 2**7
+BUCKET_LOW_EXPONENT = 104  # biased exponent of the lowest bucketed octave (2**-23)
+BUCKETS = ((127 - BUCKET_LOW_EXPONENT) << BUCKET_MANTISSA_BITS) + 2  # per sign
+_BUCKET_MARGIN = 2.0 ** -18  # relative error allowed in a kernel's x * (1 / scale)
+MAX_BUCKET_STEPS = 4
+
+
+def _bucket_ranges() -> tuple[np.ndarray, np.ndarray]:
+  """float64 ``[lo, hi]`` of ``|x / scale|`` covered by each bucket of one sign.
+
+  Bucket 0 holds ``[0, 2**-23)``, bucket ``BUCKETS - 1`` holds ``[1, inf]``;
+  bucket ``j`` in between holds the floats whose exponent and top
+  :data:`BUCKET_MANTISSA_BITS` mantissa bits are ``(low << bits) + j - 1``.
+  """
+  shift = 23 - BUCKET_MANTISSA_BITS
+  keys = (BUCKET_LOW_EXPONENT << BUCKET_MANTISSA_BITS) + np.arange(BUCKETS - 2)
+  lo = (keys << shift).astype(np.uint32).view(np.float32).astype(np.float64)
+  hi = ((keys + 1) << shift).astype(np.uint32).view(np.float32).astype(np.float64)
+  first = 2.0 ** (BUCKET_LOW_EXPONENT - 127)
+  return (np.concatenate([[0.0], lo, [1.0]]),
+          np.concatenate([[first], hi, [np.inf]]))
+
+
+def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+  """Tables of the bucketed search: the same index as the decision tree.
+
+  The Triton kernels find ``count(t * scale <= x)`` (``t`` the
+  :func:`decision_thresholds`, i.e. the nearest code's index) without the
+  tree's 8 dependent gathers: the float32 bits of ``r = x * (1 / scale)``
+  (sign, exponent and top :data:`BUCKET_MANTISSA_BITS` mantissa bits) pick a
+  bucket, whose ``start`` is a lower bound of the index for every ``x`` the
+  bucket can hold (``r`` relatively off by up to ``2**-18``); ``steps``
+  comparisons ``t[index] * scale <= x``, each adding 1, then reach the
+  index exactly. The comparisons are the tree's, so the result is the same
+  for every input; NaN ``x`` gives 0.
+
+  Args:
+    code: float32 ``[2**k]``, strictly increasing (host values).
+
+  Returns:
+    ``(thresholds, starts, steps)``: float32 ``[2**k]`` sorted thresholds with
+    NaN last (a comparison against it is false), uint8 ``[2 * BUCKETS]``
+    starts (``BUCKETS`` for ``r >= 0``, then for ``r < 0``, each by
+    ``|r|``), and the number of comparisons needed: 0 when the search
+    does not apply (more than :data:`MAX_BUCKET_STEPS` comparisons, or a
+    threshold of magnitude below ``2**-41``, too close to 0 for the
+    relative-error argument): the kernels then descend the tree.
+  """
+  thresholds = decision_thresholds(code).astype(np.float64)
+  lo, hi = _bucket_ranges()
+  low = np.concatenate([lo * (1 - _BUCKET_MARGIN), -hi * (1 + _BUCKET_MARGIN)])
+  high = np.concatenate([hi * (1 + _BUCKET_MARGIN), -lo * (1 - _BUCKET_MARGIN)])
+  starts = np.searchsorted(thresholds, low, side="left")
+  steps = int(np.max(np.searchsorted(thresholds, high, side="right") - starts))
+  if steps > MAX_BUCKET_STEPS or np.min(np.abs(thresholds)) < 2.0 ** -41:
+    steps = 0
+  padded = np.concatenate([thresholds, [np.nan]]).astype(np.float32)
+  return padded, starts.astype(np.uint8), steps
+
+
 def tree_code_index(v: jax.Array, tree: jax.Array) -> jax.Array:
   """:func:`nearest_code_index` through a :func:`decision_tree` (same result).
 
@@ -150,6 +210,7 @@ def scaled_tree_index(x: jax.Array, scale: jax.Array, tree: jax.Array) -> jax.Ar
     scale: float32 positive block scale, broadcastable to ``x``.
     tree: float32 ``[2**k]`` from :func:`decision_tree`.
   """
+  x, scale = exact_comparison_operands(x, scale)
   size = tree.shape[0]
   # The root is one scalar: comparing against it directly (rather than
   # gathering tree[ones]) keeps XLA from constant-folding a huge gather.
@@ -157,6 +218,22 @@ def scaled_tree_index(x: jax.Array, scale: jax.Array, tree: jax.Array) -> jax.Ar
   for _ in range(size.bit_length() - 2):
     node = 2 * node + (tree[node] * scale <= x).astype(jnp.int32)
   return node - size
+
+
+TINY_SCALE = 2.0 ** -64
+
+
+def exact_comparison_operands(x: jax.Array, scale: jax.Array):
+  """``(x, scale)``, both times ``2**64`` where ``scale < 2**-64`` (exact).
+
+  A threshold times a scale then stays a normal float (for thresholds of
+  magnitude ``>= 2**-41``, :func:`bucket_search_table`), so the comparison
+  ``t * scale <= x`` never loses its precision to underflow, and the
+  kernels' bucketed search (which reasons in relative error) finds the same
+  index for tiny blocks too (``v`` moments of unused parameters decay there).
+  """
+  factor = jnp.where(scale < TINY_SCALE, jnp.float32(2.0 ** 64), jnp.float32(1))
+  return x * factor, scale * factor
 
 
 def block_scale(absmax: jax.Array) -> jax.Array:
@@ -171,17 +248,45 @@ def _tree_from_bytes(data: bytes) -> np.ndarray:
   return tree
 
 
+@functools.lru_cache(maxsize=64)
+def _search_from_bytes(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:
+  code = np.frombuffer(data, np.float32)
+  search, starts, steps = bucket_search_table(code)
+  if steps == 0:
+    search = decision_tree(code)
+  search.setflags(write=False)
+  starts.setflags(write=False)
+  return search, starts, steps
+
+
+def _concrete_bytes(code) -> bytes:
+  if isinstance(code, jax.core.Tracer):
+    raise TypeError("code must be a concrete array to quantize with (its "
+                    "decision thresholds are computed on the host), not a "
+                    "value traced inside jax.jit; close over it instead")
+  return np.asarray(code, np.float32).tobytes()
+
+
 def code_tree(code) -> np.ndarray:
   """The cached :func:`decision_tree` of a concrete (not traced) codebook.
 
   Raises:
     TypeError: ``code`` is a tracer (thresholds are computed on the host).
   """
-  if isinstance(code, jax.core.Tracer):
-    raise TypeError("code must be a concrete array to quantize with (its "
-                    "decision thresholds are computed on the host), not a "
-                    "value traced inside jax.jit; close over it instead")
-  return _tree_from_bytes(np.asarray(code, np.float32).tobytes())
+  return _tree_from_bytes(_concrete_bytes(code))
+
+
+def code_search(code) -> tuple[np.ndarray, np.ndarray, int]:
+  """The cached kernel search tables of a concrete (not traced) codebook.
+
+  Returns:
+    :func:`bucket_search_table`'s ``(thresholds, starts, steps)``, with the
+    :func:`decision_tree` in place of the thresholds when ``steps == 0``.
+
+  Raises:
+    TypeError: ``code`` is a tracer (thresholds are computed on the host).
+  """
+  return _search_from_bytes(_concrete_bytes(code))
 
 
 def scaled_4bit_index(x: jax.Array, scale: jax.Array, tree: jax.Array,

@@ -95,8 +95,9 @@ def _quantize(x, code, blocksize, impl):
     return jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)
   if impl == "xla":
     return quantize_blockwise_reference(flat, code, blocksize)
-  tree = jnp.asarray(ref.code_tree(code))
-  return _kernels().quantize_blockwise(flat, tree, blocksize, impl)
+  search, starts, steps = ref.code_search(code)
+  return _kernels().quantize_blockwise(flat, jnp.asarray(search),
+                                       jnp.asarray(starts), steps, blocksize, impl)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "dtype", "impl"))

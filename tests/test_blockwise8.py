@@ -72,6 +72,50 @@ def test_kernel_matches_xla(impl, dtype, blocksize, signed):
         jlowbit.dequantize_blockwise(want, out_dtype, impl="xla"), impl)
 
 
+OTHER_CODES = {
+    # one bucketed comparison suffices (thresholds down to 2**-32)
+    "linear": np.linspace(-1, 1, 256, dtype=np.float32),
+    # 256 codes within 2%: too many per bucket, the kernel descends the tree
+    "clustered": np.linspace(0.98, 1.0, 256, dtype=np.float32),
+}
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("name", sorted(OTHER_CODES))
+def test_kernel_matches_xla_other_codebooks(impl, name):
+  code = OTHER_CODES[name]
+  assert (jlowbit._reference.code_search(code)[2] > 0) == (name == "linear")
+  x = _normal((3 * 256 + 37,), seed=4)
+  x = x if name == "linear" else 0.98 + 0.02 * jax.nn.sigmoid(x)
+  want = jlowbit.quantize_blockwise(x, code, blocksize=256, impl="xla")
+  got = jlowbit.quantize_blockwise(x, code, blocksize=256, impl=impl)
+  np.testing.assert_array_equal(got.codes, want.codes)
+  np.testing.assert_array_equal(got.absmax, want.absmax)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_matches_xla_at_extremes(impl, signed):
+  """Blocks scaled by 1e-30 .. 1e38, values one ulp around every scaled
+  threshold, and blocks holding +-inf or NaN: the same codes as the
+  reference (normal floats only: XLA on CPU flushes subnormals)."""
+  code = codebooks.dynamic(signed)
+  thresholds = jlowbit._reference.decision_thresholds(code)
+  unit = np.concatenate([code, thresholds, np.nextafter(thresholds, np.float32(-2)),
+                         np.nextafter(thresholds, np.float32(2))])[:768]
+  blocks = [unit[i:i + 256] * np.float32(s) for i, s in
+            zip(range(0, 768, 256), (1e-30, 3e-20, 1e38))]
+  special = np.resize(unit, 256).astype(np.float32)
+  special[[3, 77]] = [np.inf, -np.inf]
+  nan_block = np.resize(unit, 256).astype(np.float32)
+  nan_block[5] = np.nan
+  x = jnp.asarray(np.concatenate(blocks + [special, -special, nan_block]))
+  want = jlowbit.quantize_blockwise(x, code, blocksize=256, impl="xla")
+  got = jlowbit.quantize_blockwise(x, code, blocksize=256, impl=impl)
+  np.testing.assert_array_equal(got.codes, want.codes)
+  np.testing.assert_array_equal(got.absmax, want.absmax)
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("shape", [(5, 7, 300), (4097,), (64,)])
 def test_kernel_matches_xla_shapes(impl, shape):

@@ -22,9 +22,10 @@ DEQUANTIZE_WARPS = 4
 
 
 @triton.jit
-def _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
-                   BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
-                   CODE_BITS: tl.constexpr, MASKED: tl.constexpr):
+def _quantize_tile(x_ptr, search_ptr, starts_ptr, codes_ptr, absmax_ptr, start,
+                   n, BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
+                   CODE_BITS: tl.constexpr, STEPS: tl.constexpr,
+                   MASKED: tl.constexpr):
   offsets = tl.arange(0, BLOCKS * BLOCKSIZE)
   blocks = start // BLOCKSIZE + tl.arange(0, BLOCKS)
   if MASKED:
@@ -32,7 +33,8 @@ def _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
     x = tl.load(x_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
   else:
     x = tl.load(x_ptr + start + offsets).to(tl.float32)
-  codes, absmax = common.quantize_flat_tile(x, tree_ptr, BLOCKSIZE, BLOCKS, CODE_BITS)
+  codes, absmax = common.quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE,
+                                            BLOCKS, CODE_BITS, STEPS)
   codes = codes.to(tl.uint8)
   if MASKED:
     tl.store(codes_ptr + start + offsets, codes, mask=mask)
@@ -43,16 +45,18 @@ def _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
 
 
 @triton.jit
-def quantize_blockwise_kernel(x_ptr, tree_ptr, n, codes_ptr, absmax_ptr,
-                              BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
-                              CODE_BITS: tl.constexpr):
+def quantize_blockwise_kernel(x_ptr, search_ptr, starts_ptr, n, codes_ptr,
+                              absmax_ptr, BLOCKSIZE: tl.constexpr,
+                              BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr,
+                              STEPS: tl.constexpr):
+  """``search_ptr``/``starts_ptr``/``STEPS``: ``jlowbit._reference.code_search``."""
   start = tl.program_id(0).to(tl.int64) * (BLOCKS * BLOCKSIZE)
   if start + BLOCKS * BLOCKSIZE <= n:
-    _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
-                   BLOCKSIZE, BLOCKS, CODE_BITS, False)
+    _quantize_tile(x_ptr, search_ptr, starts_ptr, codes_ptr, absmax_ptr, start,
+                   n, BLOCKSIZE, BLOCKS, CODE_BITS, STEPS, False)
   else:
-    _quantize_tile(x_ptr, tree_ptr, codes_ptr, absmax_ptr, start, n,
-                   BLOCKSIZE, BLOCKS, CODE_BITS, True)
+    _quantize_tile(x_ptr, search_ptr, starts_ptr, codes_ptr, absmax_ptr, start,
+                   n, BLOCKSIZE, BLOCKS, CODE_BITS, STEPS, True)
 
 
 @triton.jit
@@ -88,16 +92,21 @@ def dequantize_blockwise_kernel(codes_ptr, code_ptr, absmax_ptr, n, out_ptr,
                      BLOCKSIZE, BLOCKS, True)
 
 
-def quantize_blockwise(x: jax.Array, tree: jax.Array, blocksize: int, impl: str):
-  """Quantizes flat ``x`` with a decision ``tree``; returns (codes, absmax)."""
+def quantize_blockwise(x: jax.Array, search: jax.Array, starts: jax.Array,
+                       steps: int, blocksize: int, impl: str):
+  """Quantizes flat ``x``; returns (codes, absmax).
+
+  ``search``, ``starts``, ``steps``: the codebook's
+  :func:`jlowbit._reference.code_search` tables.
+  """
   n = x.size
   return launch(
-      __name__, "quantize_blockwise_kernel", x, tree, n,
+      __name__, "quantize_blockwise_kernel", x, search, starts, n,
       out_shape=(jax.ShapeDtypeStruct((n,), jnp.uint8),
                  jax.ShapeDtypeStruct((cdiv(n, blocksize),), jnp.float32)),
       grid=(cdiv(n, TILE),), impl=impl, num_warps=QUANTIZE_WARPS,
       BLOCKSIZE=blocksize, BLOCKS=TILE // blocksize,
-      CODE_BITS=int(np.log2(tree.shape[0])))
+      CODE_BITS=int(np.log2(search.shape[0])), STEPS=steps)
 
 
 def dequantize_blockwise(codes: jax.Array, code: jax.Array, absmax: jax.Array,

@@ -7,6 +7,14 @@ the same float32 operations in the same order, so codes agree bit for bit.
 import triton
 import triton.language as tl
 
+from jlowbit import _reference as ref
+
+BUCKET_MANTISSA_BITS = tl.constexpr(ref.BUCKET_MANTISSA_BITS)
+BUCKET_LOW_EXPONENT = tl.constexpr(ref.BUCKET_LOW_EXPONENT)
+BUCKETS = tl.constexpr(ref.BUCKETS)
+TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
+INV_TINY_SCALE = tl.constexpr(1 / ref.TINY_SCALE)
+
 
 @triton.jit
 def _max_propagate_nan(a, b):
@@ -19,10 +27,6 @@ def row_absmax(x):
   return tl.reduce(tl.abs(x), 1, _max_propagate_nan)
 
 
-
-
-
-
 @triton.jit
 def unpack_nibbles(packed):
   """(high, low) int32 nibbles of a uint8 tile: elements ``2i`` and ``2i + 1``."""
@@ -30,23 +34,37 @@ def unpack_nibbles(packed):
   return packed >> 4, packed & 15
 
 
-
 @triton.jit
-def quantize_flat_tile(x, tree_ptr, BLOCKSIZE: tl.constexpr,
-                       BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr):
+def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
+                       BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr,
+                       STEPS: tl.constexpr):
   """Blockwise codes of a flat tile of ``BLOCKS`` whole blocks.
 
   ``x`` is float32 ``[BLOCKS * BLOCKSIZE]`` (lanes past the data must hold
   0); returns (int32 codes of ``x``'s shape, float32 absmax ``[BLOCKS]``):
-  the rules of ``jlowbit.blockwise8.quantize_blockwise_reference``
-  (:func:`scaled_tree_index` with :func:`block_scale` of each block's absmax,
-  ``tree_ptr`` holding the codebook's decision tree). The tile stays
-  one-dimensional so that the tree gathers keep a coalesced layout.
+  the rules of ``jlowbit.blockwise8.quantize_blockwise_reference`` (the
+  index of :func:`scaled_tree_index` with :func:`block_scale` of each
+  block's absmax). With ``STEPS > 0`` the index is found by
+  :func:`scaled_bucket_index` (``search_ptr``: the sorted thresholds,
+  ``starts_ptr``: the bucket starts of
+  ``jlowbit._reference.bucket_search_table``), else by the decision tree at
+  ``search_ptr``. The tile stays one-dimensional so that the table gathers
+  keep a coalesced layout.
   """
   absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
-  scale = tl.broadcast_to(block_scale(absmax)[:, None], (BLOCKS, BLOCKSIZE))
-  scale = tl.reshape(scale, (BLOCKS * BLOCKSIZE,))
-  return scaled_tree_index(x, scale, tree_ptr, CODE_BITS), absmax
+  scale = block_scale(absmax)
+  if STEPS > 0:
+    factor = tl.where(scale < TINY_SCALE, INV_TINY_SCALE, 1.0)
+    scale = scale * factor
+    codes = scaled_bucket_index(
+        x * broadcast_rows(factor, BLOCKS, BLOCKSIZE),
+        broadcast_rows(scale, BLOCKS, BLOCKSIZE),
+        broadcast_rows(1.0 / scale, BLOCKS, BLOCKSIZE), search_ptr, starts_ptr,
+        STEPS)
+  else:
+    codes = scaled_tree_index(x, broadcast_rows(scale, BLOCKS, BLOCKSIZE),
+                              search_ptr, CODE_BITS)
+  return codes, absmax
 
 
 @triton.jit
@@ -73,6 +91,14 @@ def block_scale(absmax):
 
 
 @triton.jit
+def exact_comparison_operands(x, scale):
+  """Twin of ``jlowbit._reference.exact_comparison_operands``: ``(x, scale)``
+  times ``2**64`` where ``scale < 2**-64``."""
+  factor = tl.where(scale < TINY_SCALE, INV_TINY_SCALE, 1.0)
+  return x * factor, scale * factor
+
+
+@triton.jit
 def scaled_tree_index(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
   """Nearest-code index of ``x / scale`` via the decision tree, division-free.
 
@@ -80,6 +106,7 @@ def scaled_tree_index(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
   ``tree[node] * scale <= x`` (int32 result, ``x``'s shape; ``scale``
   broadcastable to it).
   """
+  x, scale = exact_comparison_operands(x, scale)
   node = tl.full(x.shape, 1, tl.int32)
   for _ in tl.static_range(CODE_BITS):
     node = 2 * node + (tl.load(tree_ptr + node) * scale <= x).to(tl.int32)
@@ -94,12 +121,40 @@ def scaled_tree_index_top2(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
   ``tree[1..3]`` (loaded once) with a select instead of a per-element
   gather: about 15% fewer instructions per element for 4-bit codes.
   """
+  x, scale = exact_comparison_operands(x, scale)
   root = tl.load(tree_ptr + 1) * scale <= x
   second = tl.where(root, tl.load(tree_ptr + 3), tl.load(tree_ptr + 2))
   node = 4 + 2 * root.to(tl.int32) + (second * scale <= x).to(tl.int32)
   for _ in tl.static_range(CODE_BITS - 2):
     node = 2 * node + (tl.load(tree_ptr + node) * scale <= x).to(tl.int32)
   return node - (1 << CODE_BITS)
+
+
+@triton.jit
+def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, starts_ptr,
+                        STEPS: tl.constexpr):
+  """:func:`scaled_tree_index`'s index in ``STEPS + 1`` gathers instead of 8.
+
+  ``x``, ``scale`` (> 0) and ``inv_scale`` (about ``1 / scale``) as after
+  :func:`exact_comparison_operands`. The bits of ``r = x * inv_scale``
+  (sign, exponent, top ``BUCKET_MANTISSA_BITS`` of the mantissa) pick a
+  bucket of ``jlowbit._reference.bucket_search_table``, whose start is a
+  lower bound of the index; ``STEPS`` comparisons ``t[index] * scale <= x``
+  of the sorted thresholds ``t`` finish it. A NaN ``r`` comes from a NaN
+  ``x`` (index 0, set last) or from ``x = +-inf`` with ``scale = inf``
+  (``+inf``: above every threshold; ``-inf``: as 0).
+  """
+  r = x * inv_scale
+  r = tl.where(r == r, r, tl.where(x > 0, x, 0.0))
+  bits = r.to(tl.int32, bitcast=True)
+  bucket = (((bits & 0x7FFFFFFF) >> (23 - BUCKET_MANTISSA_BITS))
+            - ((BUCKET_LOW_EXPONENT << BUCKET_MANTISSA_BITS) - 1))
+  bucket = tl.minimum(tl.maximum(bucket, 0), BUCKETS - 1)
+  bucket += tl.where(bits < 0, BUCKETS, 0)
+  index = tl.load(starts_ptr + bucket).to(tl.int32)
+  for _ in tl.static_range(STEPS):
+    index += (tl.load(thresholds_ptr + index) * scale <= x).to(tl.int32)
+  return tl.where(x == x, index, 0)
 
 
 @triton.jit

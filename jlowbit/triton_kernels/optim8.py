@@ -10,8 +10,8 @@ exactly as :func:`jlowbit.blockwise8.quantize_blockwise_reference`).
 A program owns ``TILE`` consecutive elements of the flattened leaf, i.e.
 ``TILE // BLOCKSIZE`` whole quantization blocks, as one flat tile (reshaped to
 ``[blocks, BLOCKSIZE]`` only for the per-block absmax, so the table gathers
-keep a coalesced one-dimensional layout); lanes past the end load as zero and
-their moments are zeroed before the absmax. When 16 divides the leaf size the
+keep a coalesced one-dimensional layout); lanes past the end are masked:
+their moments are zeroed before the absmax and never stored. When 16 divides the leaf size the
 kernel is told so (``CHUNK``), which lets Triton vectorize every load and store.
 
 Hyperparameters are one float32 vector ``hyper`` the kernel ``tl.load``\ s
@@ -40,18 +40,22 @@ adagrad    eps                              v = v + g g; d = g / (sqrt(v) + eps)
 
 First moments use the signed dynamic codebook, second moments (``v``,
 ``nu``) the unsigned one. Both reach the kernels in one float32
-``[2, 2, 256]`` array ``qmaps``: ``[signed, unsigned] x [codebook, decision
-tree]`` (:func:`jlowbit._reference.decision_tree`): requantization descends
-the tree comparing ``threshold * absmax <= moment``
-(:func:`jlowbit.triton_kernels.common.scaled_tree_index`), 8 cache-friendly
-gathers per element and no division, with the codes of the reference.
+``[2, 2, 256]`` array ``qmaps`` (``[signed, unsigned] x [codebook, sorted
+thresholds]``) and one uint8 array of bucket starts
+(:func:`jlowbit._reference.bucket_search_table`): requantization compares
+``threshold * absmax <= moment`` like the reference's decision tree, but
+starts from the bucket of the moment's float bits
+(:func:`jlowbit.triton_kernels.common.scaled_bucket_index`): two gathers
+per element instead of eight, no division, the codes of the reference.
 
 Divisions by the scalars ``bc1`` and ``sqrt(bc2)`` are multiplications by
 their correctly rounded reciprocals, exactly what XLA makes of ``x / scalar``
-in the ``jax.numpy`` reference; every other division is ``div_rn`` and every
-square root ``sqrt_rn``. Compiled Triton may contract ``a * b + c`` into an
-FMA, so compiled results can differ from the reference by an ulp (and, rarely,
-a moment code by one step); the interpreter matches it bit for bit.
+in the ``jax.numpy`` reference. The per-element division and square root of
+the direction use the GPU's fast approximations (within 2 ulp; XLA's own GPU
+division is approximate too), and compiled Triton may contract ``a * b + c``
+into an FMA, so compiled results can differ from the reference by a few ulp
+(and, rarely, a moment code by one step); the interpreter matches it bit for
+bit.
 """
 
 from __future__ import annotations
@@ -115,28 +119,40 @@ def _load_grad(g_ptr, offsets, mask):
 
 
 @triton.jit
-def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, offsets, mask,
-                 BLOCKSIZE: tl.constexpr):
-  """Loads and dequantizes one moment tile (float32 ``[TILE]``, 0 off ``mask``)."""
-  return common.dequantize_flat_tile(codes_ptr, absmax_ptr, qmap_ptr, offsets,
-                                     mask, BLOCKSIZE)
+def _tile_blocks(n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+  """This program's block indices ``[TILE // BLOCKSIZE]`` and their mask."""
+  block = tl.program_id(0) * (TILE // BLOCKSIZE) + tl.arange(0, TILE // BLOCKSIZE)
+  return block, block < tl.cdiv(n, BLOCKSIZE)
 
 
 @triton.jit
-def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, offsets, mask, n,
-                  BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                  CODE_BITS: tl.constexpr):
+def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, offsets, mask, n,
+                 BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+  """Loads and dequantizes one moment tile (float32 ``[TILE]``; lanes off
+  ``mask`` hold garbage, which :func:`_store_moment` and the stores drop)."""
+  codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
+  block, block_mask = _tile_blocks(n, BLOCKSIZE, TILE)
+  absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
+  return tl.load(qmap_ptr + codes) * common.broadcast_rows(
+      absmax, TILE // BLOCKSIZE, BLOCKSIZE)
+
+
+@triton.jit
+def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, starts_ptr, offsets,
+                  mask, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
+                  CODE_BITS: tl.constexpr, STEPS: tl.constexpr):
   """Requantizes one moment tile blockwise; stores its codes and absmax.
 
-  Lanes off ``mask`` are zeroed first so they cannot raise a block's absmax.
+  ``qmap_ptr``: the codebook, followed by its sorted thresholds;
+  ``starts_ptr``: its bucket starts. Lanes off ``mask`` are zeroed first so
+  they cannot raise a block's absmax.
   """
-  blocks: tl.constexpr = TILE // BLOCKSIZE
   codes, absmax = common.quantize_flat_tile(
-      tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), BLOCKSIZE,
-      blocks, CODE_BITS)
+      tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), starts_ptr,
+      BLOCKSIZE, TILE // BLOCKSIZE, CODE_BITS, STEPS)
   tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
-  block = tl.program_id(0) * blocks + tl.arange(0, blocks)
-  tl.store(absmax_ptr + block, absmax, mask=block < tl.cdiv(n, BLOCKSIZE))
+  block, block_mask = _tile_blocks(n, BLOCKSIZE, TILE)
+  tl.store(absmax_ptr + block, absmax, mask=block_mask)
 
 
 @triton.jit
@@ -165,18 +181,20 @@ def _reciprocal(x):
 def _normalized(numerator, second, bc2, eps):
   """``numerator / (sqrt(second) / sqrt(bc2) + eps)``; the scalar division
   as ``* (1 / sqrt(bc2))``, the form XLA rewrites ``x / scalar`` into."""
-  denominator = tl.sqrt_rn(second) * _reciprocal(tl.sqrt_rn(bc2)) + eps
-  return tl.math.div_rn(numerator, denominator)
+  denominator = tl.sqrt(second) * _reciprocal(tl.sqrt_rn(bc2)) + eps
+  return numerator / denominator
 
 
 @triton.jit
 def adam_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
-                qmaps_ptr, hyper_ptr, n_chunks, d_ptr, m_codes_out,
+                qmaps_ptr, starts_ptr, hyper_ptr, n_chunks, d_ptr, m_codes_out,
                 m_absmax_out, v_codes_out, v_absmax_out,
                 BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                CHUNK: tl.constexpr, CODE_BITS: tl.constexpr):
-  signed = qmaps_ptr
+                CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
+                STEPS: tl.constexpr):
+  signed, signed_starts = qmaps_ptr, starts_ptr
   unsigned = qmaps_ptr + (2 << CODE_BITS)
+  unsigned_starts = starts_ptr + 2 * common.BUCKETS
   b1 = tl.load(hyper_ptr)
   b2 = tl.load(hyper_ptr + 1)
   eps = tl.load(hyper_ptr + 2)
@@ -184,27 +202,31 @@ def adam_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
   bc2 = tl.load(hyper_ptr + 4)
   offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
   g = _load_grad(g_ptr, offsets, mask)
-  m = _load_moment(m_codes_ptr, m_absmax_ptr, signed, offsets, mask, BLOCKSIZE)
-  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, BLOCKSIZE)
+  m = _load_moment(m_codes_ptr, m_absmax_ptr, signed, offsets, mask, n,
+                      BLOCKSIZE, TILE)
+  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, n,
+                      BLOCKSIZE, TILE)
   m = _ema(m, g, b1)
   v = b2 * v + (1.0 - b2) * g * g
   d = _normalized(m * _reciprocal(bc1), v, bc2, eps)
   _store_direction(d_ptr, d, offsets, mask)
-  _store_moment(m, m_codes_out, m_absmax_out, signed, offsets, mask, n,
-                BLOCKSIZE, TILE, CODE_BITS)
-  _store_moment(v, v_codes_out, v_absmax_out, unsigned, offsets, mask, n,
-                BLOCKSIZE, TILE, CODE_BITS)
+  _store_moment(m, m_codes_out, m_absmax_out, signed, signed_starts, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  _store_moment(v, v_codes_out, v_absmax_out, unsigned, unsigned_starts, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
 
 
 @triton.jit
 def ademamix_kernel(g_ptr, m1_codes_ptr, m1_absmax_ptr, m2_codes_ptr,
                     m2_absmax_ptr, nu_codes_ptr, nu_absmax_ptr, qmaps_ptr,
-                    hyper_ptr, n_chunks, d_ptr, m1_codes_out, m1_absmax_out,
+                    starts_ptr, hyper_ptr, n_chunks, d_ptr, m1_codes_out, m1_absmax_out,
                     m2_codes_out, m2_absmax_out, nu_codes_out, nu_absmax_out,
                     BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                    CHUNK: tl.constexpr, CODE_BITS: tl.constexpr):
-  signed = qmaps_ptr
+                    CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
+                STEPS: tl.constexpr):
+  signed, signed_starts = qmaps_ptr, starts_ptr
   unsigned = qmaps_ptr + (2 << CODE_BITS)
+  unsigned_starts = starts_ptr + 2 * common.BUCKETS
   b1 = tl.load(hyper_ptr)
   b2 = tl.load(hyper_ptr + 1)
   b3 = tl.load(hyper_ptr + 2)
@@ -214,95 +236,125 @@ def ademamix_kernel(g_ptr, m1_codes_ptr, m1_absmax_ptr, m2_codes_ptr,
   bc2 = tl.load(hyper_ptr + 6)
   offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
   g = _load_grad(g_ptr, offsets, mask)
-  m1 = _load_moment(m1_codes_ptr, m1_absmax_ptr, signed, offsets, mask, BLOCKSIZE)
-  m2 = _load_moment(m2_codes_ptr, m2_absmax_ptr, signed, offsets, mask, BLOCKSIZE)
-  nu = _load_moment(nu_codes_ptr, nu_absmax_ptr, unsigned, offsets, mask,
-                    BLOCKSIZE)
+  m1 = _load_moment(m1_codes_ptr, m1_absmax_ptr, signed, offsets, mask, n,
+                      BLOCKSIZE, TILE)
+  m2 = _load_moment(m2_codes_ptr, m2_absmax_ptr, signed, offsets, mask, n,
+                      BLOCKSIZE, TILE)
+  nu = _load_moment(nu_codes_ptr, nu_absmax_ptr, unsigned, offsets, mask, n,
+                      BLOCKSIZE, TILE)
   m1 = _ema(m1, g, b1)
   m2 = _ema(m2, g, b3)
   nu = b2 * nu + (1.0 - b2) * g * g
   d = _normalized(m1 * _reciprocal(bc1) + alpha * m2, nu, bc2, eps)
   _store_direction(d_ptr, d, offsets, mask)
-  _store_moment(m1, m1_codes_out, m1_absmax_out, signed, offsets, mask, n,
-                BLOCKSIZE, TILE, CODE_BITS)
-  _store_moment(m2, m2_codes_out, m2_absmax_out, signed, offsets, mask, n,
-                BLOCKSIZE, TILE, CODE_BITS)
-  _store_moment(nu, nu_codes_out, nu_absmax_out, unsigned, offsets, mask, n,
-                BLOCKSIZE, TILE, CODE_BITS)
+  _store_moment(m1, m1_codes_out, m1_absmax_out, signed, signed_starts, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  _store_moment(m2, m2_codes_out, m2_absmax_out, signed, signed_starts, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  _store_moment(nu, nu_codes_out, nu_absmax_out, unsigned, unsigned_starts, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
 
 
 @triton.jit
-def lion_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, qmaps_ptr, hyper_ptr,
+def lion_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, qmaps_ptr, starts_ptr, hyper_ptr,
                 n_chunks, d_ptr, m_codes_out, m_absmax_out,
                 BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                CHUNK: tl.constexpr, CODE_BITS: tl.constexpr):
+                CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
+                STEPS: tl.constexpr):
   b1 = tl.load(hyper_ptr)
   b2 = tl.load(hyper_ptr + 1)
   offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
   g = _load_grad(g_ptr, offsets, mask)
-  m = _load_moment(m_codes_ptr, m_absmax_ptr, qmaps_ptr, offsets, mask, BLOCKSIZE)
+  m = _load_moment(m_codes_ptr, m_absmax_ptr, qmaps_ptr, offsets, mask, n,
+                      BLOCKSIZE, TILE)
   _store_direction(d_ptr, _sign(_ema(m, g, b1)), offsets, mask)
-  _store_moment(_ema(m, g, b2), m_codes_out, m_absmax_out, qmaps_ptr, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS)
+  _store_moment(_ema(m, g, b2), m_codes_out, m_absmax_out, qmaps_ptr, starts_ptr, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
 
 
 @triton.jit
-def momentum_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, qmaps_ptr, hyper_ptr,
+def momentum_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, qmaps_ptr, starts_ptr, hyper_ptr,
                     n_chunks, d_ptr, m_codes_out, m_absmax_out,
                     BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                    CHUNK: tl.constexpr, CODE_BITS: tl.constexpr):
+                    CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
+                STEPS: tl.constexpr):
   momentum = tl.load(hyper_ptr)
   first = tl.load(hyper_ptr + 1)
   offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
   g = _load_grad(g_ptr, offsets, mask)
-  m = _load_moment(m_codes_ptr, m_absmax_ptr, qmaps_ptr, offsets, mask, BLOCKSIZE)
+  m = _load_moment(m_codes_ptr, m_absmax_ptr, qmaps_ptr, offsets, mask, n,
+                      BLOCKSIZE, TILE)
   m = tl.where(first != 0.0, g, momentum * m + g)
   _store_direction(d_ptr, m, offsets, mask)
-  _store_moment(m, m_codes_out, m_absmax_out, qmaps_ptr, offsets, mask, n,
-                BLOCKSIZE, TILE, CODE_BITS)
+  _store_moment(m, m_codes_out, m_absmax_out, qmaps_ptr, starts_ptr, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
 
 
 @triton.jit
-def rmsprop_kernel(g_ptr, v_codes_ptr, v_absmax_ptr, qmaps_ptr, hyper_ptr,
+def rmsprop_kernel(g_ptr, v_codes_ptr, v_absmax_ptr, qmaps_ptr, starts_ptr, hyper_ptr,
                    n_chunks, d_ptr, v_codes_out, v_absmax_out,
                    BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                   CHUNK: tl.constexpr, CODE_BITS: tl.constexpr):
+                   CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
+                STEPS: tl.constexpr):
   unsigned = qmaps_ptr + (2 << CODE_BITS)
+  unsigned_starts = starts_ptr + 2 * common.BUCKETS
   decay = tl.load(hyper_ptr)
   eps = tl.load(hyper_ptr + 1)
   offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
   g = _load_grad(g_ptr, offsets, mask)
-  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, BLOCKSIZE)
+  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, n,
+                      BLOCKSIZE, TILE)
   v = decay * v + (1.0 - decay) * g * g
-  _store_direction(d_ptr, tl.math.div_rn(g, tl.sqrt_rn(v) + eps), offsets, mask)
-  _store_moment(v, v_codes_out, v_absmax_out, unsigned, offsets, mask, n,
-                BLOCKSIZE, TILE, CODE_BITS)
+  _store_direction(d_ptr, g / (tl.sqrt(v) + eps), offsets, mask)
+  _store_moment(v, v_codes_out, v_absmax_out, unsigned, unsigned_starts, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
 
 
 @triton.jit
-def adagrad_kernel(g_ptr, v_codes_ptr, v_absmax_ptr, qmaps_ptr, hyper_ptr,
+def adagrad_kernel(g_ptr, v_codes_ptr, v_absmax_ptr, qmaps_ptr, starts_ptr, hyper_ptr,
                    n_chunks, d_ptr, v_codes_out, v_absmax_out,
                    BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                   CHUNK: tl.constexpr, CODE_BITS: tl.constexpr):
+                   CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
+                STEPS: tl.constexpr):
   unsigned = qmaps_ptr + (2 << CODE_BITS)
+  unsigned_starts = starts_ptr + 2 * common.BUCKETS
   eps = tl.load(hyper_ptr)
   offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
   g = _load_grad(g_ptr, offsets, mask)
-  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, BLOCKSIZE)
+  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, n,
+                      BLOCKSIZE, TILE)
   v = v + g * g
-  _store_direction(d_ptr, tl.math.div_rn(g, tl.sqrt_rn(v) + eps), offsets, mask)
-  _store_moment(v, v_codes_out, v_absmax_out, unsigned, offsets, mask, n,
-                BLOCKSIZE, TILE, CODE_BITS)
+  _store_direction(d_ptr, g / (tl.sqrt(v) + eps), offsets, mask)
+  _store_moment(v, v_codes_out, v_absmax_out, unsigned, unsigned_starts, offsets,
+                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
 
 
 @functools.cache
+def _search_tables() -> tuple[np.ndarray, np.ndarray, int]:
+  """(qmaps, bucket starts, comparisons per search) of the two codebooks."""
+  maps, starts, steps = [], [], []
+  for signed in (True, False):
+    code = codebooks.dynamic(signed)
+    thresholds, bucket_starts, bucket_steps = ref.bucket_search_table(code)
+    maps.append((code, thresholds))
+    starts.append(bucket_starts)
+    steps.append(bucket_steps)
+  assert min(steps) > 0, "the dynamic codebooks have bucketed searches"
+  maps, starts = np.asarray(maps, np.float32), np.asarray(starts, np.uint8)
+  maps.setflags(write=False)
+  starts.setflags(write=False)
+  return maps, starts, max(steps)
+
+
 def qmaps() -> np.ndarray:
-  """float32 ``[2, 2, 256]``: [signed, unsigned] x [codebook, decision tree]."""
-  maps = [(codebooks.dynamic(signed), ref.decision_tree(codebooks.dynamic(signed)))
-          for signed in (True, False)]
-  out = np.asarray(maps, np.float32)
-  out.setflags(write=False)
-  return out
+  """float32 ``[2, 2, 256]``: [signed, unsigned] x [codebook, thresholds]
+  (sorted, NaN last: :func:`jlowbit._reference.bucket_search_table`)."""
+  return _search_tables()[0]
+
+
+def bucket_starts() -> np.ndarray:
+  """uint8 ``[2, 2 * BUCKETS]``: the bucket starts of [signed, unsigned]."""
+  return _search_tables()[1]
 
 
 Moment = tuple[jax.Array, jax.Array]
@@ -377,13 +429,13 @@ def fused_update(algorithm: str, grad: jax.Array, moments: tuple[Moment, ...],
                    jax.ShapeDtypeStruct((cdiv(n, block_size),), jnp.float32)]
   outs = launch(
       __name__, ALGORITHMS[algorithm].kernel, grad.reshape(-1), *flat_moments,
-      jnp.asarray(qmaps()), hyper, n // chunk,
+      jnp.asarray(qmaps()), jnp.asarray(bucket_starts()), hyper, n // chunk,
       out_shape=(jax.ShapeDtypeStruct((n,), grad.dtype),
                  *moment_shapes * len(moments)),
       grid=(cdiv(n, tile),), impl=impl,
       input_output_aliases={i: i for i in range(1, len(flat_moments) + 1)},
       num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCKSIZE=block_size,
-      TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS)
+      TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS, STEPS=_search_tables()[2])
   new_moments = tuple((outs[i].reshape(grad.shape), outs[i + 1])
                       for i in range(1, len(outs), 2))
   return outs[0].reshape(grad.shape), new_moments

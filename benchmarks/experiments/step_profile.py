@@ -1,0 +1,73 @@
+"""Where an optimizer step's time goes: wall clock vs GPU kernel time.
+
+Run on an NVIDIA GPU from the repository root::
+
+  python benchmarks/experiments/step_profile.py --case gpt2 --opt adamw_8bit
+  ncu --clock-control none --profile-from-start off \
+      --metrics gpu__time_duration.sum --csv \
+      python benchmarks/experiments/step_profile.py --case gpt2 --opt adamw_8bit --profile
+
+Without ``--profile``: the wall-clock median of a jitted, donated step (as in
+``benchmarks/optim.py``) and the number of custom calls and fusions in the
+compiled step. With ``--profile``: one step between ``cuProfilerStart`` and
+``cuProfilerStop``, so that ``ncu`` lists the kernels of exactly one step
+with their GPU durations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import sys
+
+import jax
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from optim import OPTIMIZERS, gpt2_small_shapes, make_tree, time_steps  # noqa: E402  pylint: disable=g-import-not-at-top
+
+CASES = {"gpt2": gpt2_small_shapes, "leaf128M": lambda: [(128 << 20,)],
+         "leaf512M": lambda: [(512 << 20,)]}
+
+
+def _step_fn(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--case", choices=sorted(CASES), default="gpt2")
+  parser.add_argument("--opt", choices=sorted(OPTIMIZERS), default="adamw_8bit")
+  parser.add_argument("--profile", action="store_true")
+  args = parser.parse_args()
+  tx = OPTIMIZERS[args.opt][0]()
+  params, grads = make_tree(CASES[args.case](), jax.numpy.float32)
+  if args.profile:
+    state = tx.init(params)
+    step = _step_fn(tx)
+    for _ in range(3):
+      params, state = step(params, state, grads)
+    jax.block_until_ready(params)
+    cuda = ctypes.CDLL("libcuda.so.1")
+    cuda.cuProfilerStart()
+    params, state = step(params, state, grads)
+    jax.block_until_ready(params)
+    cuda.cuProfilerStop()
+    return
+  state = tx.init(params)
+  hlo = _step_fn(tx).lower(params, state, grads).compile().as_text()
+  calls = len(re.findall(r"custom-call\(", hlo))
+  fusions = len(re.findall(r"= .*fusion\(", hlo))
+  seconds, _ = time_steps(tx, params, grads)
+  print(f"{args.case} {args.opt}: {seconds * 1e3:.3f} ms/step, "
+        f"{calls} custom calls, {fusions} fusions in the compiled step "
+        f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})", flush=True)
+
+
+if __name__ == "__main__":
+  main()

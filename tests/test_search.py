@@ -1,0 +1,111 @@
+"""The kernels' bucketed code search finds the decision tree's index.
+
+``emulated_bucket_index`` does in numpy float32 exactly what
+``jlowbit.triton_kernels.common.scaled_bucket_index`` does; it must equal
+``tree_index``, the result of ``jlowbit._reference.scaled_tree_index`` (the
+reference's search), for every input, including values one ulp around each scaled threshold, every float
+class, and a ``1 / scale`` a few ulps off (the kernels may divide
+approximately).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jlowbit import _reference as ref
+from jlowbit import codebooks
+
+CODES = {
+    "signed": codebooks.dynamic(True),
+    "unsigned": codebooks.dynamic(False),
+    "linear": np.linspace(-1, 1, 256, dtype=np.float32),
+}
+
+
+def emulated_bucket_index(x, scale, thresholds, starts, steps, inv_ulps=0):
+  """``scaled_bucket_index``; ``1 / scale`` off by ``inv_ulps`` ulps."""
+  x, scale = (np.asarray(a, np.float32) for a in (x, scale))
+  with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    factor = np.where(scale < np.float32(2.0 ** -64), np.float32(2.0 ** 64), np.float32(1))
+    x, scale = x * factor, scale * factor
+    inv_scale = np.float32(1) / scale
+    for _ in range(abs(inv_ulps) if np.isfinite(scale) else 0):
+      inv_scale = np.nextafter(inv_scale, np.float32(np.sign(inv_ulps) * np.inf))
+    r = x * inv_scale
+    r = np.where(r == r, r, np.where(x > 0, x, np.float32(0)))
+    bits = r.view(np.int32)
+    bucket = (((bits & 0x7FFFFFFF) >> (23 - ref.BUCKET_MANTISSA_BITS))
+              - (ref.BUCKET_LOW_EXPONENT << ref.BUCKET_MANTISSA_BITS) + 1)
+    bucket = np.clip(bucket, 0, ref.BUCKETS - 1) + np.where(bits < 0, ref.BUCKETS, 0)
+    index = starts[bucket].astype(np.int32)
+    for _ in range(steps):
+      index += (thresholds[index] * scale <= x).astype(np.int32)
+  return np.where(x == x, index, 0)
+
+
+def tree_index(x, scale, code):
+  """What ``scaled_tree_index`` computes, in numpy (no flushing of subnormals,
+  as on a GPU; XLA on CPU flushes them): ``count(t * scale <= x)`` after
+  :func:`jlowbit._reference.exact_comparison_operands`."""
+  thresholds = ref.decision_thresholds(code)
+  x, scale = np.float32(x), np.float32(scale)
+  if scale < ref.TINY_SCALE:
+    x, scale = x * np.float32(2.0 ** 64), scale * np.float32(2.0 ** 64)
+  with np.errstate(invalid="ignore", over="ignore"):
+    return np.sum(thresholds[None, :] * scale <= x[:, None], axis=1)
+
+
+def test_tree_index_oracle_is_the_reference():
+  code = CODES["signed"]
+  x = np.random.default_rng(1).uniform(-1, 1, 4096).astype(np.float32)
+  for scale in (np.float32(0.5), np.float32(3e-20)):
+    want = ref.scaled_tree_index(jnp.asarray(x * scale), jnp.float32(scale),
+                                 jnp.asarray(ref.decision_tree(code)))
+    np.testing.assert_array_equal(tree_index(x * scale, scale, code), want)
+
+
+def _probes(code, scale):
+  thresholds = ref.decision_thresholds(code).astype(np.float32)
+  rng = np.random.default_rng(0)
+  with np.errstate(over="ignore", invalid="ignore"):
+    probes = [np.concatenate([thresholds, code]) * scale]
+    for direction in (-np.inf, np.inf):
+      for _ in range(2):
+        probes.append(np.nextafter(probes[-1], np.float32(direction)))
+  magnitude = scale * 10.0 ** rng.uniform(-9, 0.01, 50_000)
+  probes += [rng.uniform(-1.01, 1.01, 50_000) * scale,
+             magnitude * rng.choice([-1, 1], magnitude.shape),
+             np.float32(scale) * np.float32([1, -1, 0.5, 1 - 2**-24, 1 + 2**-23]),
+             np.float32([0.0, -0.0, 1e-45, -1e-45, 1e-38, np.inf, -np.inf, np.nan])]
+  with np.errstate(over="ignore", invalid="ignore"):
+    return np.concatenate([np.asarray(p, np.float32).ravel() for p in probes])
+
+
+@pytest.mark.parametrize("name", sorted(CODES))
+def test_one_comparison_suffices_for_the_optimizer_codebooks(name):
+  *_, steps = ref.bucket_search_table(CODES[name])
+  assert steps == 1
+
+
+@pytest.mark.parametrize("name", sorted(CODES))
+@pytest.mark.parametrize("scale", [1.0, 0.37, 3e-3, 2.5e5, 1e-19, 5e-20, 1e-30, 1e-38,
+                                   1e-44, 3e38, np.inf])
+@pytest.mark.parametrize("inv_ulps", [0, -2, 2])
+def test_bucket_index_equals_tree_index(name, scale, inv_ulps):
+  code = CODES[name]
+  thresholds, starts, steps = ref.bucket_search_table(code)
+  scale = np.float32(scale)
+  x = _probes(code, scale)
+  got = emulated_bucket_index(x, scale, thresholds, starts, steps, inv_ulps)
+  np.testing.assert_array_equal(got, tree_index(x, scale, code))
+
+
+def test_table_layout():
+  thresholds, starts, _ = ref.bucket_search_table(CODES["signed"])
+  assert thresholds.dtype == np.float32 and thresholds.shape == (256,)
+  assert np.isnan(thresholds[-1])
+  np.testing.assert_array_equal(thresholds[:-1], ref.decision_thresholds(CODES["signed"]))
+  assert starts.dtype == np.uint8 and starts.shape == (2 * ref.BUCKETS,)
+  zero = int(np.flatnonzero(CODES["signed"] == 0)[0])
+  assert starts[0] == zero and starts[ref.BUCKETS] <= zero
+  assert starts[ref.BUCKETS - 1] >= 254 and starts[-1] == 0
