@@ -168,7 +168,7 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
   fig, ax = plt.subplots(figsize=(8, 5))
   for r in results:
     curve = np.convolve(r["losses"], np.ones(50) / 50, mode="valid")
-    ax.plot(curve, label=f"{r['optimizer']} (held-out {r['held_out_loss']:.3f})",
+    ax.plot(curve, label=f"{r['optimizer']} seed {r['seed']} (held-out {r['held_out_loss']:.3f})",
             linestyle="-" if "8bit" in r["optimizer"] else "--")
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (50-step mean), nats/byte")
@@ -185,17 +185,21 @@ def main():
   parser.add_argument("--lr", type=float, default=2e-3)
   parser.add_argument("--optimizer", choices=sorted(optimizers(0.0, 1)), default="adamw_8bit")
   parser.add_argument("--compare", action="store_true", help="train all of " + ", ".join(COMPARE))
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                      help="model init and batch order; each optimizer trains once per seed")
   parser.add_argument("--out", type=pathlib.Path, help="folder for results.json and loss.png")
   args = parser.parse_args()
   config = SIZES[args.size]
   data = stdlib_text(16 << 20 if args.size == "gpu" else 2 << 20)
   print(f"device: {jax.devices()[0].device_kind} | impl: {lowbit.resolve_impl(None)} | "
         f"text: {data.size / 1e6:.1f} MB | model: {config}")
-  results = [train(name, config, data, args.steps, args.lr)
+  results = [dict(train(name, config, data, args.steps, args.lr, seed), seed=seed)
+             for seed in args.seeds
              for name in (COMPARE if args.compare else [args.optimizer])]
   for r in results:
-    print(f"{r['optimizer']:>15s}: final train loss {r['final_train_loss']:.4f}, held-out "
-          f"{r['held_out_loss']:.4f}, {r['seconds']:.1f} s, {r['params'] / 1e6:.2f}M params, "
+    print(f"{r['optimizer']:>15s} seed {r['seed']}: final train loss "
+          f"{r['final_train_loss']:.4f}, held-out {r['held_out_loss']:.4f}, "
+          f"{r['seconds']:.1f} s, {r['params'] / 1e6:.2f}M params, "
           f"state {r['state_bytes_per_param']:.2f} B/param")
   if args.out:
     args.out.mkdir(parents=True, exist_ok=True)
