@@ -2,6 +2,9 @@
 
 Each helper has a ``jax.numpy`` twin in :mod:`jlowbit._reference` that does
 the same float32 operations in the same order, so codes agree bit for bit.
+The one exception is :func:`scaled_bucket_index`, a faster route to the
+index of the reference's :func:`scaled_tree_index` through the same
+comparisons (equal for every input: ``tests/test_search.py``).
 """
 
 import triton
