@@ -91,20 +91,23 @@ class ByteLM(nnx.Module):
     return self.embed.attend(self.norm(x))
 
 
-def optimizers(lr, steps: int) -> dict:
-  """The optimizers ``--optimizer`` / ``--compare`` choose from."""
+def optimizers(lr, steps: int, **state_config) -> dict:
+  """The optimizers ``--optimizer`` / ``--compare`` choose from.
+
+  ``state_config``: ``block_size`` / ``min_8bit_size`` of the 8-bit ones.
+  """
   # AdEMAMix with the paper's warm-ups of alpha and beta3 over the run
   # (Pagliardini et al., 2024); Lion with a 10x smaller step and a larger
   # decay than AdamW (Chen et al., 2023).
   ademamix = dict(weight_decay=0.1, t_alpha=steps, t_beta3=steps)
   lion_lr = lambda step: 0.1 * lr(step)
   return {
-      "adamw_8bit": lambda: lowbit.adamw_8bit(lr, weight_decay=0.1),
+      "adamw_8bit": lambda: lowbit.adamw_8bit(lr, weight_decay=0.1, **state_config),
       "adamw_32bit": lambda: lowbit.adamw_32bit(lr, weight_decay=0.1),
       "optax_adamw": lambda: optax.adamw(lr, weight_decay=0.1),
-      "ademamix_8bit": lambda: lowbit.ademamix_8bit(lr, **ademamix),
+      "ademamix_8bit": lambda: lowbit.ademamix_8bit(lr, **ademamix, **state_config),
       "ademamix_32bit": lambda: lowbit.ademamix_32bit(lr, **ademamix),
-      "lion_8bit": lambda: lowbit.lion_8bit(lion_lr, weight_decay=0.3),
+      "lion_8bit": lambda: lowbit.lion_8bit(lion_lr, weight_decay=0.3, **state_config),
       "lion_32bit": lambda: lowbit.lion_32bit(lion_lr, weight_decay=0.3),
   }
 
@@ -121,13 +124,13 @@ def batches(data: np.ndarray, config: Config, steps: int, seed: int):
 
 
 def train(name: str, config: Config, data: np.ndarray, steps: int, lr: float,
-          seed: int = 0, progress: bool = True) -> dict:
+          seed: int = 0, progress: bool = True, **state_config) -> dict:
   """Trains one model; returns the loss curve and the held-out loss."""
   split = int(0.95 * data.size)
   model = ByteLM(config, nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, steps // 20, steps, lr / 10)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optimizers(schedule, steps)[name]())
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optimizers(schedule, steps, **state_config)[name]())
   opt_state = tx.init(params)
 
   def loss_fn(params, tokens, targets):
@@ -187,13 +190,19 @@ def main():
   parser.add_argument("--compare", action="store_true", help="train all of " + ", ".join(COMPARE))
   parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="model init and batch order; each optimizer trains once per seed")
+  parser.add_argument("--block-size", type=int, default=256,
+                      help="quantization block of the 8-bit optimizers' state")
+  parser.add_argument("--min-8bit-size", type=int, default=4096,
+                      help="smaller parameter arrays keep float32 optimizer state")
   parser.add_argument("--out", type=pathlib.Path, help="folder for results.json and loss.png")
   args = parser.parse_args()
+  state_config = dict(block_size=args.block_size, min_8bit_size=args.min_8bit_size)
   config = SIZES[args.size]
   data = stdlib_text(16 << 20 if args.size == "gpu" else 2 << 20)
   print(f"device: {jax.devices()[0].device_kind} | impl: {lowbit.resolve_impl(None)} | "
         f"text: {data.size / 1e6:.1f} MB | model: {config}")
-  results = [dict(train(name, config, data, args.steps, args.lr, seed), seed=seed)
+  results = [dict(train(name, config, data, args.steps, args.lr, seed, **state_config),
+                  seed=seed, **state_config)
              for seed in args.seeds
              for name in (COMPARE if args.compare else [args.optimizer])]
   for r in results:
