@@ -57,7 +57,7 @@ def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
   absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
   scale = block_scale(absmax)
   if STEPS > 0:
-    factor = tl.where(scale < TINY_SCALE, INV_TINY_SCALE, 1.0)
+    factor = tiny_scale_factor(scale)  # exact_comparison_operands, per block
     scale = scale * factor
     codes = scaled_bucket_index(
         x * broadcast_rows(factor, BLOCKS, BLOCKSIZE),
@@ -94,10 +94,16 @@ def block_scale(absmax):
 
 
 @triton.jit
+def tiny_scale_factor(scale):
+  """``2**64`` where ``scale < 2**-64``, else 1."""
+  return tl.where(scale < TINY_SCALE, INV_TINY_SCALE, 1.0)
+
+
+@triton.jit
 def exact_comparison_operands(x, scale):
   """Twin of ``jlowbit._reference.exact_comparison_operands``: ``(x, scale)``
   times ``2**64`` where ``scale < 2**-64``."""
-  factor = tl.where(scale < TINY_SCALE, INV_TINY_SCALE, 1.0)
+  factor = tiny_scale_factor(scale)
   return x * factor, scale * factor
 
 

@@ -342,7 +342,7 @@ def _search_tables() -> tuple[np.ndarray, np.ndarray, int]:
   maps, starts, steps = [], [], []
   for signed in (True, False):
     code = codebooks.dynamic(signed)
-    thresholds, bucket_starts, bucket_steps = ref.bucket_search_table(code)
+    thresholds, bucket_starts, bucket_steps = ref.code_search(code)
     maps.append((code, thresholds))
     starts.append(bucket_starts)
     steps.append(bucket_steps)
