@@ -186,7 +186,8 @@ def main():
   parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--lr", type=float, default=2e-3)
-  parser.add_argument("--optimizer", choices=sorted(optimizers(0.0, 1)), default="adamw_8bit")
+  parser.add_argument("--optimizer", choices=sorted(optimizers(0.0, 1)), nargs="+",
+                      default=["adamw_8bit"], help="one or more optimizers to train with")
   parser.add_argument("--compare", action="store_true", help="train all of " + ", ".join(COMPARE))
   parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="model init and batch order; each optimizer trains once per seed")
@@ -204,7 +205,7 @@ def main():
   results = [dict(train(name, config, data, args.steps, args.lr, seed, **state_config),
                   seed=seed, **state_config)
              for seed in args.seeds
-             for name in (COMPARE if args.compare else [args.optimizer])]
+             for name in (COMPARE if args.compare else args.optimizer)]
   for r in results:
     print(f"{r['optimizer']:>15s} seed {r['seed']}: final train loss "
           f"{r['final_train_loss']:.4f}, held-out {r['held_out_loss']:.4f}, "

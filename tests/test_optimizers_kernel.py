@@ -99,3 +99,26 @@ def test_kernel_alias_in_a_jitted_training_loop(impl):
     assert diff.max() < 1e-4 and np.mean(diff > 1e-5) < 1e-5
 
   jax.tree.map(close, run(impl), run("xla"))
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_a_tree_updates_in_one_launch_per_dtype(impl):
+  """Six 8-bit leaves (two gradient dtypes) and one float32-state leaf: two
+  kernel launches in the jitted step, whatever the number of leaves."""
+  from jlowbit import adamw_8bit  # pylint: disable=g-import-not-at-top
+  shapes = {f"w{i}": (64 * (i + 1),) for i in range(4)} | {"b": (7,)}
+  params = {k: jnp.ones(s, jnp.float32) for k, s in shapes.items()}
+  params |= {"h0": jnp.ones((32, 8), jnp.bfloat16),
+             "h1": jnp.ones((1008,), jnp.bfloat16)}
+  tx = adamw_8bit(1e-3, block_size=64, min_8bit_size=64, impl=impl)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  if impl == "interpret":
+    launches = str(jax.make_jaxpr(step)(params, state, params)).count("pure_callback")
+  else:
+    launches = step.lower(params, state, params).as_text().count("triton_kernel_call")
+  assert launches == 2
+  xla = adamw_8bit(1e-3, block_size=64, min_8bit_size=64, impl="xla")
+  d, _ = step(params, state, params)
+  d_ref, _ = jax.jit(xla.update)(params, state, params)
+  jax.tree.map(lambda a, b: _check_close(a, b, 2.0**-7, 1e-7), d, d_ref)

@@ -50,23 +50,36 @@ def _scheduled(value: Any, count: jax.Array) -> Any:
   return value(count) if callable(value) else value
 
 
-def _update_leaf(algorithm: str, grad: jax.Array, codes: tuple,
-                 absmax: tuple, hyper: jax.Array, block_size: int, impl: str):
-  """Direction and new ``(codes, absmax)`` per moment of one leaf.
+def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
+                   hyper: jax.Array, block_size: int, impl: str) -> list:
+  """Per leaf ``(direction, ((codes, absmax) per moment))``.
 
-  ``absmax`` entries are ``None`` for a float32-state leaf, whose ``codes``
-  are the float32 moments.
+  ``codes[i]``/``absmax[i]``: leaf i's per-moment codes and absmax;
+  ``absmax[i][0] is None`` for a float32-state leaf, whose codes are the
+  float32 moments (absmax stays ``None``). The Triton backends update all
+  8-bit leaves in few kernel launches.
   """
-  if absmax[0] is None:
-    direction, new = update8.update_fp32(algorithm, grad, codes, hyper)
-    return direction, tuple((m, None) for m in new)
-  pairs = tuple(zip(codes, absmax))
-  if impl == "xla":
-    return update8.update_8bit_reference(algorithm, grad, pairs, hyper,
-                                         block_size=block_size)
-  from jlowbit.triton_kernels import optim8  # pylint: disable=g-import-not-at-top
-  return optim8.fused_update(algorithm, grad, pairs, hyper,
-                             block_size=block_size, impl=impl)
+  out = [None] * len(grads)
+  eightbit = []
+  for i, g in enumerate(grads):
+    if absmax[i][0] is None:
+      direction, new = update8.update_fp32(algorithm, g, codes[i], hyper)
+      out[i] = direction, tuple((m, None) for m in new)
+    elif impl == "xla":
+      out[i] = update8.update_8bit_reference(
+          algorithm, g, tuple(zip(codes[i], absmax[i])), hyper,
+          block_size=block_size)
+    else:
+      eightbit.append(i)
+  if eightbit:
+    from jlowbit.triton_kernels import optim8  # pylint: disable=g-import-not-at-top
+    fused = optim8.fused_update_leaves(
+        algorithm, [grads[i] for i in eightbit],
+        [tuple(zip(codes[i], absmax[i])) for i in eightbit], hyper,
+        block_size=block_size, impl=impl)
+    for i, result in zip(eightbit, fused):
+      out[i] = result
+  return out
 
 
 def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
@@ -101,26 +114,25 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
     checks.check_matches_state(updates, moments[0].codes, params)
     count = optax.safe_increment(state.count)
     hyper = hyper_fn(state.count, count.astype(jnp.float32))
-    resolved = _impl.resolve_impl(impl)
-    k = len(signed)
-    out = jax.tree.map(
-        lambda g, *leaf: _update_leaf(algorithm, g, leaf[:k], leaf[k:], hyper,
-                                      block_size, resolved),
-        updates, *(m.codes for m in moments), *(m.absmax for m in moments))
-    pick = lambda f: jax.tree.map(lambda _, o: f(o), updates, out)
+    grads, treedef = jax.tree.flatten(updates)
+    per_leaf = lambda trees: list(zip(*(treedef.flatten_up_to(t) for t in trees)))
+    out = _update_leaves(algorithm, grads, per_leaf([m.codes for m in moments]),
+                         per_leaf([m.absmax for m in moments]), hyper,
+                         block_size, _impl.resolve_impl(impl))
+    pick = lambda f: treedef.unflatten([f(o) for o in out])
     new_moments = [
         state_lib.Quantized8bitMoment(pick(lambda o, i=i: o[1][i][0]),
                                       pick(lambda o, i=i: o[1][i][1]))
-        for i in range(k)]
+        for i in range(len(signed))]
     return pick(lambda o: o[0]), state_cls(count, *new_moments)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _bias_corrections(b1: Any, b2: Any, t: jax.Array) -> tuple[jax.Array, ...]:
-  """``(1 - b1**t, 1 - b2**t)`` in float32."""
-  return (1 - jnp.asarray(b1, jnp.float32) ** t,
-          1 - jnp.asarray(b2, jnp.float32) ** t)
+def _inverse_bias_corrections(b1: Any, b2: Any, t: jax.Array) -> tuple[jax.Array, ...]:
+  """``(1 / (1 - b1**t), 1 / sqrt(1 - b2**t))`` in float32."""
+  return (1 / (1 - jnp.asarray(b1, jnp.float32) ** t),
+          1 / jnp.sqrt(1 - jnp.asarray(b2, jnp.float32) ** t))
 
 
 _CONFIG_DOC = """
@@ -170,7 +182,7 @@ def scale_by_adam_8bit(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, *,
   """
   def hyper(count, t):
     del count
-    return _f32(b1, b2, eps, *_bias_corrections(b1, b2, t))
+    return _f32(b1, b2, eps, *_inverse_bias_corrections(b1, b2, t))
   return scale_by_8bit("adam", state_lib.ScaleByAdam8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
                        impl=impl)
@@ -247,7 +259,7 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
     b3_t, alpha_t = ademamix_schedules(
         b1, _scheduled(b3, count), _scheduled(alpha, count), t, t_alpha,
         t_beta3)
-    return _f32(b1, b2, b3_t, alpha_t, eps, *_bias_corrections(b1, b2, t))
+    return _f32(b1, b2, b3_t, alpha_t, eps, *_inverse_bias_corrections(b1, b2, t))
   return scale_by_8bit("ademamix", state_lib.ScaleByAdemamix8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
                        impl=impl)

@@ -7,11 +7,11 @@ hyperparameters (device array, so changing values never recompile):
 ============  ===================================  ==============================
 algorithm     ``hyper``                            math
 ============  ===================================  ==============================
-``adam``      ``[b1, b2, eps, bc1, bc2]``          :math:`m = b_1 m + (1-b_1) g`,
-                                                   :math:`v = b_2 v + (1-b_2) g^2`,
+``adam``      ``[b1, b2, eps, inv_bc1,``           :math:`m = b_1 m + (1-b_1) g`,
+              ``inv_sqrt_bc2]``                    :math:`v = b_2 v + (1-b_2) g^2`,
                                                    :math:`d = (m/bc_1) / (\sqrt{v}/\sqrt{bc_2} + \epsilon)`
 ``ademamix``  ``[b1, b2, b3, alpha, eps,``         :math:`m_1 = b_1 m_1 + (1-b_1) g`,
-              ``bc1, bc2]``                        :math:`m_2 = b_3 m_2 + (1-b_3) g`,
+              ``inv_bc1, inv_sqrt_bc2]``           :math:`m_2 = b_3 m_2 + (1-b_3) g`,
                                                    :math:`\nu = b_2 \nu + (1-b_2) g^2`,
                                                    :math:`d = (m_1/bc_1 + \alpha m_2) / (\sqrt{\nu}/\sqrt{bc_2} + \epsilon)`
 ``lion``      ``[b1, b2]``                         :math:`d = \mathrm{sign}(b_1 m + (1-b_1) g)`,
@@ -24,8 +24,10 @@ algorithm     ``hyper``                            math
                                                    :math:`d = g / (\sqrt{v} + \epsilon)`
 ============  ===================================  ==============================
 
-``bc1 = 1 - b1**t`` and ``bc2 = 1 - b2**t`` at step ``t`` (1-based); ``b3``
-and ``alpha`` are the values already scheduled for this step. Weight decay and
+``bc1 = 1 - b1**t`` and ``bc2 = 1 - b2**t`` at step ``t`` (1-based), passed
+as ``inv_bc1 = 1 / bc1`` and ``inv_sqrt_bc2 = 1 / sqrt(bc2)`` (computed once
+per step, the divisions by them become multiplications); ``b3`` and
+``alpha`` are the values already scheduled for this step. Weight decay and
 the learning rate are not part of this math: the optax aliases chain them.
 
 :func:`update_8bit_reference` reads 8-bit moments ``(codes, absmax)``,
@@ -53,19 +55,19 @@ Moments = tuple[jax.Array, ...]
 
 def _adam(g, moments, h):
   m, v = moments
-  b1, b2, eps, bc1, bc2 = h
+  b1, b2, eps, inv_bc1, inv_sqrt_bc2 = h
   m = b1 * m + (1 - b1) * g
   v = b2 * v + (1 - b2) * g * g
-  return (m / bc1) / (jnp.sqrt(v) / jnp.sqrt(bc2) + eps), (m, v)
+  return (m * inv_bc1) / (jnp.sqrt(v) * inv_sqrt_bc2 + eps), (m, v)
 
 
 def _ademamix(g, moments, h):
   m1, m2, nu = moments
-  b1, b2, b3, alpha, eps, bc1, bc2 = h
+  b1, b2, b3, alpha, eps, inv_bc1, inv_sqrt_bc2 = h
   m1 = b1 * m1 + (1 - b1) * g
   m2 = b3 * m2 + (1 - b3) * g
   nu = b2 * nu + (1 - b2) * g * g
-  d = (m1 / bc1 + alpha * m2) / (jnp.sqrt(nu) / jnp.sqrt(bc2) + eps)
+  d = (m1 * inv_bc1 + alpha * m2) / (jnp.sqrt(nu) * inv_sqrt_bc2 + eps)
   return d, (m1, m2, nu)
 
 
@@ -111,8 +113,8 @@ MOMENT_SIGNED: dict[str, tuple[bool, ...]] = {
 }
 
 HYPER_NAMES: dict[str, tuple[str, ...]] = {
-    "adam": ("b1", "b2", "eps", "bc1", "bc2"),
-    "ademamix": ("b1", "b2", "b3", "alpha", "eps", "bc1", "bc2"),
+    "adam": ("b1", "b2", "eps", "inv_bc1", "inv_sqrt_bc2"),
+    "ademamix": ("b1", "b2", "b3", "alpha", "eps", "inv_bc1", "inv_sqrt_bc2"),
     "lion": ("b1", "b2"),
     "momentum": ("momentum", "first"),
     "rmsprop": ("decay", "eps"),

@@ -7,6 +7,8 @@ index of the reference's :func:`scaled_tree_index` through the same
 comparisons (equal for every input: ``tests/test_search.py``).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -16,7 +18,24 @@ BUCKET_MANTISSA_BITS = tl.constexpr(ref.BUCKET_MANTISSA_BITS)
 BUCKET_LOW_EXPONENT = tl.constexpr(ref.BUCKET_LOW_EXPONENT)
 BUCKETS = tl.constexpr(ref.BUCKETS)
 TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
+# Kernels run by Triton's interpreter (imported with TRITON_INTERPRET=1 in
+# the worker of jlowbit.triton_kernels.launch) take exact arithmetic where
+# compiled ones take GPU approximations with no interpreter counterpart.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 INV_TINY_SCALE = tl.constexpr(1 / ref.TINY_SCALE)
+
+
+@triton.jit
+def fast_divide(numerator, denominator):
+  """``numerator / denominator`` as ``numerator * rcp.approx(denominator)``
+  (within 2 ulp; subnormal denominators flush to 0, so keep them out);
+  exact division when interpreted."""
+  if INTERPRETED:
+    return numerator / denominator
+  else:
+    return numerator * tl.inline_asm_elementwise(
+        "rcp.approx.ftz.f32 $0, $1;", "=r,r", [denominator],
+        dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

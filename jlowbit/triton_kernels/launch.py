@@ -3,7 +3,9 @@
 ``launch(module, kernel_name, *args, out_shape=..., grid=..., impl=...)``
 calls ``module.kernel_name`` with the array and scalar ``args`` followed by one
 pointer per output, and the keyword arguments as ``tl.constexpr`` values, the
-calling convention of ``jax_triton.triton_call``.
+calling convention of ``jax_triton.triton_call``. A generated kernel is named
+by its factory: ``kernel_args=(...)`` makes the kernel
+``module.kernel_name(*kernel_args)``.
 
 With ``impl="interpret"`` the kernel runs in a helper process that imported
 Triton with ``TRITON_INTERPRET=1``, on numpy buffers sent from
@@ -101,10 +103,16 @@ def _poisoned(shape: Sequence[int], dtype) -> np.ndarray:
   return out
 
 
-def _run_interpreted(module_name, kernel_name, args, arrays, out_shapes, grid,
-                     input_output_aliases, constexprs):
+def _kernel(module_name: str, kernel_name: str, kernel_args: tuple | None):
+  """``module.kernel_name``, or the kernel its factory makes of ``kernel_args``."""
+  found = getattr(importlib.import_module(module_name), kernel_name)
+  return found if kernel_args is None else found(*kernel_args)
+
+
+def _run_interpreted(module_name, kernel_name, kernel_args, args, arrays,
+                     out_shapes, grid, input_output_aliases, constexprs):
   """Runs in the worker: the interpreted kernel over numpy buffers."""
-  kernel = getattr(importlib.import_module(module_name), kernel_name)
+  kernel = _kernel(module_name, kernel_name, kernel_args)
   outs = [_poisoned(shape, dtype) for shape, dtype in out_shapes]
   for array_index, out_index in input_output_aliases.items():
     outs[out_index][...] = arrays[array_index]
@@ -114,15 +122,15 @@ def _run_interpreted(module_name, kernel_name, args, arrays, out_shapes, grid,
   return tuple(outs)
 
 
-def _interpret_call(module_name: str, kernel_name: str, args, out_shapes,
-                    grid, input_output_aliases, constexprs):
+def _interpret_call(module_name: str, kernel_name: str, kernel_args, args,
+                    out_shapes, grid, input_output_aliases, constexprs):
   array_args = [a for a in args if not _is_scalar(a)]
   scalar_args = [a if _is_scalar(a) else None for a in args]
   shapes = [(tuple(s.shape), np.dtype(s.dtype)) for s in out_shapes]
 
   def host(*arrays):
     future = _interpreter_pool().submit(
-        _run_interpreted, module_name, kernel_name, scalar_args,
+        _run_interpreted, module_name, kernel_name, kernel_args, scalar_args,
         [np.asarray(a) for a in arrays], shapes, grid, input_output_aliases,
         constexprs)
     return future.result()
@@ -140,6 +148,7 @@ def launch(module_name: str, kernel_name: str, *args,
            out_shape: Sequence[jax.ShapeDtypeStruct],
            grid: tuple[int, ...],
            impl: str,
+           kernel_args: tuple | None = None,
            input_output_aliases: dict[int, int] | None = None,
            num_warps: int = 4,
            num_stages: int = 2,
@@ -154,6 +163,9 @@ def launch(module_name: str, kernel_name: str, *args,
     out_shape: one ``jax.ShapeDtypeStruct`` per output.
     grid: launch grid (up to 3 ints).
     impl: ``"triton"`` or ``"interpret"``.
+    kernel_args: if given, ``module_name.kernel_name`` is a factory (of
+      hashable arguments, cached) and the kernel is
+      ``module_name.kernel_name(*kernel_args)``.
     input_output_aliases: ``{array-argument index: output index}``; indices
       count array arguments only (scalars are skipped).
     num_warps, num_stages: Triton launch options (ignored when interpreted).
@@ -166,15 +178,14 @@ def launch(module_name: str, kernel_name: str, *args,
   aliases = dict(input_output_aliases or {})
   grid = tuple(int(g) for g in grid)
   if impl == "interpret":
-    return tuple(_interpret_call(module_name, kernel_name, args, out_shape,
-                                 grid, aliases, constexprs))
+    return tuple(_interpret_call(module_name, kernel_name, kernel_args, args,
+                                 out_shape, grid, aliases, constexprs))
   if impl != "triton":
     raise ValueError(f"impl={impl!r}: launch() runs 'triton' or 'interpret'")
   import jax_triton  # pylint: disable=g-import-not-at-top
-  kernel = getattr(importlib.import_module(module_name), kernel_name)
+  kernel = _kernel(module_name, kernel_name, kernel_args)
   return tuple(jax_triton.triton_call(
-      *args, kernel=kernel, out_shape=out_shape, grid=grid,
-      num_warps=num_warps, num_stages=num_stages,
+      *args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps, num_stages=num_stages,
       input_output_aliases=aliases, **constexprs))
 
 

@@ -1,18 +1,29 @@
-r"""Fused 8-bit optimizer updates: one kernel launch per parameter leaf.
+r"""Fused 8-bit optimizer updates: one kernel launch for many parameter leaves.
 
-Each kernel reads the gradient ``g`` and the 8-bit moments (uint8 codes +
+A kernel reads each leaf's gradient ``g`` and 8-bit moments (uint8 codes +
 float32 per-block absmax), dequantizes them (``code[codes] * absmax``), does
 the float32 update math of its algorithm, writes the *direction* in the
 gradient's dtype and requantizes every new moment blockwise in place
 (``absmax`` = max |moment| per block, nearest code, ties to the lower index,
 exactly as :func:`jlowbit.blockwise8.quantize_blockwise_reference`).
 
-A program owns ``TILE`` consecutive elements of the flattened leaf, i.e.
+A program owns ``TILE`` consecutive elements of one flattened leaf, i.e.
 ``TILE // BLOCKSIZE`` whole quantization blocks, as one flat tile (reshaped to
 ``[blocks, BLOCKSIZE]`` only for the per-block absmax, so the table gathers
 keep a coalesced one-dimensional layout); lanes past the end are masked:
-their moments are zeroed before the absmax and never stored. When 16 divides the leaf size the
-kernel is told so (``CHUNK``), which lets Triton vectorize every load and store.
+their moments are zeroed before the absmax and never stored.
+
+**Many leaves, one launch.** Each XLA custom call costs a host launch and
+splits XLA's CUDA graph, so a model's ~50 large leaves are updated by one
+kernel whose grid covers the tiles of all of them. The kernel is generated
+for the leaves' layout (:func:`update_kernel`): its arguments are every
+leaf's pointers, and a program finds its leaf by a binary search over the
+leaves' first tiles written out as nested ``if``\ s (``log2(leaves)``
+uniform branches), then runs the one tile body on that leaf's pointers. A
+launch holds leaves of one gradient dtype and at most
+:data:`MAX_KERNEL_POINTERS` pointers (CUDA's 4 KiB of kernel parameters).
+When 16 divides every leaf size of a launch the kernel is told so
+(``CHUNK``), which lets Triton vectorize every load and store.
 
 Hyperparameters are one float32 vector ``hyper`` the kernel ``tl.load``\ s
 (never ``tl.constexpr``: new values never recompile). Layout and math, with
@@ -21,14 +32,14 @@ Hyperparameters are one float32 vector ``hyper`` the kernel ``tl.load``\ s
 ========== ================================ ===================================
 algorithm  hyper                            update
 ========== ================================ ===================================
-adam       b1, b2, eps, bc1, bc2            m = b1 m + (1-b1) g;
+adam       b1, b2, eps, ibc1, isbc2         m = b1 m + (1-b1) g;
                                             v = b2 v + (1-b2) g g;
-                                            d = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps)
-ademamix   b1, b2, b3, alpha, eps, bc1, bc2 m1 = b1 m1 + (1-b1) g;
-                                            m2 = b3 m2 + (1-b3) g;
+                                            d = (m ibc1) / (sqrt(v) isbc2 + eps)
+ademamix   b1, b2, b3, alpha, eps, ibc1,    m1 = b1 m1 + (1-b1) g;
+           isbc2                            m2 = b3 m2 + (1-b3) g;
                                             nu = b2 nu + (1-b2) g g;
-                                            d = (m1/bc1 + alpha m2) /
-                                            (sqrt(nu)/sqrt(bc2) + eps)
+                                            d = (m1 ibc1 + alpha m2) /
+                                            (sqrt(nu) isbc2 + eps)
 lion       b1, b2                           d = sign(b1 m + (1-b1) g);
                                             m = b2 m + (1-b2) g
 momentum   momentum, first                  m = g if first != 0 else
@@ -48,20 +59,24 @@ starts from the bucket of the moment's float bits
 (:func:`jlowbit.triton_kernels.common.scaled_bucket_index`): two gathers
 per element instead of eight, no division, the codes of the reference.
 
-Divisions by the scalars ``bc1`` and ``sqrt(bc2)`` are multiplications by
-their correctly rounded reciprocals, exactly what XLA makes of ``x / scalar``
-in the ``jax.numpy`` reference. The per-element division and square root of
-the direction use the GPU's fast approximations (within 2 ulp; XLA's own GPU
-division is approximate too), and compiled Triton may contract ``a * b + c``
-into an FMA, so compiled results can differ from the reference by a few ulp
-(and, rarely, a moment code by one step); the interpreter matches it bit for
-bit.
+``ibc1 = 1 / (1 - b1**t)`` and ``isbc2 = 1 / sqrt(1 - b2**t)`` are computed
+once per step by XLA (scalar work that costs a kernel ~20% of its
+instructions per element if every thread redoes it correctly rounded). The
+per-element division and square root of the direction use the GPU's fast
+approximations (``rcp.approx`` and ``sqrt.approx``, within 2 ulp; XLA's own
+GPU division is approximate too), and compiled Triton may contract
+``a * b + c`` into an FMA, so compiled results can differ from the reference
+by a few ulp (and, rarely, a moment code by one step); the interpreter
+divides exactly and matches it bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import linecache
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,93 +93,42 @@ from jlowbit.triton_kernels.launch import cdiv, launch
 
 TILE_ELEMENTS = 2048  # elements per program (more when a block is larger)
 NUM_WARPS = 8  # per TILE_ELEMENTS: 8 elements per thread at any tile size
-VECTOR_CHUNK = 16  # leaves whose size it divides get vectorized loads/stores
+VECTOR_CHUNK = 16  # launches whose leaf sizes it divides get vectorized I/O
 CODE_BITS = 8
+# Pointer arguments per launch: 8 bytes each within CUDA's 4 KiB of kernel
+# parameters, with room for Triton's own.
+MAX_KERNEL_POINTERS = 384
 
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-  """A fused update kernel: its moments (in order) and ``hyper`` layout.
+  """A fused update: its ``@triton.jit`` math, moments and ``hyper`` layout.
 
+  ``math(g, *moments, hyper_ptr) -> (direction, *new_moments)`` in float32.
+  ``signed``: per moment, whether it uses the signed codebook.
   ``exact_direction_dtype``: a narrower dtype that holds every direction
   value exactly (Lion's signs, NaN included, in bfloat16), written by the
   kernel instead of the gradient's dtype and widened by XLA in the fusion
   that applies the update: 2 bytes per parameter less traffic each way.
   """
-  kernel: str
+  math: str
   moments: tuple[str, ...]
+  signed: tuple[bool, ...]
   hyper: tuple[str, ...]
   exact_direction_dtype: object = None
 
 
 ALGORITHMS = {
-    "adam": Algorithm("adam_kernel", ("m", "v"), ("b1", "b2", "eps", "bc1", "bc2")),
-    "ademamix": Algorithm("ademamix_kernel", ("m1", "m2", "nu"),
-                          ("b1", "b2", "b3", "alpha", "eps", "bc1", "bc2")),
-    "lion": Algorithm("lion_kernel", ("m",), ("b1", "b2"), jnp.bfloat16),
-    "momentum": Algorithm("momentum_kernel", ("m",), ("momentum", "first")),
-    "rmsprop": Algorithm("rmsprop_kernel", ("v",), ("decay", "eps")),
-    "adagrad": Algorithm("adagrad_kernel", ("v",), ("eps",)),
+    "adam": Algorithm("adam_math", ("m", "v"), (True, False),
+                      ("b1", "b2", "eps", "inv_bc1", "inv_sqrt_bc2")),
+    "ademamix": Algorithm("ademamix_math", ("m1", "m2", "nu"), (True, True, False),
+                          ("b1", "b2", "b3", "alpha", "eps", "inv_bc1",
+                           "inv_sqrt_bc2")),
+    "lion": Algorithm("lion_math", ("m",), (True,), ("b1", "b2"), jnp.bfloat16),
+    "momentum": Algorithm("momentum_math", ("m",), (True,), ("momentum", "first")),
+    "rmsprop": Algorithm("rmsprop_math", ("v",), (False,), ("decay", "eps")),
+    "adagrad": Algorithm("adagrad_math", ("v",), (False,), ("eps",)),
 }
-
-
-@triton.jit
-def _program_tile(n_chunks, CHUNK: tl.constexpr, TILE: tl.constexpr):
-  """This program's int64 offsets ``[TILE]``, their mask, and ``n``.
-
-  ``n = n_chunks * CHUNK``: with ``CHUNK = 16`` Triton knows that the mask is
-  constant over 16 lanes and vectorizes the loads and stores.
-  """
-  n = n_chunks * CHUNK
-  offsets = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-  return offsets, offsets < n, n
-
-
-@triton.jit
-def _load_grad(g_ptr, offsets, mask):
-  return tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _tile_blocks(n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
-  """This program's block indices ``[TILE // BLOCKSIZE]`` and their mask."""
-  block = tl.program_id(0) * (TILE // BLOCKSIZE) + tl.arange(0, TILE // BLOCKSIZE)
-  return block, block < tl.cdiv(n, BLOCKSIZE)
-
-
-@triton.jit
-def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, offsets, mask, n,
-                 BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
-  """Loads and dequantizes one moment tile (float32 ``[TILE]``; lanes off
-  ``mask`` hold garbage, which :func:`_store_moment` and the stores drop)."""
-  codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-  block, block_mask = _tile_blocks(n, BLOCKSIZE, TILE)
-  absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
-  return tl.load(qmap_ptr + codes) * common.broadcast_rows(
-      absmax, TILE // BLOCKSIZE, BLOCKSIZE)
-
-
-@triton.jit
-def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, starts_ptr, offsets,
-                  mask, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                  CODE_BITS: tl.constexpr, STEPS: tl.constexpr):
-  """Requantizes one moment tile blockwise; stores its codes and absmax.
-
-  ``qmap_ptr``: the codebook, followed by its sorted thresholds;
-  ``starts_ptr``: its bucket starts. Lanes off ``mask`` are zeroed first so
-  they cannot raise a block's absmax.
-  """
-  codes, absmax = common.quantize_flat_tile(
-      tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), starts_ptr,
-      BLOCKSIZE, TILE // BLOCKSIZE, CODE_BITS, STEPS)
-  tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
-  block, block_mask = _tile_blocks(n, BLOCKSIZE, TILE)
-  tl.store(absmax_ptr + block, absmax, mask=block_mask)
-
-
-@triton.jit
-def _store_direction(d_ptr, d, offsets, mask):
-  tl.store(d_ptr + offsets, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -179,161 +143,209 @@ def _sign(x):
 
 
 @triton.jit
-def _reciprocal(x):
-  """``1 / x`` of a scalar, correctly rounded."""
-  return tl.math.div_rn(tl.full((), 1.0, tl.float32), x)
+def _normalized(numerator, second, inv_sqrt_bc2, eps):
+  """``numerator / (sqrt(second) * inv_sqrt_bc2 + eps)``."""
+  return common.fast_divide(numerator, tl.sqrt(second) * inv_sqrt_bc2 + eps)
 
 
 @triton.jit
-def _normalized(numerator, second, bc2, eps):
-  """``numerator / (sqrt(second) / sqrt(bc2) + eps)``; the scalar division
-  as ``* (1 / sqrt(bc2))``, the form XLA rewrites ``x / scalar`` into."""
-  denominator = tl.sqrt(second) * _reciprocal(tl.sqrt_rn(bc2)) + eps
-  return numerator / denominator
-
-
-@triton.jit
-def adam_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
-                qmaps_ptr, starts_ptr, hyper_ptr, n_chunks, d_ptr, m_codes_out,
-                m_absmax_out, v_codes_out, v_absmax_out,
-                BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
-                STEPS: tl.constexpr):
-  signed, signed_starts = qmaps_ptr, starts_ptr
-  unsigned = qmaps_ptr + (2 << CODE_BITS)
-  unsigned_starts = starts_ptr + 2 * common.BUCKETS
+def adam_math(g, m, v, hyper_ptr):
   b1 = tl.load(hyper_ptr)
   b2 = tl.load(hyper_ptr + 1)
   eps = tl.load(hyper_ptr + 2)
-  bc1 = tl.load(hyper_ptr + 3)
-  bc2 = tl.load(hyper_ptr + 4)
-  offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
-  g = _load_grad(g_ptr, offsets, mask)
-  m = _load_moment(m_codes_ptr, m_absmax_ptr, signed, offsets, mask, n,
-                      BLOCKSIZE, TILE)
-  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, n,
-                      BLOCKSIZE, TILE)
+  inv_bc1 = tl.load(hyper_ptr + 3)
+  inv_sqrt_bc2 = tl.load(hyper_ptr + 4)
   m = _ema(m, g, b1)
   v = b2 * v + (1.0 - b2) * g * g
-  d = _normalized(m * _reciprocal(bc1), v, bc2, eps)
-  _store_direction(d_ptr, d, offsets, mask)
-  _store_moment(m, m_codes_out, m_absmax_out, signed, signed_starts, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
-  _store_moment(v, v_codes_out, v_absmax_out, unsigned, unsigned_starts, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  return _normalized(m * inv_bc1, v, inv_sqrt_bc2, eps), m, v
 
 
 @triton.jit
-def ademamix_kernel(g_ptr, m1_codes_ptr, m1_absmax_ptr, m2_codes_ptr,
-                    m2_absmax_ptr, nu_codes_ptr, nu_absmax_ptr, qmaps_ptr,
-                    starts_ptr, hyper_ptr, n_chunks, d_ptr, m1_codes_out, m1_absmax_out,
-                    m2_codes_out, m2_absmax_out, nu_codes_out, nu_absmax_out,
-                    BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                    CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
-                STEPS: tl.constexpr):
-  signed, signed_starts = qmaps_ptr, starts_ptr
-  unsigned = qmaps_ptr + (2 << CODE_BITS)
-  unsigned_starts = starts_ptr + 2 * common.BUCKETS
+def ademamix_math(g, m1, m2, nu, hyper_ptr):
   b1 = tl.load(hyper_ptr)
   b2 = tl.load(hyper_ptr + 1)
   b3 = tl.load(hyper_ptr + 2)
   alpha = tl.load(hyper_ptr + 3)
   eps = tl.load(hyper_ptr + 4)
-  bc1 = tl.load(hyper_ptr + 5)
-  bc2 = tl.load(hyper_ptr + 6)
-  offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
-  g = _load_grad(g_ptr, offsets, mask)
-  m1 = _load_moment(m1_codes_ptr, m1_absmax_ptr, signed, offsets, mask, n,
-                      BLOCKSIZE, TILE)
-  m2 = _load_moment(m2_codes_ptr, m2_absmax_ptr, signed, offsets, mask, n,
-                      BLOCKSIZE, TILE)
-  nu = _load_moment(nu_codes_ptr, nu_absmax_ptr, unsigned, offsets, mask, n,
-                      BLOCKSIZE, TILE)
+  inv_bc1 = tl.load(hyper_ptr + 5)
+  inv_sqrt_bc2 = tl.load(hyper_ptr + 6)
   m1 = _ema(m1, g, b1)
   m2 = _ema(m2, g, b3)
   nu = b2 * nu + (1.0 - b2) * g * g
-  d = _normalized(m1 * _reciprocal(bc1) + alpha * m2, nu, bc2, eps)
-  _store_direction(d_ptr, d, offsets, mask)
-  _store_moment(m1, m1_codes_out, m1_absmax_out, signed, signed_starts, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
-  _store_moment(m2, m2_codes_out, m2_absmax_out, signed, signed_starts, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
-  _store_moment(nu, nu_codes_out, nu_absmax_out, unsigned, unsigned_starts, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  return (_normalized(m1 * inv_bc1 + alpha * m2, nu, inv_sqrt_bc2, eps),
+          m1, m2, nu)
 
 
 @triton.jit
-def lion_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, qmaps_ptr, starts_ptr, hyper_ptr,
-                n_chunks, d_ptr, m_codes_out, m_absmax_out,
-                BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
-                STEPS: tl.constexpr):
+def lion_math(g, m, hyper_ptr):
   b1 = tl.load(hyper_ptr)
   b2 = tl.load(hyper_ptr + 1)
-  offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
-  g = _load_grad(g_ptr, offsets, mask)
-  m = _load_moment(m_codes_ptr, m_absmax_ptr, qmaps_ptr, offsets, mask, n,
-                      BLOCKSIZE, TILE)
-  _store_direction(d_ptr, _sign(_ema(m, g, b1)), offsets, mask)
-  _store_moment(_ema(m, g, b2), m_codes_out, m_absmax_out, qmaps_ptr, starts_ptr, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  return _sign(_ema(m, g, b1)), _ema(m, g, b2)
 
 
 @triton.jit
-def momentum_kernel(g_ptr, m_codes_ptr, m_absmax_ptr, qmaps_ptr, starts_ptr, hyper_ptr,
-                    n_chunks, d_ptr, m_codes_out, m_absmax_out,
-                    BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                    CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
-                STEPS: tl.constexpr):
+def momentum_math(g, m, hyper_ptr):
   momentum = tl.load(hyper_ptr)
   first = tl.load(hyper_ptr + 1)
-  offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
-  g = _load_grad(g_ptr, offsets, mask)
-  m = _load_moment(m_codes_ptr, m_absmax_ptr, qmaps_ptr, offsets, mask, n,
-                      BLOCKSIZE, TILE)
   m = tl.where(first != 0.0, g, momentum * m + g)
-  _store_direction(d_ptr, m, offsets, mask)
-  _store_moment(m, m_codes_out, m_absmax_out, qmaps_ptr, starts_ptr, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  return m, m
 
 
 @triton.jit
-def rmsprop_kernel(g_ptr, v_codes_ptr, v_absmax_ptr, qmaps_ptr, starts_ptr, hyper_ptr,
-                   n_chunks, d_ptr, v_codes_out, v_absmax_out,
-                   BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                   CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
-                STEPS: tl.constexpr):
-  unsigned = qmaps_ptr + (2 << CODE_BITS)
-  unsigned_starts = starts_ptr + 2 * common.BUCKETS
+def rmsprop_math(g, v, hyper_ptr):
   decay = tl.load(hyper_ptr)
   eps = tl.load(hyper_ptr + 1)
-  offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
-  g = _load_grad(g_ptr, offsets, mask)
-  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, n,
-                      BLOCKSIZE, TILE)
   v = decay * v + (1.0 - decay) * g * g
-  _store_direction(d_ptr, g / (tl.sqrt(v) + eps), offsets, mask)
-  _store_moment(v, v_codes_out, v_absmax_out, unsigned, unsigned_starts, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  return common.fast_divide(g, tl.sqrt(v) + eps), v
 
 
 @triton.jit
-def adagrad_kernel(g_ptr, v_codes_ptr, v_absmax_ptr, qmaps_ptr, starts_ptr, hyper_ptr,
-                   n_chunks, d_ptr, v_codes_out, v_absmax_out,
-                   BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
-                   CHUNK: tl.constexpr, CODE_BITS: tl.constexpr,
-                STEPS: tl.constexpr):
-  unsigned = qmaps_ptr + (2 << CODE_BITS)
-  unsigned_starts = starts_ptr + 2 * common.BUCKETS
+def adagrad_math(g, v, hyper_ptr):
   eps = tl.load(hyper_ptr)
-  offsets, mask, n = _program_tile(n_chunks, CHUNK, TILE)
-  g = _load_grad(g_ptr, offsets, mask)
-  v = _load_moment(v_codes_ptr, v_absmax_ptr, unsigned, offsets, mask, n,
-                      BLOCKSIZE, TILE)
   v = v + g * g
-  _store_direction(d_ptr, g / (tl.sqrt(v) + eps), offsets, mask)
-  _store_moment(v, v_codes_out, v_absmax_out, unsigned, unsigned_starts, offsets,
-                mask, n, BLOCKSIZE, TILE, CODE_BITS, STEPS)
+  return common.fast_divide(g, tl.sqrt(v) + eps), v
+
+
+@triton.jit
+def _leaf_tile(tile, n_chunks, CHUNK: tl.constexpr, TILE: tl.constexpr):
+  """Tile ``tile`` of a leaf: int64 offsets ``[TILE]``, their mask, ``n``.
+
+  ``n = n_chunks * CHUNK``: with ``CHUNK = 16`` Triton knows that the mask is
+  constant over 16 lanes and vectorizes the loads and stores.
+  """
+  n = n_chunks * CHUNK
+  offsets = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
+  return offsets, offsets < n, n
+
+
+@triton.jit
+def _load_grad(g_ptr, offsets, mask):
+  return tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tile_blocks(tile, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+  """Block indices ``[TILE // BLOCKSIZE]`` of leaf tile ``tile``; their mask."""
+  block = tile * (TILE // BLOCKSIZE) + tl.arange(0, TILE // BLOCKSIZE)
+  return block, block < tl.cdiv(n, BLOCKSIZE)
+
+
+@triton.jit
+def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, tile, offsets, mask, n,
+                 BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
+  """Loads and dequantizes one moment tile (float32 ``[TILE]``; lanes off
+  ``mask`` hold garbage, which :func:`_store_moment` and the stores drop)."""
+  codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
+  block, block_mask = _tile_blocks(tile, n, BLOCKSIZE, TILE)
+  absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
+  return tl.load(qmap_ptr + codes) * common.broadcast_rows(
+      absmax, TILE // BLOCKSIZE, BLOCKSIZE)
+
+
+@triton.jit
+def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, starts_ptr, tile,
+                  offsets, mask, n, BLOCKSIZE: tl.constexpr,
+                  TILE: tl.constexpr, CODE_BITS: tl.constexpr,
+                  STEPS: tl.constexpr):
+  """Requantizes one moment tile blockwise; stores its codes and absmax.
+
+  ``qmap_ptr``: the codebook, followed by its sorted thresholds;
+  ``starts_ptr``: its bucket starts. Lanes off ``mask`` are zeroed first so
+  they cannot raise a block's absmax.
+  """
+  codes, absmax = common.quantize_flat_tile(
+      tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), starts_ptr,
+      BLOCKSIZE, TILE // BLOCKSIZE, CODE_BITS, STEPS)
+  tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
+  block, block_mask = _tile_blocks(tile, n, BLOCKSIZE, TILE)
+  tl.store(absmax_ptr + block, absmax, mask=block_mask)
+
+
+@triton.jit
+def _store_direction(d_ptr, d, offsets, mask):
+  tl.store(d_ptr + offsets, d.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+# Leaf layout of a launch: per leaf (first tile in the grid, n // CHUNK).
+Layout = tuple[tuple[int, int], ...]
+
+
+def _leaf_pointers(suffix: str, moments: int) -> tuple[list[str], list[str]]:
+  """Names of one leaf's (input, output) pointers: ``g``, ``c<j>``/``a<j>``
+  (codes/absmax of moment j), ``d``, ``oc<j>``/``oa<j>``, each + ``suffix``."""
+  pairs = [f"{p}{j}{suffix}" for j in range(moments) for p in "ca"]
+  return [f"g{suffix}", *pairs], [f"d{suffix}", *("o" + p for p in pairs)]
+
+
+def _leaf_dispatch(layout: Layout, moments: int, lo: int, hi: int,
+                   indent: str) -> list[str]:
+  """Nested ``if``\\ s calling the tile function on the leaf (of ``lo:hi``)
+  that owns ``tile``."""
+  if hi - lo == 1:
+    first, n_chunks = layout[lo]
+    ins, outs = _leaf_pointers(f"_{lo}", moments)
+    return [f"{indent}_update_tile({', '.join(ins + outs)}, qmaps_ptr, "
+            f"starts_ptr, hyper_ptr, tile - {first}, {n_chunks}, BLOCKSIZE, "
+            "TILE, CHUNK, CODE_BITS, STEPS)"]
+  mid = (lo + hi) // 2
+  return ([f"{indent}if tile < {layout[mid][0]}:"]
+          + _leaf_dispatch(layout, moments, lo, mid, indent + "  ")
+          + [f"{indent}else:"]
+          + _leaf_dispatch(layout, moments, mid, hi, indent + "  "))
+
+
+_CONSTEXPRS = ("BLOCKSIZE", "TILE", "CHUNK", "CODE_BITS", "STEPS")
+
+
+def _kernel_source(algorithm: str, layout: Layout) -> str:
+  """Source of the tile function ``_update_tile`` and the kernel."""
+  alg = ALGORITHMS[algorithm]
+  k = len(alg.moments)
+  constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
+  qmap = lambda j: "qmaps_ptr" if alg.signed[j] else "qmaps_ptr + (2 << CODE_BITS)"
+  starts = lambda j: "starts_ptr" if alg.signed[j] else "starts_ptr + 2 * common.BUCKETS"
+  moments = ", ".join(f"m{j}" for j in range(k))
+  tile_args = "tile, offsets, mask, n, BLOCKSIZE, TILE"
+  ins, outs = _leaf_pointers("_ptr", k)
+  tile_params = [*ins, *outs, "qmaps_ptr", "starts_ptr", "hyper_ptr", "tile",
+                 "n_chunks", *constexprs]
+  tile_body = [
+      "offsets, mask, n = _leaf_tile(tile, n_chunks, CHUNK, TILE)",
+      "grad = _load_grad(g_ptr, offsets, mask)",
+      *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j)}, {tile_args})"
+        for j in range(k)),
+      f"direction, {moments} = {alg.math}(grad, {moments}, hyper_ptr)",
+      "_store_direction(d_ptr, direction, offsets, mask)",
+      *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {qmap(j)}, {starts(j)}, "
+        f"{tile_args}, CODE_BITS, STEPS)" for j in range(k)),
+  ]
+  ins, outs = zip(*(_leaf_pointers(f"_{i}", k) for i in range(len(layout))))
+  params = [*sum(ins, []), "qmaps_ptr", "starts_ptr", "hyper_ptr",
+            *sum(outs, []), *constexprs]
+  body = ["tile = tl.program_id(0)", *_leaf_dispatch(layout, k, 0, len(layout), "")]
+  return (f"def _update_tile({', '.join(tile_params)}):\n"
+          + "".join(f"  {line}\n" for line in tile_body)
+          + f"\n\ndef {algorithm}_update_kernel({', '.join(params)}):\n"
+          + "".join(f"  {line}\n" for line in body))
+
+
+@functools.cache
+def update_kernel(algorithm: str, layout: Layout) -> triton.JITFunction:
+  """The ``@triton.jit`` update kernel of ``algorithm`` over ``layout``.
+
+  Arguments: per leaf ``g, (codes, absmax) per moment``; then ``qmaps``,
+  ``starts``, ``hyper``; then per leaf the outputs ``d, (codes, absmax) per
+  moment``; then the constexprs. The source is registered with
+  :mod:`linecache` so that Triton (and its interpreter) can read it.
+  """
+  source = _kernel_source(algorithm, layout)
+  digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+  filename = f"<jlowbit.optim8 {algorithm} {digest}>"
+  linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+  namespace = dict(globals())
+  exec(compile(source, filename, "exec"), namespace)  # pylint: disable=exec-used
+  namespace["_update_tile"] = triton.jit(namespace["_update_tile"], noinline=True)
+  return triton.jit(namespace[f"{algorithm}_update_kernel"])
 
 
 @functools.cache
@@ -397,53 +409,105 @@ def _check_hyper(algorithm: str, hyper: jax.Array) -> None:
                      f"{jnp.dtype(hyper.dtype).name}{tuple(hyper.shape)}")
 
 
-def fused_update(algorithm: str, grad: jax.Array, moments: tuple[Moment, ...],
-                 hyper: jax.Array, *, block_size: int,
-                 impl: str) -> tuple[jax.Array, tuple[Moment, ...]]:
-  r"""One fused 8-bit optimizer step for one leaf (see the module docstring).
+def _launches(algorithm: str, grads: Sequence[jax.Array]) -> list[list[int]]:
+  """Leaf indices per launch: non-empty leaves grouped by gradient dtype and
+  by whether 16 divides their size, at most MAX_KERNEL_POINTERS each."""
+  per_leaf = 2 + 4 * len(ALGORITHMS[algorithm].moments)
+  groups: dict[tuple, list[int]] = {}
+  for i, grad in enumerate(grads):
+    if grad.size:
+      key = (jnp.dtype(grad.dtype), grad.size % VECTOR_CHUNK == 0)
+      groups.setdefault(key, []).append(i)
+  most = MAX_KERNEL_POINTERS // per_leaf
+  return [leaves[i:i + most] for leaves in groups.values()
+          for i in range(0, len(leaves), most)]
+
+
+def _launch(algorithm: str, grads: Sequence[jax.Array],
+            moments: Sequence[tuple[Moment, ...]], hyper: jax.Array,
+            block_size: int, impl: str) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
+  """One kernel launch over non-empty leaves of one dtype."""
+  alg = ALGORITHMS[algorithm]
+  tile = max(TILE_ELEMENTS, block_size)
+  chunk = VECTOR_CHUNK if all(g.size % VECTOR_CHUNK == 0 for g in grads) else 1
+  layout, first = [], 0
+  for grad in grads:
+    layout.append((first, grad.size // chunk))
+    first += cdiv(grad.size, tile)
+  args, out_shape = [], []
+  for grad, leaf_moments in zip(grads, moments):
+    n = grad.size
+    args.append(grad.reshape(-1))
+    out_shape.append(jax.ShapeDtypeStruct((n,), alg.exact_direction_dtype or grad.dtype))
+    for codes, absmax in leaf_moments:
+      args += [codes.reshape(-1), absmax]
+      out_shape += [jax.ShapeDtypeStruct((n,), jnp.uint8),
+                    jax.ShapeDtypeStruct(absmax.shape, jnp.float32)]
+  aliases = {i: i for i in range(len(args)) if i % (1 + 2 * len(alg.moments))}
+  outs = launch(
+      __name__, "update_kernel", *args, jnp.asarray(qmaps()),
+      jnp.asarray(bucket_starts()), hyper, kernel_args=(algorithm, tuple(layout)),
+      out_shape=out_shape,
+      grid=(first,), impl=impl, input_output_aliases=aliases,
+      num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCKSIZE=block_size,
+      TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS, STEPS=_search_tables()[2])
+  per_leaf, results = 1 + 2 * len(alg.moments), []
+  for i, grad in enumerate(grads):
+    d, *flat = outs[i * per_leaf:(i + 1) * per_leaf]
+    results.append((d.astype(grad.dtype).reshape(grad.shape),
+                    tuple((flat[j].reshape(grad.shape), flat[j + 1])
+                          for j in range(0, len(flat), 2))))
+  return results
+
+
+def fused_update_leaves(
+    algorithm: str, grads: Sequence[jax.Array],
+    moments: Sequence[tuple[Moment, ...]], hyper: jax.Array, *,
+    block_size: int, impl: str) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
+  r"""One fused 8-bit optimizer step for many leaves, in few launches.
 
   Args:
     algorithm: ``"adam"``, ``"ademamix"``, ``"lion"``, ``"momentum"``,
       ``"rmsprop"`` or ``"adagrad"``.
-    grad: float32, bfloat16 or float16 gradient, any shape.
-    moments: one ``(codes, absmax)`` pair per moment of ``algorithm``, in the
-      order of ``ALGORITHMS[algorithm].moments``: ``codes`` uint8 of
-      ``grad.shape``, ``absmax`` float32 ``[ceil(grad.size / block_size)]``.
+    grads: float32, bfloat16 or float16 gradients, any shapes.
+    moments: per gradient, one ``(codes, absmax)`` pair per moment of
+      ``algorithm``, in the order of ``ALGORITHMS[algorithm].moments``:
+      ``codes`` uint8 of the gradient's shape, ``absmax`` float32
+      ``[ceil(size / block_size)]``.
     hyper: float32 ``[len(ALGORITHMS[algorithm].hyper)]``, may be traced.
     block_size: elements per quantization block, one of 64, 128, ..., 4096.
     impl: ``"triton"`` or ``"interpret"``.
 
   Returns:
-    ``(direction, new_moments)``: ``direction`` of ``grad.shape`` and dtype;
-    ``new_moments`` like ``moments``. The codes and absmax are updated in
-    place (``input_output_aliases``) when the caller donates them. An empty
-    leaf launches nothing and returns its moments unchanged.
+    Per gradient ``(direction, new_moments)``: ``direction`` of the
+    gradient's shape and dtype, ``new_moments`` like its ``moments``. The
+    codes and absmax are updated in place (``input_output_aliases``) when the
+    caller donates them. Empty leaves launch nothing and keep their moments.
   """
   val.check_choice(algorithm, "algorithm", ALGORITHMS)
   val.check_choice(impl, "impl", ("triton", "interpret"))
   val.check_choice(block_size, "block_size", BLOCKSIZES)
-  val.check_float_array(grad, "grad")
-  _check_moments(algorithm, grad, moments, block_size)
   _check_hyper(algorithm, hyper)
-  moments = tuple((codes, absmax) for codes, absmax in moments)
-  n = grad.size
-  if n == 0:
-    return jnp.zeros(grad.shape, grad.dtype), moments
-  direction_dtype = ALGORITHMS[algorithm].exact_direction_dtype or grad.dtype
-  tile = max(TILE_ELEMENTS, block_size)
-  chunk = VECTOR_CHUNK if n % VECTOR_CHUNK == 0 else 1
-  flat_moments = [a for codes, absmax in moments for a in (codes.reshape(-1), absmax)]
-  moment_shapes = [jax.ShapeDtypeStruct((n,), jnp.uint8),
-                   jax.ShapeDtypeStruct((cdiv(n, block_size),), jnp.float32)]
-  outs = launch(
-      __name__, ALGORITHMS[algorithm].kernel, grad.reshape(-1), *flat_moments,
-      jnp.asarray(qmaps()), jnp.asarray(bucket_starts()), hyper, n // chunk,
-      out_shape=(jax.ShapeDtypeStruct((n,), direction_dtype),
-                 *moment_shapes * len(moments)),
-      grid=(cdiv(n, tile),), impl=impl,
-      input_output_aliases={i: i for i in range(1, len(flat_moments) + 1)},
-      num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCKSIZE=block_size,
-      TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS, STEPS=_search_tables()[2])
-  new_moments = tuple((outs[i].reshape(grad.shape), outs[i + 1])
-                      for i in range(1, len(outs), 2))
-  return outs[0].astype(grad.dtype).reshape(grad.shape), new_moments
+  if len(grads) != len(moments):
+    raise ValueError(f"got {len(grads)} grads but {len(moments)} moment tuples")
+  for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
+    val.check_float_array(grad, f"grads[{i}]")
+    _check_moments(algorithm, grad, leaf_moments, block_size)
+  results = [(jnp.zeros(g.shape, g.dtype), tuple((c, a) for c, a in m))
+             for g, m in zip(grads, moments)]
+  for leaves in _launches(algorithm, grads):
+    outs = _launch(algorithm, [grads[i] for i in leaves],
+                   [moments[i] for i in leaves], hyper, block_size, impl)
+    for i, out in zip(leaves, outs):
+      results[i] = out
+  return results
+
+
+def fused_update(algorithm: str, grad: jax.Array, moments: tuple[Moment, ...],
+                 hyper: jax.Array, *, block_size: int,
+                 impl: str) -> tuple[jax.Array, tuple[Moment, ...]]:
+  r"""One fused 8-bit optimizer step for one leaf: :func:`fused_update_leaves`
+  of ``[grad]``; returns its ``(direction, new_moments)``."""
+  val.check_float_array(grad, "grad")
+  return fused_update_leaves(algorithm, [grad], [moments], hyper,
+                             block_size=block_size, impl=impl)[0]
