@@ -14,7 +14,8 @@ executable, where dispatch is paid once and overlaps the GPU). Cases:
 one leaf of N fp32/bf16 parameters, and a GPT-2-small-shaped tree (148
 leaves, 124M fp32 parameters). ``bytes/param`` is the traffic the step needs
 at minimum (each array read once, written once); ``%HBM`` is that traffic
-over the measured time against 3.0 TB/s. State bytes per parameter are
+over the measured time against the device's HBM bandwidth
+(``timing.hbm_tbps``). State bytes per parameter are
 measured from the state pytree.
 """
 
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 import jlowbit as lowbit
-from timing import HBM_TBPS, table
+from timing import hbm_tbps, table
 
 # name: (factory, state bytes/param moved per step (read + write), anchor)
 OPTIMIZERS = {
@@ -106,7 +107,7 @@ def bench_case(label: str, shapes, dtype) -> list[dict]:
     row = dict(case=label, dtype=jnp.dtype(dtype).name, optimizer=name, ms=seconds * 1e3,
                ms_in_jit=in_jit * 1e3, state_B_per_param=state_bytes / n,
                bytes_per_param=traffic,
-               pct_hbm=100 * traffic * n / min(seconds, in_jit) / 1e12 / HBM_TBPS)
+               pct_hbm=100 * traffic * n / min(seconds, in_jit) / 1e12 / hbm_tbps())
     if anchor:
       row["vs_optax"] = seconds / times[anchor][0]
       row["in_jit_vs_optax"] = in_jit / times[anchor][1]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import jlowbit
-from timing import HBM_TBPS, table, time_jax, time_torch
+from timing import hbm_tbps, table, time_jax, time_torch
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192)]
 
@@ -40,7 +40,7 @@ def _inputs(n: int, dtype, copies: int, seed: int = 0):
 def _row(op, n, dtype, seconds, nbytes, extra=None):
   row = dict(op=op, n=f"{n >> 20}M", dtype=jnp.dtype(dtype).name,
              us=seconds * 1e6, TBps=nbytes / seconds / 1e12,
-             pct_hbm=100 * nbytes / seconds / 1e12 / HBM_TBPS)
+             pct_hbm=100 * nbytes / seconds / 1e12 / hbm_tbps())
   row.update(extra or {})
   return row
 

@@ -8,7 +8,15 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-HBM_TBPS = 3.0  # measured device-to-device copy bandwidth of the H100 used
+# HBM bandwidth the %HBM columns divide by: the device-to-device copy
+# bandwidth measured on the H100 used, and the H200's nominal figure.
+HBM_TBPS_BY_DEVICE = {"H100": 3.0, "H200": 4.8}
+
+
+def hbm_tbps() -> float:
+  """HBM bandwidth (TB/s) of the first JAX device (3.0 when unknown)."""
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in HBM_TBPS_BY_DEVICE.items() if k in kind), 3.0)
 
 
 def time_jax(fn: Callable, inputs: Sequence, repeats: int = 20) -> float:

@@ -97,16 +97,19 @@ def optimizers(lr, steps: int, **state_config) -> dict:
   ``state_config``: ``block_size`` / ``min_8bit_size`` of the 8-bit ones.
   """
   # AdEMAMix with the paper's warm-ups of alpha and beta3 over the run
-  # (Pagliardini et al., 2024); Lion with a 10x smaller step and a larger
-  # decay than AdamW (Chen et al., 2023).
+  # (Pagliardini et al., 2024) and half AdamW's step (at the full step the
+  # 32-bit run ends at 1.45-1.52 nats/byte against 1.09-1.12 here); Lion with
+  # a 10x smaller step and a larger decay than AdamW (Chen et al., 2023).
+  ademamix_lr = lambda step: 0.5 * lr(step)
   ademamix = dict(weight_decay=0.1, t_alpha=steps, t_beta3=steps)
   lion_lr = lambda step: 0.1 * lr(step)
   return {
       "adamw_8bit": lambda: lowbit.adamw_8bit(lr, weight_decay=0.1, **state_config),
       "adamw_32bit": lambda: lowbit.adamw_32bit(lr, weight_decay=0.1),
       "optax_adamw": lambda: optax.adamw(lr, weight_decay=0.1),
-      "ademamix_8bit": lambda: lowbit.ademamix_8bit(lr, **ademamix, **state_config),
-      "ademamix_32bit": lambda: lowbit.ademamix_32bit(lr, **ademamix),
+      "ademamix_8bit": lambda: lowbit.ademamix_8bit(ademamix_lr, **ademamix,
+                                                    **state_config),
+      "ademamix_32bit": lambda: lowbit.ademamix_32bit(ademamix_lr, **ademamix),
       "lion_8bit": lambda: lowbit.lion_8bit(lion_lr, weight_decay=0.3, **state_config),
       "lion_32bit": lambda: lowbit.lion_32bit(lion_lr, weight_decay=0.3),
   }

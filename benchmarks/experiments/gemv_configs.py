@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from timing import HBM_TBPS, table, time_jax  # noqa: E402  pylint: disable=g-import-not-at-top
+from timing import hbm_tbps, table, time_jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
 import jlowbit  # noqa: E402  pylint: disable=g-import-not-at-top
 from jlowbit import quant4  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -130,7 +130,7 @@ def _quant_rows(n: int, check_n: int, impl: str) -> list[dict]:
                               ("dequantize_4bit", t_d, oks[1])):
         rows.append(dict(op=op, dtype=jnp.dtype(dtype).name, warps=warps,
                          us=seconds * 1e6, TBps=io_bytes / seconds / 1e12,
-                         pct_hbm=100 * io_bytes / seconds / 1e12 / HBM_TBPS, ok=ok))
+                         pct_hbm=100 * io_bytes / seconds / 1e12 / hbm_tbps(), ok=ok))
       del qs
   quant4_kernels.QUANTIZE_WARPS, quant4_kernels.DEQUANTIZE_WARPS = defaults
   return rows

@@ -11,9 +11,9 @@ leaf in float32 (the ``*_32bit`` optimizers). See
 Hyperparameters may be Python floats, arrays, tracers (``optax.inject_hyperparams``)
 and, where noted, schedules; they reach the update as one float32 device
 vector, so a moving schedule never recompiles the step. The fused Triton kernel
-(``impl="triton"``/``"interpret"``) or its pure-jnp twin (``impl="xla"``)
-updates each 8-bit leaf in one pass; float32 leaves use plain jnp (fused by
-XLA).
+(``impl="triton"``/``"interpret"``) updates every 8-bit leaf of a gradient
+dtype in one launch, one pass over each leaf; its pure-jnp twin
+(``impl="xla"``) runs per leaf; float32 leaves use plain jnp (fused by XLA).
 
 Non-finite gradients are not filtered (as in optax): a NaN/Inf gradient
 element makes that element's direction and moments non-finite, and in 8-bit
