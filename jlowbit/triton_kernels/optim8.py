@@ -88,6 +88,7 @@ from jlowbit import _reference as ref
 from jlowbit import _validation as val
 from jlowbit import codebooks
 from jlowbit.blockwise8 import BLOCKSIZES
+from jlowbit.optax_transforms import update8
 from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
@@ -102,10 +103,12 @@ MAX_KERNEL_POINTERS = 384
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-  """A fused update: its ``@triton.jit`` math, moments and ``hyper`` layout.
+  """A fused update: its ``@triton.jit`` math and its moments' names.
 
-  ``math(g, *moments, hyper_ptr) -> (direction, *new_moments)`` in float32.
-  ``signed``: per moment, whether it uses the signed codebook.
+  ``math(g, *moments, hyper_ptr) -> (direction, *new_moments)`` in float32,
+  the twin of :mod:`jlowbit.optax_transforms.update8`, whose
+  ``MOMENT_SIGNED`` (codebook per moment) and ``HYPER_NAMES`` (``hyper``
+  layout) it shares.
   ``exact_direction_dtype``: a narrower dtype that holds every direction
   value exactly (Lion's signs, NaN included, in bfloat16), written by the
   kernel instead of the gradient's dtype and widened by XLA in the fusion
@@ -113,21 +116,16 @@ class Algorithm:
   """
   math: str
   moments: tuple[str, ...]
-  signed: tuple[bool, ...]
-  hyper: tuple[str, ...]
   exact_direction_dtype: object = None
 
 
 ALGORITHMS = {
-    "adam": Algorithm("adam_math", ("m", "v"), (True, False),
-                      ("b1", "b2", "eps", "inv_bc1", "inv_sqrt_bc2")),
-    "ademamix": Algorithm("ademamix_math", ("m1", "m2", "nu"), (True, True, False),
-                          ("b1", "b2", "b3", "alpha", "eps", "inv_bc1",
-                           "inv_sqrt_bc2")),
-    "lion": Algorithm("lion_math", ("m",), (True,), ("b1", "b2"), jnp.bfloat16),
-    "momentum": Algorithm("momentum_math", ("m",), (True,), ("momentum", "first")),
-    "rmsprop": Algorithm("rmsprop_math", ("v",), (False,), ("decay", "eps")),
-    "adagrad": Algorithm("adagrad_math", ("v",), (False,), ("eps",)),
+    "adam": Algorithm("adam_math", ("m", "v")),
+    "ademamix": Algorithm("ademamix_math", ("m1", "m2", "nu")),
+    "lion": Algorithm("lion_math", ("m",), jnp.bfloat16),
+    "momentum": Algorithm("momentum_math", ("m",)),
+    "rmsprop": Algorithm("rmsprop_math", ("v",)),
+    "adagrad": Algorithm("adagrad_math", ("v",)),
 }
 
 
@@ -299,11 +297,11 @@ _CONSTEXPRS = ("BLOCKSIZE", "TILE", "CHUNK", "CODE_BITS", "STEPS")
 
 def _kernel_source(algorithm: str, layout: Layout) -> str:
   """Source of the tile function ``_update_tile`` and the kernel."""
-  alg = ALGORITHMS[algorithm]
+  alg, signed = ALGORITHMS[algorithm], update8.MOMENT_SIGNED[algorithm]
   k = len(alg.moments)
   constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
-  qmap = lambda j: "qmaps_ptr" if alg.signed[j] else "qmaps_ptr + (2 << CODE_BITS)"
-  starts = lambda j: "starts_ptr" if alg.signed[j] else "starts_ptr + 2 * common.BUCKETS"
+  qmap = lambda j: "qmaps_ptr" if signed[j] else "qmaps_ptr + (2 << CODE_BITS)"
+  starts = lambda j: "starts_ptr" if signed[j] else "starts_ptr + 2 * common.BUCKETS"
   moments = ", ".join(f"m{j}" for j in range(k))
   tile_args = "tile, offsets, mask, n, BLOCKSIZE, TILE"
   ins, outs = _leaf_pointers("_ptr", k)
@@ -401,7 +399,7 @@ def _check_moments(algorithm: str, grad: jax.Array, moments, block_size: int) ->
 
 
 def _check_hyper(algorithm: str, hyper: jax.Array) -> None:
-  names = ALGORITHMS[algorithm].hyper
+  names = update8.HYPER_NAMES[algorithm]
   val.check_array(hyper, "hyper")
   if hyper.dtype != jnp.float32 or hyper.shape != (len(names),):
     raise ValueError(f"hyper for {algorithm=} must be float32[{len(names)}] "
@@ -474,7 +472,7 @@ def fused_update_leaves(
       ``algorithm``, in the order of ``ALGORITHMS[algorithm].moments``:
       ``codes`` uint8 of the gradient's shape, ``absmax`` float32
       ``[ceil(size / block_size)]``.
-    hyper: float32 ``[len(ALGORITHMS[algorithm].hyper)]``, may be traced.
+    hyper: float32 ``[len(update8.HYPER_NAMES[algorithm])]``, may be traced.
     block_size: elements per quantization block, one of 64, 128, ..., 4096.
     impl: ``"triton"`` or ``"interpret"``.
 
