@@ -2,7 +2,7 @@
 
 Run on an NVIDIA GPU::
 
-  python benchmarks/optim.py [--sizes 16M 128M 512M] [--bnb] [--json out.json]
+  python benchmarks/optim.py [--sizes 16M 128M 512M] [--optimizers ...] [--bnb] [--json out.json]
 
 A step is ``updates, state = tx.update(grads, state, params);
 params = optax.apply_updates(params, updates)`` jitted with params and state
@@ -39,6 +39,8 @@ OPTIMIZERS = {
     "adamw_8bit": (lambda: lowbit.adamw_8bit(1e-3, weight_decay=1e-2), 4, "optax.adamw"),
     "optax.contrib.ademamix": (lambda: optax.contrib.ademamix(1e-3, weight_decay=1e-2), 24, None),
     "ademamix_8bit": (lambda: lowbit.ademamix_8bit(1e-3), 6, "optax.contrib.ademamix"),
+    "ademamix_8bit(nearest)": (lambda: lowbit.ademamix_8bit(1e-3, stochastic_rounding=False),
+                               6, "optax.contrib.ademamix"),
     "optax.lion": (lambda: optax.lion(1e-4, weight_decay=1e-3), 8, None),
     "lion_8bit": (lambda: lowbit.lion_8bit(1e-4), 2, "optax.lion"),
     "optax.sgd(momentum)": (lambda: optax.sgd(1e-3, momentum=0.9), 8, None),
@@ -95,11 +97,12 @@ def time_steps(tx, params, grads, steps: int = 10, repeats: int = 10,
   return statistics.median(samples), state_bytes
 
 
-def bench_case(label: str, shapes, dtype) -> list[dict]:
+def bench_case(label: str, shapes, dtype, names) -> list[dict]:
   rows, times = [], {}
   n = sum(int(jnp.prod(jnp.array(s))) for s in shapes)
   itemsize = jnp.dtype(dtype).itemsize
-  for name, (factory, state_traffic, anchor) in OPTIMIZERS.items():
+  for name in names:
+    factory, state_traffic, anchor = OPTIMIZERS[name]
     seconds, state_bytes = time_steps(factory(), *make_tree(shapes, dtype))
     in_jit, _ = time_steps(factory(), *make_tree(shapes, dtype), in_jit=True)
     times[name] = seconds, in_jit
@@ -158,16 +161,21 @@ def main():
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--no-gpt2", action="store_true")
   parser.add_argument("--bnb", action="store_true")
+  parser.add_argument("--optimizers", nargs="+", choices=sorted(OPTIMIZERS),
+                      default=list(OPTIMIZERS),
+                      help="which to time (with the optax counterparts they compare to)")
   parser.add_argument("--json")
   args = parser.parse_args()
+  wanted = set(args.optimizers) | {OPTIMIZERS[n][2] for n in args.optimizers} - {None}
+  names = [n for n in OPTIMIZERS if n in wanted]
   print("device:", jax.devices()[0].device_kind, "| impl:", lowbit.resolve_impl(None), flush=True)
   rows = []
   for size in args.sizes:
     n = int(size[:-1]) << 20
     for dtype in args.dtypes:
-      rows += bench_case(f"1 leaf {size}", [(n,)], jnp.dtype(dtype))
+      rows += bench_case(f"1 leaf {size}", [(n,)], jnp.dtype(dtype), names)
   if not args.no_gpt2:
-    rows += bench_case("GPT-2 small tree", gpt2_small_shapes(), jnp.float32)
+    rows += bench_case("GPT-2 small tree", gpt2_small_shapes(), jnp.float32, names)
   if args.bnb:
     for size in args.sizes[-1:]:
       rows += bench_bnb(f"1 leaf {size}", [(int(size[:-1]) << 20,)])

@@ -302,3 +302,94 @@ def scaled_4bit_index(x: jax.Array, scale: jax.Array, tree: jax.Array,
     return scaled_tree_index(x, scale, tree)
   magnitude = bits[scaled_tree_index(jnp.abs(x), scale, tree)]
   return jnp.where(x < 0, magnitude | 8, magnitude)
+
+
+def hash32(x: jax.Array) -> jax.Array:
+  """Wellons' ``lowbias32`` integer hash: a bijection of uint32 ``x``.
+
+  Shifts are logical and products wrap modulo ``2**32`` (uint32 arithmetic),
+  as in the Triton twin.
+  """
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+WEYL_STEP = 10368889  # round(2**24 * (sqrt(5) - 1) / 2), odd
+UNIFORM_BITS = 24
+
+
+def weyl_offset(step: jax.Array) -> jax.Array:
+  """uint32 ``step * WEYL_STEP mod 2**24``: step ``step`` of the additive
+  golden-ratio sequence, in units of ``2**-24``."""
+  step = jnp.asarray(step).astype(jnp.uint32)
+  return (step * jnp.uint32(WEYL_STEP)) & jnp.uint32((1 << UNIFORM_BITS) - 1)
+
+
+def quasi_uniform(counters: jax.Array, offset: jax.Array) -> jax.Array:
+  """Per-element low-discrepancy noise in ``[0, 1)`` (float32, 24 bits).
+
+  Element ``counters`` starts at a random phase ``hash32(counters) >> 8``
+  and advances by the golden ratio every step: ``(phase + offset) mod
+  2**24``, times ``2**-24``, with ``offset = weyl_offset(step)``. Each
+  element's noise is uniform over steps and evenly spread (a Weyl
+  sequence), so stochastic rounding of a slowly moving value rounds up at
+  the right rate with far less accumulated error than independent draws;
+  phases differ between elements. Integer arithmetic only: every backend
+  draws the same numbers.
+  """
+  mask = jnp.uint32((1 << UNIFORM_BITS) - 1)
+  phase = hash32(counters) >> (32 - UNIFORM_BITS)
+  return ((phase + offset) & mask).astype(jnp.float32) * jnp.float32(2.0 ** -UNIFORM_BITS)
+
+
+def code_gaps(code: np.ndarray) -> np.ndarray:
+  """Signed distances to the neighbouring codes (float32 ``[2, 2**k]``, host):
+  ``[0, i] = code[i - 1] - code[i]`` (``-inf`` at ``i = 0``), ``[1, i] =
+  code[i + 1] - code[i]`` (NaN at the last code)."""
+  code = np.asarray(code, np.float32)
+  step = np.diff(code)
+  return np.stack([np.concatenate([[-np.inf], -step]),
+                   np.concatenate([step, [np.nan]])]).astype(np.float32)
+
+
+def stochastic_index(x: jax.Array, scale: jax.Array, index: jax.Array,
+                     code: jax.Array, gaps: jax.Array,
+                     uniform: jax.Array) -> jax.Array:
+  """Stochastic rounding of ``x / scale`` between its two neighbouring codes.
+
+  ``index`` is the nearest code's index (:func:`scaled_tree_index`), so the
+  bracketing codes are ``lo = index - above, lo + 1`` with ``above = code[index]
+  * scale > x``. The result is ``lo + 1`` when ``x`` lies above the point
+  ``code[lo] + uniform * (code[lo + 1] - code[lo])``, written from the
+  nearest code as ``code[index] + w * gaps[1 - above, index]`` with ``w =
+  1 - uniform`` if ``above`` else ``uniform`` (one gather): with
+  probability ``(x / scale - code[lo]) / (code[lo + 1] - code[lo])`` for
+  uniform noise, which keeps the dequantized value's expectation exact. The
+  point sits at the fraction ``uniform`` of the bracket, so a
+  low-discrepancy ``uniform`` (:func:`quasi_uniform`) spreads a slowly
+  moving value's round-ups evenly over steps. Exact codes never move;
+  values below the first code (a ``-inf`` gap), at the last code (a NaN
+  gap) and NaN keep their nearest index. Comparisons are division-free, on
+  the operands of :func:`exact_comparison_operands`, like the nearest
+  search.
+
+  Args:
+    x: float32 values.
+    scale: float32 positive block scale, broadcastable to ``x``.
+    index: int32 nearest-code indices of ``x / scale``.
+    code: float32 ``[2**k]`` sorted codebook.
+    gaps: float32 ``[2, 2**k]`` from :func:`code_gaps`.
+    uniform: float32 in ``[0, 1)``, ``x``'s shape.
+
+  Returns:
+    int32 indices, ``x``'s shape.
+  """
+  x, scale = exact_comparison_operands(x, scale)
+  nearest = code[index]
+  above = nearest * scale > x
+  weight = jnp.where(above, 1 - uniform, uniform)
+  point = nearest + weight * gaps[1 - above.astype(jnp.int32), index]
+  return index - above.astype(jnp.int32) + (point * scale < x).astype(jnp.int32)

@@ -64,13 +64,24 @@ class Quantized8bit:
     return int(np.prod(self.shape, dtype=np.int64))
 
 
-def quantize_blockwise_reference(x: jax.Array, code: jax.Array,
-                                 blocksize: int) -> tuple[jax.Array, jax.Array]:
-  """Pure-jnp quantization: returns (codes uint8 ``[n]``, absmax float32)."""
+def quantize_blockwise_reference(
+    x: jax.Array, code: jax.Array, blocksize: int,
+    uniform: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Pure-jnp quantization: returns (codes uint8 ``[n]``, absmax float32).
+
+  With ``uniform`` (float32 in ``[0, 1)``, ``x``'s size) each element is
+  rounded stochastically between its neighbouring codes
+  (:func:`jlowbit._reference.stochastic_index`) instead of to the nearest.
+  """
   blocks = ref.blocked(x, blocksize)
   absmax = ref.block_absmax(blocks)
+  scale = ref.block_scale(absmax)[:, None]
   tree = jnp.asarray(ref.code_tree(code))
-  codes = ref.scaled_tree_index(blocks, ref.block_scale(absmax)[:, None], tree)
+  codes = ref.scaled_tree_index(blocks, scale, tree)
+  if uniform is not None:
+    codes = ref.stochastic_index(
+        blocks, scale, codes, jnp.asarray(code), jnp.asarray(ref.code_gaps(code)),
+        ref.blocked(uniform, blocksize))
   return codes.astype(jnp.uint8).reshape(-1)[:x.size], absmax
 
 

@@ -204,6 +204,32 @@ def test_many_leaves_match_contract_reference(impl, block_size, algorithm):
     _assert_moments(new, want_new, impl)
 
 
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("block_size", [64, 256])
+def test_stochastic_rounding_matches_library_reference(impl, block_size):
+  """AdEMAMix's slow EMA rounded stochastically: the kernel draws the
+  reference's noise (counters running across the leaves of a launch)."""
+  update8 = pytest.importorskip("jlowbit.optax_transforms.update8")
+  cases = INTERPRET_LEAVES if impl == "interpret" else GPU_LEAVES
+  grads, moments, hyper = _leaves("ademamix", cases, block_size)
+  stochastic, key = (False, True, False), update8.rounding_key(jnp.int32(11))
+  out = optim8.fused_update_leaves("ademamix", grads, moments, hyper,
+                                   block_size=block_size, impl=impl,
+                                   stochastic=stochastic, key=key)
+  offset, moved = 0, 0
+  for grad, leaf_moments, (d, new) in zip(grads, moments, out):
+    want_d, want_new = update8.update_8bit_reference(
+        "ademamix", grad, leaf_moments, hyper, block_size=block_size,
+        stochastic=stochastic, key=key, counter_offset=offset)
+    offset += grad.size
+    _assert_direction(d, want_d, impl, "ademamix")
+    _assert_moments(new, want_new, impl)
+    nearest = contract_reference("ademamix", grad, leaf_moments, hyper, block_size)[1]
+    np.testing.assert_array_equal(new[0][0], nearest[0][0])  # m1: nearest
+    moved += np.count_nonzero(np.asarray(new[1][0]) != np.asarray(nearest[1][0]))
+  assert moved > 0.01 * offset  # m2 did round away from the nearest code
+
+
 @pytest.mark.parametrize("max_pointers, launches", [(384, 5), (10, 7)])
 def test_launches_group_leaves_by_dtype_and_pointer_budget(monkeypatch,
                                                            max_pointers, launches):
@@ -222,12 +248,15 @@ def test_launches_group_leaves_by_dtype_and_pointer_budget(monkeypatch,
 
 
 def test_generated_kernel_dispatches_by_binary_search():
-  layout = tuple((3 * i, 100 + i) for i in range(5))
-  source = optim8._kernel_source("lion", layout)
+  layout = tuple((3 * i, 100 + i, 1000 * i) for i in range(5))
+  source = optim8._kernel_source("lion", layout, (False,))
   assert len(re.findall(r"_update_tile\(g_\d", source)) == 5
   assert source.count("if tile <") == 4
-  assert "tile - 12, 104," in source
-  assert optim8.update_kernel("lion", layout) is optim8.update_kernel("lion", layout)
+  assert "tile - 12, 104, 4000," in source
+  assert "uniform" not in source.split("def lion_update_kernel")[0].split("):", 1)[1]
+  kernel = optim8.update_kernel("lion", layout, (False,))
+  assert optim8.update_kernel("lion", layout, (False,)) is kernel
+  assert "_noise(" in optim8._kernel_source("lion", layout, (True,))
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -366,10 +395,11 @@ def test_decision_tree_equals_nearest_code_index(code):
 
 def test_qmaps_layout():
   maps, starts = optim8.qmaps(), optim8.bucket_starts()
-  assert maps.shape == (2, 2, 256) and maps.dtype == np.float32
+  assert maps.shape == (2, 4, 256) and maps.dtype == np.float32
   assert starts.shape == (2, 2 * ref.BUCKETS) and starts.dtype == np.uint8
   for i, signed in enumerate((True, False)):
     thresholds, bucket_starts, _ = ref.bucket_search_table(codebooks.dynamic(signed))
     np.testing.assert_array_equal(maps[i, 0], codebooks.dynamic(signed))
     np.testing.assert_array_equal(maps[i, 1], thresholds)
+    np.testing.assert_array_equal(maps[i, 2:], ref.code_gaps(codebooks.dynamic(signed)))
     np.testing.assert_array_equal(starts[i], bucket_starts)

@@ -179,6 +179,20 @@ def _np_quantize(x, code, block_size):
   return codes.reshape(-1)[:x.size].reshape(x.shape), absmax
 
 
+def _np_bracket(x, code, block_size):
+  """Indices of the codes just below and above ``x / absmax`` (equal on a code)."""
+  blocks = np.pad(x.reshape(-1), (0, -x.size % block_size)).reshape(-1, block_size)
+  absmax = np.abs(blocks).max(axis=1)
+  v = (blocks / np.where(absmax > 0, absmax, 1)[:, None]).reshape(-1)[:x.size]
+  lo = np.clip(np.searchsorted(code, v, side="right") - 1, 0, code.size - 1)
+  hi = np.where(code[lo] == v, lo, np.minimum(lo + 1, code.size - 1))
+  return lo.reshape(x.shape), hi.reshape(x.shape)
+
+
+# Moments the building blocks round stochastically by default.
+STOCHASTIC = {"ademamix": (False, True, False)}
+
+
 # algorithm -> (building block, its kwargs, hyper the kwargs give at step t).
 def _hyper(algorithm, t):
   f = np.float32
@@ -235,12 +249,19 @@ def test_one_step_matches_spec_formula(algorithm, t):
   # Up to float rounding (XLA may fuse a*b + c); AdEMAMix's sum can cancel.
   atol = 1e-6 * np.abs(d_ref).max()
   np.testing.assert_allclose(d, d_ref, rtol=2e-6, atol=atol)
-  for f, exact, s in zip(new_state._fields[1:], new_ref, signed):
+  stochastic = STOCHASTIC.get(algorithm, (False,) * len(signed))
+  for f, exact, s, sr in zip(new_state._fields[1:], new_ref, signed, stochastic):
     codes_ref, absmax_ref = _np_quantize(exact, codebooks.dynamic(s), block_size)
     np.testing.assert_allclose(getattr(new_state, f).absmax, absmax_ref,
                                rtol=1e-6)
-    diff = np.abs(np.asarray(getattr(new_state, f).codes, np.int32) - codes_ref)
-    assert diff.max() <= 1 and np.count_nonzero(diff) <= 3
+    codes = np.asarray(getattr(new_state, f).codes, np.int32)
+    if sr:  # one of the two codes around the exact value, not only the nearest
+      lo, hi = _np_bracket(exact, codebooks.dynamic(s), block_size)
+      assert np.all((codes == lo) | (codes == hi))
+      assert np.count_nonzero(codes != codes_ref) > 0
+    else:
+      diff = np.abs(codes - codes_ref)
+      assert diff.max() <= 1 and np.count_nonzero(diff) <= 3
 
   # The float32 state path runs the same formula on the unquantized state.
   tx32 = block(**kwargs, min_8bit_size=None)
@@ -348,7 +369,7 @@ def test_bitsandbytes_defaults():
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, **common)
   assert defaults(lowbit.ademamix_8bit) == dict(
       b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, weight_decay=1e-2,
-      mask=None, t_alpha=None, t_beta3=None, **common)
+      mask=None, t_alpha=None, t_beta3=None, stochastic_rounding=True, **common)
   assert defaults(lowbit.lion_8bit) == dict(b1=0.9, b2=0.99, weight_decay=1e-3,
                                             mask=None, **common)
   assert defaults(lowbit.adam_8bit) == dict(b1=0.9, b2=0.999, eps=1e-8,
@@ -362,7 +383,8 @@ def test_bitsandbytes_defaults():
   for name in ["adam", "adamw", "ademamix", "lion", "sgd", "rmsprop",
                "adagrad", "lamb", "lars"]:
     eight, twin = (getattr(lowbit, f"{name}_{b}bit") for b in (8, 32))
-    expected = {k: v for k, v in defaults(eight).items() if k not in common}
+    expected = {k: v for k, v in defaults(eight).items()
+                if k not in common and k != "stochastic_rounding"}
     assert defaults(twin) == expected
 
 

@@ -33,7 +33,7 @@ import optax
 
 from jlowbit.optax_transforms import transforms
 
-_CONFIG = ("block_size", "min_8bit_size", "impl")
+_CONFIG = ("block_size", "min_8bit_size", "impl", "stochastic_rounding")
 
 
 def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
@@ -116,6 +116,7 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
                   alpha: optax.ScalarOrSchedule = 5.0, eps: Any = 1e-8,
                   weight_decay: optax.ScalarOrSchedule = 1e-2, mask: Any = None,
                   t_alpha: Any = None, t_beta3: Any = None, *,
+                  stochastic_rounding: bool = True,
                   block_size: int = 256, min_8bit_size: int | None = 4096,
                   impl: str | None = None
                   ) -> optax.GradientTransformationExtraArgs:
@@ -133,6 +134,9 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
       bitsandbytes' warm-up horizons).
     weight_decay: :math:`\lambda` (float, array or schedule).
     mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+    stochastic_rounding: round the slow EMA :math:`m_2` stochastically
+      (default; see :func:`~jlowbit.scale_by_ademamix_8bit`); ``False``
+      rounds it to nearest like bitsandbytes' ``AdEMAMix8bit``.
     block_size, min_8bit_size, impl: see the module docstring.
 
   Returns:
@@ -145,7 +149,7 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
   return optax.chain(
       transforms.scale_by_ademamix_8bit(
           b1, b2, b3, alpha, eps, t_alpha=t_alpha, t_beta3=t_beta3,
-          block_size=block_size, min_8bit_size=min_8bit_size, impl=impl),
+          stochastic_rounding=stochastic_rounding, block_size=block_size, min_8bit_size=min_8bit_size, impl=impl),
       _decay(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
 
@@ -345,8 +349,8 @@ def _twin_32bit(alias: Callable[..., optax.GradientTransformationExtraArgs]
                 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
   """The ``*_32bit`` twin of an 8-bit alias: same math, float32 state.
 
-  It takes the alias' arguments except ``block_size``, ``min_8bit_size`` and
-  ``impl`` and calls the alias with ``min_8bit_size=None``.
+  It takes the alias' arguments except the state configuration
+  (:data:`_CONFIG`) and calls the alias with ``min_8bit_size=None``.
   """
   signature = inspect.signature(alias)
 
@@ -361,7 +365,8 @@ def _twin_32bit(alias: Callable[..., optax.GradientTransformationExtraArgs]
   twin.__doc__ = (
       f"Float32-state twin of :func:`{alias.__name__}`: the same math without "
       f"quantization.\n\n  Takes the arguments of :func:`{alias.__name__}` "
-      f"except ``block_size``, ``min_8bit_size`` and ``impl``; every leaf's "
+      f"except ``block_size``, ``min_8bit_size``, ``impl`` (and "
+      f"``stochastic_rounding``); every leaf's "
       f"moments are float32 arrays in the parameter's shape.\n")
   return twin
 

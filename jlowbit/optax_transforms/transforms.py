@@ -51,32 +51,37 @@ def _scheduled(value: Any, count: jax.Array) -> Any:
 
 
 def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
-                   hyper: jax.Array, block_size: int, impl: str) -> list:
+                   hyper: jax.Array, block_size: int, impl: str,
+                   stochastic: tuple[bool, ...] | None,
+                   key: jax.Array | None) -> list:
   """Per leaf ``(direction, ((codes, absmax) per moment))``.
 
   ``codes[i]``/``absmax[i]``: leaf i's per-moment codes and absmax;
   ``absmax[i][0] is None`` for a float32-state leaf, whose codes are the
   float32 moments (absmax stays ``None``). The Triton backends update all
-  8-bit leaves in few kernel launches.
+  8-bit leaves in few kernel launches. Stochastic rounding counts the 8-bit
+  leaves' elements in tree order, so no two share a noise counter.
   """
   out = [None] * len(grads)
-  eightbit = []
+  eightbit = [i for i in range(len(grads)) if absmax[i][0] is not None]
   for i, g in enumerate(grads):
     if absmax[i][0] is None:
       direction, new = update8.update_fp32(algorithm, g, codes[i], hyper)
       out[i] = direction, tuple((m, None) for m in new)
-    elif impl == "xla":
+  if impl == "xla":
+    offset = 0
+    for i in eightbit:
       out[i] = update8.update_8bit_reference(
-          algorithm, g, tuple(zip(codes[i], absmax[i])), hyper,
-          block_size=block_size)
-    else:
-      eightbit.append(i)
-  if eightbit:
+          algorithm, grads[i], tuple(zip(codes[i], absmax[i])), hyper,
+          block_size=block_size, stochastic=stochastic, key=key,
+          counter_offset=offset)
+      offset += grads[i].size
+  elif eightbit:
     from jlowbit.triton_kernels import optim8  # pylint: disable=g-import-not-at-top
     fused = optim8.fused_update_leaves(
         algorithm, [grads[i] for i in eightbit],
         [tuple(zip(codes[i], absmax[i])) for i in eightbit], hyper,
-        block_size=block_size, impl=impl)
+        block_size=block_size, impl=impl, stochastic=stochastic, key=key)
     for i, result in zip(eightbit, fused):
       out[i] = result
   return out
@@ -84,7 +89,8 @@ def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
 
 def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
                   block_size: int, min_8bit_size: int | None,
-                  impl: str | None) -> optax.GradientTransformationExtraArgs:
+                  impl: str | None, stochastic: tuple[bool, ...] | None = None
+                  ) -> optax.GradientTransformationExtraArgs:
   """The generic transformation behind every ``scale_by_*_8bit``.
 
   Args:
@@ -94,6 +100,9 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
     block_size: elements per quantization block, 64..4096 (powers of two).
     min_8bit_size: smallest leaf size with 8-bit state; ``None``: none.
     impl: ``None`` | ``"auto"`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
+    stochastic: per moment, whether its 8-bit codes round stochastically
+      (noise keyed by the step count: reproducible, and a resumed run
+      continues exactly); ``None``: all round to nearest.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -114,11 +123,12 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
     checks.check_matches_state(updates, moments[0].codes, params)
     count = optax.safe_increment(state.count)
     hyper = hyper_fn(state.count, count.astype(jnp.float32))
+    key = update8.rounding_key(count) if stochastic and any(stochastic) else None
     grads, treedef = jax.tree.flatten(updates)
     per_leaf = lambda trees: list(zip(*(treedef.flatten_up_to(t) for t in trees)))
     out = _update_leaves(algorithm, grads, per_leaf([m.codes for m in moments]),
                          per_leaf([m.absmax for m in moments]), hyper,
-                         block_size, _impl.resolve_impl(impl))
+                         block_size, _impl.resolve_impl(impl), stochastic, key)
     pick = lambda f: treedef.unflatten([f(o) for o in out])
     new_moments = [
         state_lib.Quantized8bitMoment(pick(lambda o, i=i: o[1][i][0]),
@@ -218,6 +228,7 @@ def ademamix_schedules(b1: Any, b3: Any, alpha: Any, t: jax.Array,
 def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
                            alpha: Any = 5.0, eps: Any = 1e-8, *,
                            t_alpha: Any = None, t_beta3: Any = None,
+                           stochastic_rounding: bool = True,
                            block_size: int = 256,
                            min_8bit_size: int | None = 4096,
                            impl: str | None = None
@@ -232,6 +243,14 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
               {\sqrt{\nu} / \sqrt{1-\beta_2^t} + \epsilon}
 
   :math:`m_1, m_2` use the signed, :math:`\nu` the unsigned codebook.
+  The slow EMA :math:`m_2` moves by :math:`(1-\beta_3)(g - m_2)` per step,
+  with :math:`1-\beta_3` down to ``1e-4``: far less than one code step of
+  its block, so rounding it to the nearest code would freeze it. With
+  ``stochastic_rounding`` (the default) it rounds up or down to its two
+  neighbouring codes with the probabilities that keep its expected value
+  exact, from a counter-based hash of the step count and the element's
+  position (reproducible: the same run gives the same codes on every
+  backend, and a resumed run continues exactly).
   :math:`\beta_{3,t}, \alpha_t` are ``b3``/``alpha`` evaluated at the step
   count when they are schedules (as in ``optax.contrib.ademamix``), then
   warmed up by :func:`ademamix_schedules` when ``t_beta3``/``t_alpha`` are set
@@ -245,6 +264,8 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
     eps: added to the denominator outside the square root.
     t_alpha: steps over which ``alpha`` warms up linearly; ``None``: no warm-up.
     t_beta3: steps over which ``b3`` warms up from ``b1``; ``None``: no warm-up.
+    stochastic_rounding: round :math:`m_2` stochastically (keyword only);
+      ``False`` rounds it to the nearest code as bitsandbytes does.
     {config}
 
   Returns:
@@ -262,7 +283,7 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
     return _f32(b1, b2, b3_t, alpha_t, eps, *_inverse_bias_corrections(b1, b2, t))
   return scale_by_8bit("ademamix", state_lib.ScaleByAdemamix8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
-                       impl=impl)
+                       impl=impl, stochastic=(False, stochastic_rounding, False))
 
 
 @_config_doc

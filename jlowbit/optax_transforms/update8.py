@@ -46,6 +46,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jlowbit import _reference as ref
 from jlowbit import _validation as val
 from jlowbit import blockwise8
 from jlowbit import codebooks
@@ -167,10 +168,27 @@ def codebook(signed: bool) -> jax.Array:
   return jnp.asarray(codebooks.dynamic(signed))
 
 
+def element_uniform(size: int, offset: jax.Array, counter_offset: int) -> jax.Array:
+  """The rounding noise of a leaf's ``size`` elements: float32 ``[size]``,
+  :func:`jlowbit._reference.quasi_uniform` of the counters ``counter_offset
+  + arange(size)`` (modulo ``2**32``) at the step's ``offset``."""
+  counters = (jnp.arange(size, dtype=jnp.uint32)
+              + jnp.uint32(counter_offset % (1 << 32)))
+  return ref.quasi_uniform(counters, offset)
+
+
+def rounding_key(count: jax.Array) -> jax.Array:
+  """The uint32 rounding-noise offset of step ``count``
+  (:func:`jlowbit._reference.weyl_offset`)."""
+  return ref.weyl_offset(count)
+
+
 def update_8bit_reference(
     algorithm: str, grad: jax.Array,
     moments: tuple[tuple[jax.Array, jax.Array], ...], hyper: jax.Array, *,
-    block_size: int) -> tuple[jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]:
+    block_size: int, stochastic: tuple[bool, ...] | None = None,
+    key: jax.Array | None = None, counter_offset: int = 0,
+) -> tuple[jax.Array, tuple[tuple[jax.Array, jax.Array], ...]]:
   """One step of ``algorithm`` with 8-bit blockwise moments (pure jnp).
 
   Args:
@@ -180,6 +198,12 @@ def update_8bit_reference(
       ``(codes uint8 grad.shape, absmax float32 [ceil(grad.size / block_size)])``.
     hyper: float32 vector laid out as :data:`HYPER_NAMES`.
     block_size: elements per quantization block.
+    stochastic: per moment, whether it is requantized by stochastic rounding
+      instead of to the nearest code; ``None``: none is.
+    key: uint32 scalar (:func:`rounding_key` of the step), needed when any
+      moment rounds stochastically.
+    counter_offset: the noise counter of the leaf's first element
+      (:func:`element_uniform`); elements of one step must not share one.
 
   Returns:
     ``(direction, new_moments)``: direction in ``grad``'s dtype and shape, new
@@ -187,14 +211,31 @@ def update_8bit_reference(
   """
   _check(algorithm, moments, hyper)
   signed = MOMENT_SIGNED[algorithm]
+  stochastic = check_stochastic(algorithm, stochastic, key)
   old = tuple(
       blockwise8.dequantize_blockwise_reference(
           codes.reshape(-1), codebook(s), absmax, block_size, jnp.float32)
       for (codes, absmax), s in zip(moments, signed))
   d, new = update_fp32(algorithm, grad.reshape(-1), old, hyper)
   requantized = []
-  for value, s in zip(new, signed):
+  for value, s, sr in zip(new, signed, stochastic):
+    uniform = element_uniform(value.size, key, counter_offset) if sr else None
     codes, absmax = blockwise8.quantize_blockwise_reference(
-        value, codebooks.dynamic(s), block_size)
+        value, codebooks.dynamic(s), block_size, uniform)
     requantized.append((codes.reshape(grad.shape), absmax))
   return d.reshape(grad.shape), tuple(requantized)
+
+
+def check_stochastic(algorithm: str, stochastic, key) -> tuple[bool, ...]:
+  """``stochastic`` as one bool per moment of ``algorithm``."""
+  moments = len(MOMENT_SIGNED[algorithm])
+  if stochastic is None:
+    return (False,) * moments
+  stochastic = tuple(bool(s) for s in stochastic)
+  if len(stochastic) != moments:
+    raise ValueError(f"stochastic={stochastic} must hold one flag per moment "
+                     f"of algorithm={algorithm!r} ({moments})")
+  if any(stochastic) and key is None:
+    raise ValueError("stochastic rounding needs the step's key "
+                     "(update8.rounding_key(count))")
+  return stochastic

@@ -18,6 +18,10 @@ BUCKET_MANTISSA_BITS = tl.constexpr(ref.BUCKET_MANTISSA_BITS)
 BUCKET_LOW_EXPONENT = tl.constexpr(ref.BUCKET_LOW_EXPONENT)
 BUCKETS = tl.constexpr(ref.BUCKETS)
 TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
+# quasi_uniform: 24-bit phases (hash >> UNIFORM_SHIFT), masked, scaled to [0, 1).
+UNIFORM_SHIFT = tl.constexpr(32 - ref.UNIFORM_BITS)
+UNIFORM_MASK = tl.constexpr((1 << ref.UNIFORM_BITS) - 1)
+UNIFORM_SCALE = tl.constexpr(2.0 ** -ref.UNIFORM_BITS)
 # Kernels run by Triton's interpreter (imported with TRITON_INTERPRET=1 in
 # the worker of jlowbit.triton_kernels.launch) take exact arithmetic where
 # compiled ones take GPU approximations with no interpreter counterpart.
@@ -59,7 +63,8 @@ def unpack_nibbles(packed):
 @triton.jit
 def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
                        BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr,
-                       STEPS: tl.constexpr):
+                       STEPS: tl.constexpr, code_ptr=None, gaps_ptr=None,
+                       uniform=None, STOCHASTIC: tl.constexpr = False):
   """Blockwise codes of a flat tile of ``BLOCKS`` whole blocks.
 
   ``x`` is float32 ``[BLOCKS * BLOCKSIZE]`` (lanes past the data must hold
@@ -71,7 +76,10 @@ def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
   ``starts_ptr``: the bucket starts of
   ``jlowbit._reference.bucket_search_table``), else by the decision tree at
   ``search_ptr``. The tile stays one-dimensional so that the table gathers
-  keep a coalesced layout.
+  keep a coalesced layout. With ``STOCHASTIC`` (bucketed search only) the
+  codes round stochastically (:func:`stochastic_step`) with the noise
+  ``uniform`` through the codebook at ``code_ptr`` and its gaps at
+  ``gaps_ptr``.
   """
   absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
   scale = block_scale(absmax)
@@ -83,7 +91,13 @@ def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
         broadcast_rows(scale, BLOCKS, BLOCKSIZE),
         broadcast_rows(1.0 / scale, BLOCKS, BLOCKSIZE), search_ptr, starts_ptr,
         STEPS)
+    if STOCHASTIC:
+      codes = stochastic_step(
+          x * broadcast_rows(factor, BLOCKS, BLOCKSIZE),
+          broadcast_rows(scale, BLOCKS, BLOCKSIZE), codes, code_ptr, gaps_ptr,
+          uniform, CODE_BITS)
   else:
+    tl.static_assert(not STOCHASTIC, "stochastic rounding needs STEPS > 0")
     codes = scaled_tree_index(x, broadcast_rows(scale, BLOCKS, BLOCKSIZE),
                               search_ptr, CODE_BITS)
   return codes, absmax
@@ -200,3 +214,38 @@ def scaled_4bit_index(x, scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr
     return tl.where(x < 0, magnitude | 8, magnitude)
   else:
     return scaled_tree_index_top2(x, scale, tree_ptr, 4)
+
+
+@triton.jit
+def hash32(x):
+  """Twin of ``jlowbit._reference.hash32`` on uint32 ``x`` (logical shifts,
+  products modulo ``2**32``)."""
+  x = x ^ (x >> 16)
+  x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+  x = x ^ (x >> 15)
+  x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+  return x ^ (x >> 16)
+
+
+@triton.jit
+def quasi_uniform(counters, offset):
+  """Twin of ``jlowbit._reference.quasi_uniform``: float32 in ``[0, 1)``
+  from uint32 ``counters`` and the step's uint32 ``offset``."""
+  phase = hash32(counters) >> UNIFORM_SHIFT
+  return ((phase + offset) & UNIFORM_MASK).to(tl.float32) * UNIFORM_SCALE
+
+
+@triton.jit
+def stochastic_step(x, scale, index, code_ptr, gaps_ptr, uniform,
+                    CODE_BITS: tl.constexpr):
+  """``jlowbit._reference.stochastic_index`` on the operands ``x``,
+  ``scale`` of :func:`exact_comparison_operands`: the nearest code
+  ``index`` of ``x / scale`` rounded stochastically to one of its bracketing
+  codes by the noise ``uniform``; ``gaps_ptr``: the ``[2, 2**k]`` signed
+  gaps of the codebook at ``code_ptr``."""
+  nearest = tl.load(code_ptr + index)
+  above = nearest * scale > x
+  weight = tl.where(above, 1.0 - uniform, uniform)
+  gap = tl.load(gaps_ptr + index + tl.where(above, 0, 1 << CODE_BITS))
+  point = (nearest + weight * gap) * scale
+  return index - above.to(tl.int32) + (point < x).to(tl.int32)

@@ -59,6 +59,16 @@ starts from the bucket of the moment's float bits
 (:func:`jlowbit.triton_kernels.common.scaled_bucket_index`): two gathers
 per element instead of eight, no division, the codes of the reference.
 
+**Stochastic rounding.** Moments flagged ``stochastic`` (AdEMAMix's slow
+EMA by default) round to one of their two bracketing codes
+(:func:`jlowbit.triton_kernels.common.stochastic_step`, one more gather per
+element) with the noise of :func:`jlowbit._reference.quasi_uniform`: a hash
+of the element's counter (its position in the concatenation of the call's
+leaves) gives a phase, and the step's
+``key`` (a uint32 ``[1]`` array) advances every phase along a golden-ratio
+Weyl sequence. Integer arithmetic only, so the reference draws the same
+numbers.
+
 ``ibc1 = 1 / (1 - b1**t)`` and ``isbc2 = 1 / sqrt(1 - b2**t)`` are computed
 once per step by XLA (scalar work that costs a kernel ~20% of its
 instructions per element if every thread redoes it correctly rounded). The
@@ -242,21 +252,31 @@ def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, tile, offsets, mask, n,
 
 @triton.jit
 def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, starts_ptr, tile,
-                  offsets, mask, n, BLOCKSIZE: tl.constexpr,
+                  offsets, mask, n, uniform, BLOCKSIZE: tl.constexpr,
                   TILE: tl.constexpr, CODE_BITS: tl.constexpr,
-                  STEPS: tl.constexpr):
+                  STEPS: tl.constexpr, STOCHASTIC: tl.constexpr):
   """Requantizes one moment tile blockwise; stores its codes and absmax.
 
-  ``qmap_ptr``: the codebook, followed by its sorted thresholds;
-  ``starts_ptr``: its bucket starts. Lanes off ``mask`` are zeroed first so
-  they cannot raise a block's absmax.
+  ``qmap_ptr``: the codebook, followed by its sorted thresholds and its
+  ``[2, 256]`` gaps; ``starts_ptr``: its bucket starts. Lanes off ``mask`` are zeroed
+  first so they cannot raise a block's absmax. With ``STOCHASTIC`` the
+  nearest codes are rounded stochastically with the noise ``uniform``.
   """
   codes, absmax = common.quantize_flat_tile(
       tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), starts_ptr,
-      BLOCKSIZE, TILE // BLOCKSIZE, CODE_BITS, STEPS)
+      BLOCKSIZE, TILE // BLOCKSIZE, CODE_BITS, STEPS, qmap_ptr,
+      qmap_ptr + (2 << CODE_BITS), uniform, STOCHASTIC)
   tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
   block, block_mask = _tile_blocks(tile, n, BLOCKSIZE, TILE)
   tl.store(absmax_ptr + block, absmax, mask=block_mask)
+
+
+@triton.jit
+def _noise(key_ptr, offsets, counter):
+  """Rounding noise of a tile: :func:`common.quasi_uniform` of the counters
+  ``counter + offsets`` (modulo ``2**32``) at the step offset ``key``."""
+  counters = (offsets + counter).to(tl.uint32)
+  return common.quasi_uniform(counters, tl.load(key_ptr))
 
 
 @triton.jit
@@ -264,8 +284,9 @@ def _store_direction(d_ptr, d, offsets, mask):
   tl.store(d_ptr + offsets, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-# Leaf layout of a launch: per leaf (first tile in the grid, n // CHUNK).
-Layout = tuple[tuple[int, int], ...]
+# Leaf layout of a launch: per leaf (first tile in the grid, n // CHUNK,
+# noise counter of its first element).
+Layout = tuple[tuple[int, int, int], ...]
 
 
 def _leaf_pointers(suffix: str, moments: int) -> tuple[list[str], list[str]]:
@@ -280,11 +301,11 @@ def _leaf_dispatch(layout: Layout, moments: int, lo: int, hi: int,
   """Nested ``if``\\ s calling the tile function on the leaf (of ``lo:hi``)
   that owns ``tile``."""
   if hi - lo == 1:
-    first, n_chunks = layout[lo]
+    first, n_chunks, counter = layout[lo]
     ins, outs = _leaf_pointers(f"_{lo}", moments)
     return [f"{indent}_update_tile({', '.join(ins + outs)}, qmaps_ptr, "
-            f"starts_ptr, hyper_ptr, tile - {first}, {n_chunks}, BLOCKSIZE, "
-            "TILE, CHUNK, CODE_BITS, STEPS)"]
+            f"starts_ptr, hyper_ptr, key_ptr, tile - {first}, {n_chunks}, "
+            f"{counter}, BLOCKSIZE, TILE, CHUNK, CODE_BITS, STEPS)"]
   mid = (lo + hi) // 2
   return ([f"{indent}if tile < {layout[mid][0]}:"]
           + _leaf_dispatch(layout, moments, lo, mid, indent + "  ")
@@ -295,18 +316,20 @@ def _leaf_dispatch(layout: Layout, moments: int, lo: int, hi: int,
 _CONSTEXPRS = ("BLOCKSIZE", "TILE", "CHUNK", "CODE_BITS", "STEPS")
 
 
-def _kernel_source(algorithm: str, layout: Layout) -> str:
+def _kernel_source(algorithm: str, layout: Layout,
+                   stochastic: tuple[bool, ...]) -> str:
   """Source of the tile function ``_update_tile`` and the kernel."""
   alg, signed = ALGORITHMS[algorithm], update8.MOMENT_SIGNED[algorithm]
   k = len(alg.moments)
   constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
-  qmap = lambda j: "qmaps_ptr" if signed[j] else "qmaps_ptr + (2 << CODE_BITS)"
+  qmap = lambda j: "qmaps_ptr" if signed[j] else "qmaps_ptr + (4 << CODE_BITS)"
   starts = lambda j: "starts_ptr" if signed[j] else "starts_ptr + 2 * common.BUCKETS"
   moments = ", ".join(f"m{j}" for j in range(k))
   tile_args = "tile, offsets, mask, n, BLOCKSIZE, TILE"
   ins, outs = _leaf_pointers("_ptr", k)
-  tile_params = [*ins, *outs, "qmaps_ptr", "starts_ptr", "hyper_ptr", "tile",
-                 "n_chunks", *constexprs]
+  tile_params = [*ins, *outs, "qmaps_ptr", "starts_ptr", "hyper_ptr", "key_ptr",
+                 "tile", "n_chunks", "counter", *constexprs]
+  noise = ["uniform = _noise(key_ptr, offsets, counter)"] if any(stochastic) else []
   tile_body = [
       "offsets, mask, n = _leaf_tile(tile, n_chunks, CHUNK, TILE)",
       "grad = _load_grad(g_ptr, offsets, mask)",
@@ -314,11 +337,13 @@ def _kernel_source(algorithm: str, layout: Layout) -> str:
         for j in range(k)),
       f"direction, {moments} = {alg.math}(grad, {moments}, hyper_ptr)",
       "_store_direction(d_ptr, direction, offsets, mask)",
+      *noise,
       *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {qmap(j)}, {starts(j)}, "
-        f"{tile_args}, CODE_BITS, STEPS)" for j in range(k)),
+        f"tile, offsets, mask, n, {'uniform' if stochastic[j] else 'None'}, "
+        f"BLOCKSIZE, TILE, CODE_BITS, STEPS, {stochastic[j]})" for j in range(k)),
   ]
   ins, outs = zip(*(_leaf_pointers(f"_{i}", k) for i in range(len(layout))))
-  params = [*sum(ins, []), "qmaps_ptr", "starts_ptr", "hyper_ptr",
+  params = [*sum(ins, []), "qmaps_ptr", "starts_ptr", "hyper_ptr", "key_ptr",
             *sum(outs, []), *constexprs]
   body = ["tile = tl.program_id(0)", *_leaf_dispatch(layout, k, 0, len(layout), "")]
   return (f"def _update_tile({', '.join(tile_params)}):\n"
@@ -328,15 +353,18 @@ def _kernel_source(algorithm: str, layout: Layout) -> str:
 
 
 @functools.cache
-def update_kernel(algorithm: str, layout: Layout) -> triton.JITFunction:
+def update_kernel(algorithm: str, layout: Layout,
+                  stochastic: tuple[bool, ...]) -> triton.JITFunction:
   """The ``@triton.jit`` update kernel of ``algorithm`` over ``layout``.
 
   Arguments: per leaf ``g, (codes, absmax) per moment``; then ``qmaps``,
-  ``starts``, ``hyper``; then per leaf the outputs ``d, (codes, absmax) per
-  moment``; then the constexprs. The source is registered with
-  :mod:`linecache` so that Triton (and its interpreter) can read it.
+  ``starts``, ``hyper``, ``key`` (uint32 ``[1]``, the rounding noise's
+  step offset, read only when a moment of ``stochastic`` is true); then per
+  leaf the outputs ``d, (codes, absmax) per moment``; then the constexprs.
+  The source is registered with :mod:`linecache` so that Triton (and its
+  interpreter) can read it.
   """
-  source = _kernel_source(algorithm, layout)
+  source = _kernel_source(algorithm, layout, stochastic)
   digest = hashlib.sha256(source.encode()).hexdigest()[:16]
   filename = f"<jlowbit.optim8 {algorithm} {digest}>"
   linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -353,7 +381,7 @@ def _search_tables() -> tuple[np.ndarray, np.ndarray, int]:
   for signed in (True, False):
     code = codebooks.dynamic(signed)
     thresholds, bucket_starts, bucket_steps = ref.code_search(code)
-    maps.append((code, thresholds))
+    maps.append((code, thresholds, *ref.code_gaps(code)))
     starts.append(bucket_starts)
     steps.append(bucket_steps)
   assert min(steps) > 0, "the dynamic codebooks have bucketed searches"
@@ -364,8 +392,9 @@ def _search_tables() -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def qmaps() -> np.ndarray:
-  """float32 ``[2, 2, 256]``: [signed, unsigned] x [codebook, thresholds]
-  (sorted, NaN last: :func:`jlowbit._reference.bucket_search_table`)."""
+  """float32 ``[2, 4, 256]``: [signed, unsigned] x [codebook, thresholds
+  (sorted, NaN last: :func:`jlowbit._reference.bucket_search_table`),
+  gaps down, gaps up (:func:`jlowbit._reference.code_gaps`)]."""
   return _search_tables()[0]
 
 
@@ -423,14 +452,17 @@ def _launches(algorithm: str, grads: Sequence[jax.Array]) -> list[list[int]]:
 
 def _launch(algorithm: str, grads: Sequence[jax.Array],
             moments: Sequence[tuple[Moment, ...]], hyper: jax.Array,
-            block_size: int, impl: str) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
-  """One kernel launch over non-empty leaves of one dtype."""
+            block_size: int, impl: str, counters: Sequence[int],
+            stochastic: tuple[bool, ...], key: jax.Array
+            ) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
+  """One kernel launch over non-empty leaves of one dtype; ``counters``:
+  each leaf's first noise counter."""
   alg = ALGORITHMS[algorithm]
   tile = max(TILE_ELEMENTS, block_size)
   chunk = VECTOR_CHUNK if all(g.size % VECTOR_CHUNK == 0 for g in grads) else 1
   layout, first = [], 0
-  for grad in grads:
-    layout.append((first, grad.size // chunk))
+  for grad, counter in zip(grads, counters):
+    layout.append((first, grad.size // chunk, counter % (1 << 32)))
     first += cdiv(grad.size, tile)
   args, out_shape = [], []
   for grad, leaf_moments in zip(grads, moments):
@@ -444,7 +476,8 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
   aliases = {i: i for i in range(len(args)) if i % (1 + 2 * len(alg.moments))}
   outs = launch(
       __name__, "update_kernel", *args, jnp.asarray(qmaps()),
-      jnp.asarray(bucket_starts()), hyper, kernel_args=(algorithm, tuple(layout)),
+      jnp.asarray(bucket_starts()), hyper, key,
+      kernel_args=(algorithm, tuple(layout), stochastic),
       out_shape=out_shape,
       grid=(first,), impl=impl, input_output_aliases=aliases,
       num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCKSIZE=block_size,
@@ -461,7 +494,8 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
 def fused_update_leaves(
     algorithm: str, grads: Sequence[jax.Array],
     moments: Sequence[tuple[Moment, ...]], hyper: jax.Array, *,
-    block_size: int, impl: str) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
+    block_size: int, impl: str, stochastic: tuple[bool, ...] | None = None,
+    key: jax.Array | None = None) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
   r"""One fused 8-bit optimizer step for many leaves, in few launches.
 
   Args:
@@ -475,6 +509,12 @@ def fused_update_leaves(
     hyper: float32 ``[len(update8.HYPER_NAMES[algorithm])]``, may be traced.
     block_size: elements per quantization block, one of 64, 128, ..., 4096.
     impl: ``"triton"`` or ``"interpret"``.
+    stochastic: per moment, whether it rounds stochastically
+      (``update8.update_8bit_reference``); ``None``: none does.
+    key: uint32 scalar, the step's noise offset (``update8.rounding_key``),
+      needed when a moment rounds stochastically. The noise counters number
+      the elements of ``grads`` one after the other, as the reference's
+      ``counter_offset`` does leaf by leaf.
 
   Returns:
     Per gradient ``(direction, new_moments)``: ``direction`` of the
@@ -486,6 +526,9 @@ def fused_update_leaves(
   val.check_choice(impl, "impl", ("triton", "interpret"))
   val.check_choice(block_size, "block_size", BLOCKSIZES)
   _check_hyper(algorithm, hyper)
+  stochastic = update8.check_stochastic(algorithm, stochastic, key)
+  key = jnp.zeros((1,), jnp.uint32) if key is None else (
+      jnp.asarray(key, jnp.uint32).reshape(1))
   if len(grads) != len(moments):
     raise ValueError(f"got {len(grads)} grads but {len(moments)} moment tuples")
   for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
@@ -493,9 +536,11 @@ def fused_update_leaves(
     _check_moments(algorithm, grad, leaf_moments, block_size)
   results = [(jnp.zeros(g.shape, g.dtype), tuple((c, a) for c, a in m))
              for g, m in zip(grads, moments)]
+  counters = np.cumsum([0] + [g.size for g in grads[:-1]]).tolist()
   for leaves in _launches(algorithm, grads):
     outs = _launch(algorithm, [grads[i] for i in leaves],
-                   [moments[i] for i in leaves], hyper, block_size, impl)
+                   [moments[i] for i in leaves], hyper, block_size, impl,
+                   [counters[i] for i in leaves], stochastic, key)
     for i, out in zip(leaves, outs):
       results[i] = out
   return results

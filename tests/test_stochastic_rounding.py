@@ -1,0 +1,175 @@
+"""Stochastic rounding of 8-bit moments (AdEMAMix's slow EMA).
+
+The noise is a counter-based, low-discrepancy sequence (``quasi_uniform``)
+shared by the jnp reference and the Triton kernels; rounding picks one of
+the two codes around a value with the probabilities that keep its
+expectation exact (``stochastic_index``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jlowbit import _reference as ref
+from jlowbit import blockwise8
+from jlowbit import codebooks
+from jlowbit.optax_transforms import update8
+
+CODE = codebooks.dynamic(True)
+
+
+def _np_lowbias32(x):
+  """Wellons' lowbias32 in numpy uint64 arithmetic, masked to 32 bits."""
+  x = x.astype(np.uint64)
+  m = np.uint64(0xFFFFFFFF)
+  x ^= x >> np.uint64(16)
+  x = (x * np.uint64(0x7FEB352D)) & m
+  x ^= x >> np.uint64(15)
+  x = (x * np.uint64(0x846CA68B)) & m
+  return x ^ (x >> np.uint64(16))
+
+
+def test_hash32_is_lowbias32_and_a_bijection():
+  x = np.random.default_rng(0).integers(0, 2**32, 10_000, dtype=np.uint64)
+  x = np.concatenate([x, [0, 1, 2**31, 2**32 - 1]]).astype(np.uint32)
+  np.testing.assert_array_equal(ref.hash32(jnp.asarray(x)), _np_lowbias32(x))
+  consecutive = ref.hash32(jnp.arange(1 << 16, dtype=jnp.uint32))
+  assert np.unique(np.asarray(consecutive)).size == 1 << 16
+
+
+def test_quasi_uniform_is_uniform_over_elements():
+  u = np.asarray(ref.quasi_uniform(jnp.arange(1 << 16, dtype=jnp.uint32),
+                                   ref.weyl_offset(jnp.int32(5))))
+  assert u.dtype == np.float32 and u.min() >= 0 and u.max() < 1
+  counts = np.histogram(u, bins=16, range=(0, 1))[0]
+  np.testing.assert_allclose(counts, (1 << 16) / 16, rtol=0.05)
+
+
+def test_quasi_uniform_spreads_each_element_evenly_over_steps():
+  """Each element's noise over N steps leaves no gap wider than ~3/N in
+  [0, 1) (three-gap theorem; independent draws would leave ~ln(N)/N)."""
+  steps = 1024
+  offsets = ref.weyl_offset(jnp.arange(steps))
+  u = jax.vmap(lambda o: ref.quasi_uniform(jnp.arange(8, dtype=jnp.uint32), o))(offsets)
+  for element in np.asarray(u).T:
+    spread = np.sort(element)
+    assert np.diff(np.append(spread, spread[0] + 1)).max() < 3.0 / steps
+  assert len({tuple(np.asarray(u)[:4, i]) for i in range(8)}) == 8  # own phases
+
+
+def _values(n=4096, seed=0):
+  x = np.random.default_rng(seed).uniform(-1, 1, n).astype(np.float32)
+  return np.concatenate([x, CODE[::17], [0.0, -0.0, 1.0, -1.0]]).astype(np.float32)
+
+
+def _stochastic(x, uniform, scale=1.0):
+  x, scale = jnp.asarray(x), jnp.float32(scale)
+  nearest = ref.scaled_tree_index(x, scale, jnp.asarray(ref.decision_tree(CODE)))
+  return np.asarray(ref.stochastic_index(
+      x, scale, nearest, jnp.asarray(CODE), jnp.asarray(ref.code_gaps(CODE)),
+      jnp.asarray(uniform, jnp.float32)))
+
+
+def _bracket(v):
+  lo = np.clip(np.searchsorted(CODE, v, side="right") - 1, 0, CODE.size - 1)
+  hi = np.where(CODE[lo] == v, lo, np.minimum(lo + 1, CODE.size - 1))
+  return lo, hi
+
+
+@pytest.mark.parametrize("scale", [1.0, 3e-3, 2.0**-70])
+@pytest.mark.parametrize("uniform", [0.0, 0.5, 1 - 2.0**-24])
+def test_rounds_to_one_of_the_two_codes_around_the_value(scale, uniform):
+  v = _values()
+  index = _stochastic(v * np.float32(scale), np.full(v.shape, uniform), scale)
+  lo, hi = _bracket(v)
+  assert np.all((index == lo) | (index == hi))
+  on_code = np.isin(v, CODE)
+  np.testing.assert_array_equal(index[on_code], np.searchsorted(CODE, v[on_code]))
+
+
+def test_extremes_and_nan_keep_the_nearest_code():
+  v = np.array([-1.0, -2.0, 1.0, np.nan], np.float32)  # -1 is below CODE[0]
+  for uniform in (0.0, 0.3, 1 - 2.0**-24):
+    np.testing.assert_array_equal(_stochastic(v, np.full(4, uniform)),
+                                  [0, 0, 255, 0])
+
+
+def test_is_unbiased_over_steps():
+  """Averaged over 1024 steps of quasi-uniform noise the dequantized value
+  is the value itself, to a small fraction of a code step."""
+  v = _values(2048, seed=1)
+  offsets = ref.weyl_offset(jnp.arange(1024))
+  counters = jnp.arange(v.size, dtype=jnp.uint32)
+  noise = jax.vmap(lambda o: ref.quasi_uniform(counters, o))(offsets)
+  codes = np.stack([_stochastic(v, u) for u in np.asarray(noise)])
+  mean = CODE[codes].astype(np.float64).mean(axis=0)
+  lo, hi = _bracket(v)
+  inside = v >= CODE[0]
+  step = (CODE[hi] - CODE[lo])[inside]
+  assert np.all(np.abs(mean - v)[inside] <= 0.01 * step)
+  nearest = CODE[np.asarray(ref.nearest_code_index(jnp.asarray(v), jnp.asarray(CODE)))]
+  assert np.mean(np.abs(nearest - v)) > 10 * np.mean(np.abs(mean - v))
+
+
+def test_blockwise_quantization_with_noise_stays_within_one_code():
+  x = jax.random.normal(jax.random.key(0), (3000,))
+  uniform = ref.quasi_uniform(jnp.arange(3000, dtype=jnp.uint32), jnp.uint32(7))
+  nearest, absmax = blockwise8.quantize_blockwise_reference(x, CODE, 256)
+  codes, absmax_sr = blockwise8.quantize_blockwise_reference(x, CODE, 256, uniform)
+  np.testing.assert_array_equal(absmax, absmax_sr)
+  step = np.abs(np.asarray(codes, np.int32) - np.asarray(nearest, np.int32))
+  assert step.max() == 1 and 0.1 < np.mean(step) < 0.6
+
+
+def _slow_ema(stochastic, steps=300, b3=0.999):
+  """AdEMAMix's m2 under a constant gradient, from a random start; returns
+  (dequantized m2, exact EMA)."""
+  rng = np.random.default_rng(0)
+  shape, block_size = (1024,), 256
+  g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  m2 = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  moments = tuple(blockwise8.quantize_blockwise_reference(
+      m, codebooks.dynamic(s), block_size)
+                  for m, s in ((jnp.zeros(shape), True), (m2, True),
+                               (jnp.ones(shape), False)))
+  moments = tuple((c.reshape(shape), a) for c, a in moments)
+  start = blockwise8.dequantize_blockwise_reference(
+      moments[1][0], jnp.asarray(CODE), moments[1][1], block_size, jnp.float32)
+  hyper = jnp.asarray([0.9, 0.999, b3, 5.0, 1e-8, 1.0, 1.0], jnp.float32)
+
+  @jax.jit
+  def step(moments, count):
+    return update8.update_8bit_reference(
+        "ademamix", g, moments, hyper, block_size=block_size,
+        stochastic=(False, stochastic, False),
+        key=update8.rounding_key(count))[1]
+
+  for t in range(1, steps + 1):
+    moments = step(moments, jnp.int32(t))
+  got = blockwise8.dequantize_blockwise_reference(
+      moments[1][0], jnp.asarray(CODE), moments[1][1], block_size, jnp.float32)
+  exact = b3**steps * start + (1 - b3**steps) * g
+  return np.asarray(got), np.asarray(exact)
+
+
+def test_stochastic_rounding_tracks_a_slow_ema_that_nearest_rounding_freezes():
+  got, exact = _slow_ema(stochastic=True)
+  frozen, _ = _slow_ema(stochastic=False)
+  error = np.mean(np.abs(got - exact))
+  assert error < 0.1 * np.mean(np.abs(frozen - exact))  # 0.021 vs 0.34
+  assert error < 0.05 * np.mean(np.abs(exact))  # about half a code step
+
+
+def test_rounding_key_needs_a_key_and_one_flag_per_moment():
+  grad = jnp.ones((300,))
+  moments = tuple(blockwise8.quantize_blockwise_reference(grad, codebooks.dynamic(s), 256)
+                  for s in (True, True, False))
+  hyper = jnp.ones((7,), jnp.float32)
+  with pytest.raises(ValueError, match="key"):
+    update8.update_8bit_reference("ademamix", grad, moments, hyper,
+                                  block_size=256, stochastic=(False, True, False))
+  with pytest.raises(ValueError, match="one flag per moment"):
+    update8.update_8bit_reference("ademamix", grad, moments, hyper,
+                                  block_size=256, stochastic=(True,),
+                                  key=update8.rounding_key(1))
