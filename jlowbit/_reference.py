@@ -304,45 +304,37 @@ def scaled_4bit_index(x: jax.Array, scale: jax.Array, tree: jax.Array,
   return jnp.where(x < 0, magnitude | 8, magnitude)
 
 
-def hash32(x: jax.Array) -> jax.Array:
-  """Wellons' ``lowbias32`` integer hash: a bijection of uint32 ``x``.
-
-  Shifts are logical and products wrap modulo ``2**32`` (uint32 arithmetic),
-  as in the Triton twin.
-  """
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-WEYL_STEP = 10368889  # round(2**24 * (sqrt(5) - 1) / 2), odd
+# Noise of element i at step t: frac(i / g + t / phi) in 32-bit fixed point,
+# truncated to 24 bits; g the plastic number (phases spread evenly over the
+# elements, as in the R2 sequence of Roberts, 2018) and phi the golden ratio
+# (the evenest Weyl sequence over steps).
+PHASE_MULTIPLIER = 3242174889  # round(2**32 / g)
+WEYL_STEP = 2654435769  # round(2**32 / phi), odd: period 2**32 steps
 UNIFORM_BITS = 24
 
 
 def weyl_offset(step: jax.Array) -> jax.Array:
-  """uint32 ``step * WEYL_STEP mod 2**24``: step ``step`` of the additive
-  golden-ratio sequence, in units of ``2**-24``."""
-  step = jnp.asarray(step).astype(jnp.uint32)
-  return (step * jnp.uint32(WEYL_STEP)) & jnp.uint32((1 << UNIFORM_BITS) - 1)
+  """uint32 ``step * WEYL_STEP mod 2**32``: how far every element's noise
+  has advanced at step ``step`` (units of ``2**-32``)."""
+  return jnp.asarray(step).astype(jnp.uint32) * jnp.uint32(WEYL_STEP)
 
 
 def quasi_uniform(counters: jax.Array, offset: jax.Array) -> jax.Array:
-  """Per-element low-discrepancy noise in ``[0, 1)`` (float32, 24 bits).
+  """Low-discrepancy noise in ``[0, 1)`` (float32, 24 bits) of elements
+  ``counters`` (uint32) at a step's ``offset`` (:func:`weyl_offset`).
 
-  Element ``counters`` starts at a random phase ``hash32(counters) >> 8``
-  and advances by the golden ratio every step: ``(phase + offset) mod
-  2**24``, times ``2**-24``, with ``offset = weyl_offset(step)``. Each
-  element's noise is uniform over steps and evenly spread (a Weyl
-  sequence), so stochastic rounding of a slowly moving value rounds up at
-  the right rate with far less accumulated error than independent draws;
-  phases differ between elements. Integer arithmetic only: every backend
-  draws the same numbers.
+  Element ``i`` at step ``t`` draws ``frac(i / g + t / phi)`` (``g`` the
+  plastic number, ``phi`` the golden ratio): over steps each element's
+  noise is a golden-ratio Weyl sequence, uniform and as evenly spread as a
+  sequence can be, so stochastic rounding of a slowly moving value rounds
+  up at the right rate with far less accumulated error than independent
+  draws (``tests/test_stochastic_rounding.py``); over the elements of one
+  step the phases are evenly spread too. Integer arithmetic only
+  (``(i * PHASE_MULTIPLIER + offset) mod 2**32``, top 24 bits): every
+  backend draws the same numbers.
   """
-  mask = jnp.uint32((1 << UNIFORM_BITS) - 1)
-  phase = hash32(counters) >> (32 - UNIFORM_BITS)
-  return ((phase + offset) & mask).astype(jnp.float32) * jnp.float32(2.0 ** -UNIFORM_BITS)
+  fixed = counters * jnp.uint32(PHASE_MULTIPLIER) + offset
+  return (fixed >> (32 - UNIFORM_BITS)).astype(jnp.float32) * jnp.float32(2.0 ** -UNIFORM_BITS)
 
 
 def code_gaps(code: np.ndarray) -> np.ndarray:

@@ -19,23 +19,23 @@ from jlowbit.optax_transforms import update8
 CODE = codebooks.dynamic(True)
 
 
-def _np_lowbias32(x):
-  """Wellons' lowbias32 in numpy uint64 arithmetic, masked to 32 bits."""
-  x = x.astype(np.uint64)
-  m = np.uint64(0xFFFFFFFF)
-  x ^= x >> np.uint64(16)
-  x = (x * np.uint64(0x7FEB352D)) & m
-  x ^= x >> np.uint64(15)
-  x = (x * np.uint64(0x846CA68B)) & m
-  return x ^ (x >> np.uint64(16))
-
-
-def test_hash32_is_lowbias32_and_a_bijection():
-  x = np.random.default_rng(0).integers(0, 2**32, 10_000, dtype=np.uint64)
-  x = np.concatenate([x, [0, 1, 2**31, 2**32 - 1]]).astype(np.uint32)
-  np.testing.assert_array_equal(ref.hash32(jnp.asarray(x)), _np_lowbias32(x))
-  consecutive = ref.hash32(jnp.arange(1 << 16, dtype=jnp.uint32))
-  assert np.unique(np.asarray(consecutive)).size == 1 << 16
+def test_quasi_uniform_is_a_plastic_phase_plus_golden_steps():
+  """Element i at step t draws frac(i / g + t / phi) (g the plastic number,
+  phi the golden ratio): exactly the top 24 bits of its 32-bit fixed-point
+  form, close to the real sequence while the fixed point's rounding stays
+  small."""
+  g, phi = 1.32471795724474602596, (1 + 5**0.5) / 2
+  for t in (0, 1, 7, 100_000):
+    i = [0, 1, 2, 1000, 99_999, 123_456_789, 2**32 - 1]
+    got = np.asarray(ref.quasi_uniform(jnp.asarray(i, jnp.uint32),
+                                       ref.weyl_offset(jnp.int32(t))))
+    fixed = [((k * ref.PHASE_MULTIPLIER + t * ref.WEYL_STEP) % 2**32 >> 8) / 2**24
+             for k in i]
+    np.testing.assert_array_equal(got, np.float32(fixed))
+    if t < 1000:
+      real = np.mod(np.array(i[:5]) / g + t / phi, 1.0)
+      distance = np.abs(got[:5] - real)
+      np.testing.assert_array_less(np.minimum(distance, 1 - distance), 1e-5)
 
 
 def test_quasi_uniform_is_uniform_over_elements():

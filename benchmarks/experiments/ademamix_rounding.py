@@ -4,7 +4,8 @@ Trains the example's GPU-sized byte LM (``examples/train_lm.py``) with
 AdEMAMix at the example's step and float32 embedding state, per seed: the
 32-bit twin and the 8-bit optimizer with each ``--variants`` entry
 (``sr``/``rtn``: stochastic/nearest rounding of the slow EMA; ``-xla``
-suffix: the pure-jnp backend). Writes ``results.json`` to ``--out``::
+suffix: the pure-jnp backend, else the default one). Writes
+``results.json`` and ``loss.png`` to ``--out``::
 
   python benchmarks/experiments/ademamix_rounding.py --seeds 1 2 --out /tmp/r
 """
@@ -47,6 +48,8 @@ def main():
       results.append(r)
       args.out.mkdir(parents=True, exist_ok=True)
       (args.out / "results.json").write_text(json.dumps(results))
+  train_lm.plot([dict(r, optimizer=f"ademamix {r['variant']}") for r in results],
+                args.out / "loss.png")
 
 
 if __name__ == "__main__":

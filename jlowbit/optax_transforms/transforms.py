@@ -248,7 +248,7 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
   its block, so rounding it to the nearest code would freeze it. With
   ``stochastic_rounding`` (the default) it rounds up or down to its two
   neighbouring codes with the probabilities that keep its expected value
-  exact, from a counter-based hash of the step count and the element's
+  exact, from a low-discrepancy sequence of the step count and the element's
   position (reproducible: the same run gives the same codes on every
   backend, and a resumed run continues exactly).
   :math:`\beta_{3,t}, \alpha_t` are ``b3``/``alpha`` evaluated at the step

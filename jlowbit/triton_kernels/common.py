@@ -18,10 +18,11 @@ BUCKET_MANTISSA_BITS = tl.constexpr(ref.BUCKET_MANTISSA_BITS)
 BUCKET_LOW_EXPONENT = tl.constexpr(ref.BUCKET_LOW_EXPONENT)
 BUCKETS = tl.constexpr(ref.BUCKETS)
 TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
-# quasi_uniform: 24-bit phases (hash >> UNIFORM_SHIFT), masked, scaled to [0, 1).
+# quasi_uniform_units: (counter * PHASE_MULTIPLIER + offset) >> UNIFORM_SHIFT,
+# UNITS = 2**24 of them in [0, 1).
+PHASE_MULTIPLIER = tl.constexpr(ref.PHASE_MULTIPLIER)
 UNIFORM_SHIFT = tl.constexpr(32 - ref.UNIFORM_BITS)
-UNIFORM_MASK = tl.constexpr((1 << ref.UNIFORM_BITS) - 1)
-UNIFORM_SCALE = tl.constexpr(2.0 ** -ref.UNIFORM_BITS)
+UNITS = tl.constexpr(float(1 << ref.UNIFORM_BITS))
 # Kernels run by Triton's interpreter (imported with TRITON_INTERPRET=1 in
 # the worker of jlowbit.triton_kernels.launch) take exact arithmetic where
 # compiled ones take GPU approximations with no interpreter counterpart.
@@ -64,7 +65,7 @@ def unpack_nibbles(packed):
 def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
                        BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr,
                        STEPS: tl.constexpr, code_ptr=None, gaps_ptr=None,
-                       uniform=None, STOCHASTIC: tl.constexpr = False):
+                       units=None, STOCHASTIC: tl.constexpr = False):
   """Blockwise codes of a flat tile of ``BLOCKS`` whole blocks.
 
   ``x`` is float32 ``[BLOCKS * BLOCKSIZE]`` (lanes past the data must hold
@@ -78,7 +79,7 @@ def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
   ``search_ptr``. The tile stays one-dimensional so that the table gathers
   keep a coalesced layout. With ``STOCHASTIC`` (bucketed search only) the
   codes round stochastically (:func:`stochastic_step`) with the noise
-  ``uniform`` through the codebook at ``code_ptr`` and its gaps at
+  ``units`` through the codebook at ``code_ptr`` and its scaled gaps at
   ``gaps_ptr``.
   """
   absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
@@ -95,7 +96,7 @@ def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
       codes = stochastic_step(
           x * broadcast_rows(factor, BLOCKS, BLOCKSIZE),
           broadcast_rows(scale, BLOCKS, BLOCKSIZE), codes, code_ptr, gaps_ptr,
-          uniform, CODE_BITS)
+          units, CODE_BITS)
   else:
     tl.static_assert(not STOCHASTIC, "stochastic rounding needs STEPS > 0")
     codes = scaled_tree_index(x, broadcast_rows(scale, BLOCKS, BLOCKSIZE),
@@ -217,35 +218,26 @@ def scaled_4bit_index(x, scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr
 
 
 @triton.jit
-def hash32(x):
-  """Twin of ``jlowbit._reference.hash32`` on uint32 ``x`` (logical shifts,
-  products modulo ``2**32``)."""
-  x = x ^ (x >> 16)
-  x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
-  x = x ^ (x >> 15)
-  x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
-  return x ^ (x >> 16)
+def quasi_uniform_units(counters, offset):
+  """``jlowbit._reference.quasi_uniform`` in units of ``2**-24`` (float32
+  integers in ``[0, 2**24)``): uint32 ``counters``, the step's ``offset``."""
+  fixed = counters * tl.full(counters.shape, PHASE_MULTIPLIER, tl.uint32) + offset
+  return (fixed >> UNIFORM_SHIFT).to(tl.float32)
 
 
 @triton.jit
-def quasi_uniform(counters, offset):
-  """Twin of ``jlowbit._reference.quasi_uniform``: float32 in ``[0, 1)``
-  from uint32 ``counters`` and the step's uint32 ``offset``."""
-  phase = hash32(counters) >> UNIFORM_SHIFT
-  return ((phase + offset) & UNIFORM_MASK).to(tl.float32) * UNIFORM_SCALE
-
-
-@triton.jit
-def stochastic_step(x, scale, index, code_ptr, gaps_ptr, uniform,
+def stochastic_step(x, scale, index, code_ptr, gaps_ptr, units,
                     CODE_BITS: tl.constexpr):
   """``jlowbit._reference.stochastic_index`` on the operands ``x``,
   ``scale`` of :func:`exact_comparison_operands`: the nearest code
   ``index`` of ``x / scale`` rounded stochastically to one of its bracketing
-  codes by the noise ``uniform``; ``gaps_ptr``: the ``[2, 2**k]`` signed
-  gaps of the codebook at ``code_ptr``."""
+  codes by the noise ``units`` (:func:`quasi_uniform_units`). ``gaps_ptr``:
+  the ``[2, 2**k]`` signed gaps of the codebook at ``code_ptr``, times
+  ``2**-24`` (so ``units * gap`` is the reference's ``uniform * gap``: both
+  scalings by powers of two are exact)."""
   nearest = tl.load(code_ptr + index)
   above = nearest * scale > x
-  weight = tl.where(above, 1.0 - uniform, uniform)
+  weight = tl.where(above, UNITS - units, units)
   gap = tl.load(gaps_ptr + index + tl.where(above, 0, 1 << CODE_BITS))
   point = (nearest + weight * gap) * scale
   return index - above.to(tl.int32) + (point < x).to(tl.int32)

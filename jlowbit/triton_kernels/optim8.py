@@ -61,13 +61,13 @@ per element instead of eight, no division, the codes of the reference.
 
 **Stochastic rounding.** Moments flagged ``stochastic`` (AdEMAMix's slow
 EMA by default) round to one of their two bracketing codes
-(:func:`jlowbit.triton_kernels.common.stochastic_step`, one more gather per
-element) with the noise of :func:`jlowbit._reference.quasi_uniform`: a hash
-of the element's counter (its position in the concatenation of the call's
-leaves) gives a phase, and the step's
-``key`` (a uint32 ``[1]`` array) advances every phase along a golden-ratio
-Weyl sequence. Integer arithmetic only, so the reference draws the same
-numbers.
+(:func:`jlowbit.triton_kernels.common.stochastic_step`: two more gathers per
+element) with the low-discrepancy noise of
+:func:`jlowbit._reference.quasi_uniform`: the element's counter (its
+position in the concatenation of the call's leaves) sets its phase, and the
+step's ``key`` (a uint32 ``[1]`` array) advances every phase by the same
+golden-ratio Weyl step. Integer
+arithmetic only, so the reference draws the same numbers.
 
 ``ibc1 = 1 / (1 - b1**t)`` and ``isbc2 = 1 / sqrt(1 - b2**t)`` are computed
 once per step by XLA (scalar work that costs a kernel ~20% of its
@@ -252,7 +252,7 @@ def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, tile, offsets, mask, n,
 
 @triton.jit
 def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, starts_ptr, tile,
-                  offsets, mask, n, uniform, BLOCKSIZE: tl.constexpr,
+                  offsets, mask, n, units, BLOCKSIZE: tl.constexpr,
                   TILE: tl.constexpr, CODE_BITS: tl.constexpr,
                   STEPS: tl.constexpr, STOCHASTIC: tl.constexpr):
   """Requantizes one moment tile blockwise; stores its codes and absmax.
@@ -260,23 +260,26 @@ def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, starts_ptr, tile,
   ``qmap_ptr``: the codebook, followed by its sorted thresholds and its
   ``[2, 256]`` gaps; ``starts_ptr``: its bucket starts. Lanes off ``mask`` are zeroed
   first so they cannot raise a block's absmax. With ``STOCHASTIC`` the
-  nearest codes are rounded stochastically with the noise ``uniform``.
+  nearest codes are rounded stochastically with the noise ``units``
+  (:func:`_noise`).
   """
   codes, absmax = common.quantize_flat_tile(
       tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), starts_ptr,
       BLOCKSIZE, TILE // BLOCKSIZE, CODE_BITS, STEPS, qmap_ptr,
-      qmap_ptr + (2 << CODE_BITS), uniform, STOCHASTIC)
+      qmap_ptr + (2 << CODE_BITS), units, STOCHASTIC)
   tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
   block, block_mask = _tile_blocks(tile, n, BLOCKSIZE, TILE)
   tl.store(absmax_ptr + block, absmax, mask=block_mask)
 
 
 @triton.jit
-def _noise(key_ptr, offsets, counter):
-  """Rounding noise of a tile: :func:`common.quasi_uniform` of the counters
-  ``counter + offsets`` (modulo ``2**32``) at the step offset ``key``."""
-  counters = (offsets + counter).to(tl.uint32)
-  return common.quasi_uniform(counters, tl.load(key_ptr))
+def _noise(key_ptr, tile, counter, TILE: tl.constexpr):
+  """Rounding noise of leaf tile ``tile`` (:func:`common.quasi_uniform_units`)
+  at the step offset ``key``: element ``j`` of the leaf has the counter
+  ``counter + j`` (modulo ``2**32``)."""
+  first = (tile.to(tl.uint32) * TILE + counter).to(tl.uint32)
+  return common.quasi_uniform_units(first + tl.arange(0, TILE).to(tl.uint32),
+                                    tl.load(key_ptr))
 
 
 @triton.jit
@@ -329,7 +332,7 @@ def _kernel_source(algorithm: str, layout: Layout,
   ins, outs = _leaf_pointers("_ptr", k)
   tile_params = [*ins, *outs, "qmaps_ptr", "starts_ptr", "hyper_ptr", "key_ptr",
                  "tile", "n_chunks", "counter", *constexprs]
-  noise = ["uniform = _noise(key_ptr, offsets, counter)"] if any(stochastic) else []
+  noise = ["units = _noise(key_ptr, tile, counter, TILE)"] if any(stochastic) else []
   tile_body = [
       "offsets, mask, n = _leaf_tile(tile, n_chunks, CHUNK, TILE)",
       "grad = _load_grad(g_ptr, offsets, mask)",
@@ -339,7 +342,7 @@ def _kernel_source(algorithm: str, layout: Layout,
       "_store_direction(d_ptr, direction, offsets, mask)",
       *noise,
       *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {qmap(j)}, {starts(j)}, "
-        f"tile, offsets, mask, n, {'uniform' if stochastic[j] else 'None'}, "
+        f"tile, offsets, mask, n, {'units' if stochastic[j] else 'None'}, "
         f"BLOCKSIZE, TILE, CODE_BITS, STEPS, {stochastic[j]})" for j in range(k)),
   ]
   ins, outs = zip(*(_leaf_pointers(f"_{i}", k) for i in range(len(layout))))
@@ -381,7 +384,7 @@ def _search_tables() -> tuple[np.ndarray, np.ndarray, int]:
   for signed in (True, False):
     code = codebooks.dynamic(signed)
     thresholds, bucket_starts, bucket_steps = ref.code_search(code)
-    maps.append((code, thresholds, *ref.code_gaps(code)))
+    maps.append((code, thresholds, *ref.code_gaps(code) * 2.0**-ref.UNIFORM_BITS))
     starts.append(bucket_starts)
     steps.append(bucket_steps)
   assert min(steps) > 0, "the dynamic codebooks have bucketed searches"
@@ -394,7 +397,8 @@ def _search_tables() -> tuple[np.ndarray, np.ndarray, int]:
 def qmaps() -> np.ndarray:
   """float32 ``[2, 4, 256]``: [signed, unsigned] x [codebook, thresholds
   (sorted, NaN last: :func:`jlowbit._reference.bucket_search_table`),
-  gaps down, gaps up (:func:`jlowbit._reference.code_gaps`)]."""
+  gaps down, gaps up (:func:`jlowbit._reference.code_gaps`, times
+  ``2**-24``: the kernels draw noise in units of ``2**-24``)]."""
   return _search_tables()[0]
 
 
