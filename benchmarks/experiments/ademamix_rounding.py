@@ -48,7 +48,7 @@ def main():
       results.append(r)
       args.out.mkdir(parents=True, exist_ok=True)
       (args.out / "results.json").write_text(json.dumps(results))
-  train_lm.plot([dict(r, optimizer=f"ademamix {r['variant']}") for r in results],
+  train_lm.plot([dict(r, optimizer=f"{r['optimizer']} {r['variant']}") for r in results],
                 args.out / "loss.png")
 
 
