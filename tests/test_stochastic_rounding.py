@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jlowbit as lowbit
 from jlowbit import _reference as ref
 from jlowbit import blockwise8
 from jlowbit import codebooks
@@ -173,3 +174,9 @@ def test_rounding_key_needs_a_key_and_one_flag_per_moment():
     update8.update_8bit_reference("ademamix", grad, moments, hyper,
                                   block_size=256, stochastic=(True,),
                                   key=update8.rounding_key(1))
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_stochastic_rounding_flag_must_be_a_bool(value):
+  with pytest.raises(TypeError, match="stochastic_rounding must be True or False"):
+    lowbit.ademamix_8bit(1e-3, stochastic_rounding=value)

@@ -149,7 +149,8 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
   return optax.chain(
       transforms.scale_by_ademamix_8bit(
           b1, b2, b3, alpha, eps, t_alpha=t_alpha, t_beta3=t_beta3,
-          stochastic_rounding=stochastic_rounding, block_size=block_size, min_8bit_size=min_8bit_size, impl=impl),
+          stochastic_rounding=stochastic_rounding, block_size=block_size,
+          min_8bit_size=min_8bit_size, impl=impl),
       _decay(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
 

@@ -276,6 +276,10 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
     Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
     <https://arxiv.org/abs/2409.03137>`_, 2024.
   """
+  if not isinstance(stochastic_rounding, bool):
+    raise TypeError(f"stochastic_rounding must be True or False, got "
+                    f"{stochastic_rounding!r}")
+
   def hyper(count, t):
     b3_t, alpha_t = ademamix_schedules(
         b1, _scheduled(b3, count), _scheduled(alpha, count), t, t_alpha,

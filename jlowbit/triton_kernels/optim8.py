@@ -66,8 +66,8 @@ element) with the low-discrepancy noise of
 :func:`jlowbit._reference.quasi_uniform`: the element's counter (its
 position in the concatenation of the call's leaves) sets its phase, and the
 step's ``key`` (a uint32 ``[1]`` array) advances every phase by the same
-golden-ratio Weyl step. Integer
-arithmetic only, so the reference draws the same numbers.
+golden-ratio Weyl step. Integer arithmetic only, so the reference draws the
+same numbers.
 
 ``ibc1 = 1 / (1 - b1**t)`` and ``isbc2 = 1 / sqrt(1 - b2**t)`` are computed
 once per step by XLA (scalar work that costs a kernel ~20% of its
@@ -252,16 +252,16 @@ def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, tile, offsets, mask, n,
 
 @triton.jit
 def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, starts_ptr, tile,
-                  offsets, mask, n, units, BLOCKSIZE: tl.constexpr,
-                  TILE: tl.constexpr, CODE_BITS: tl.constexpr,
+                  offsets, mask, n, BLOCKSIZE: tl.constexpr,
+                  TILE: tl.constexpr, units, CODE_BITS: tl.constexpr,
                   STEPS: tl.constexpr, STOCHASTIC: tl.constexpr):
   """Requantizes one moment tile blockwise; stores its codes and absmax.
 
   ``qmap_ptr``: the codebook, followed by its sorted thresholds and its
-  ``[2, 256]`` gaps; ``starts_ptr``: its bucket starts. Lanes off ``mask`` are zeroed
-  first so they cannot raise a block's absmax. With ``STOCHASTIC`` the
-  nearest codes are rounded stochastically with the noise ``units``
-  (:func:`_noise`).
+  ``[2, 256]`` gaps; ``starts_ptr``: its bucket starts. Lanes off ``mask``
+  are zeroed first so they cannot raise a block's absmax. With
+  ``STOCHASTIC`` the nearest codes are rounded stochastically with the
+  noise ``units`` (:func:`_noise`).
   """
   codes, absmax = common.quantize_flat_tile(
       tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), starts_ptr,
@@ -342,8 +342,8 @@ def _kernel_source(algorithm: str, layout: Layout,
       "_store_direction(d_ptr, direction, offsets, mask)",
       *noise,
       *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {qmap(j)}, {starts(j)}, "
-        f"tile, offsets, mask, n, {'units' if stochastic[j] else 'None'}, "
-        f"BLOCKSIZE, TILE, CODE_BITS, STEPS, {stochastic[j]})" for j in range(k)),
+        f"{tile_args}, {'units' if stochastic[j] else 'None'}, CODE_BITS, "
+        f"STEPS, {stochastic[j]})" for j in range(k)),
   ]
   ins, outs = zip(*(_leaf_pointers(f"_{i}", k) for i in range(len(layout))))
   params = [*sum(ins, []), "qmaps_ptr", "starts_ptr", "hyper_ptr", "key_ptr",
