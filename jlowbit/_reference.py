@@ -116,27 +116,29 @@ def decision_tree(code: np.ndarray) -> np.ndarray:
   return np.concatenate([np.zeros(1, np.float32), thresholds[rank]])
 
 
-BUCKET_MANTISSA_BITS = 7  # buckets per octave: 2**7
-BUCKET_LOW_EXPONENT = 104  # biased exponent of the lowest bucketed octave (2**-23)
-BUCKETS = ((127 - BUCKET_LOW_EXPONENT) << BUCKET_MANTISSA_BITS) + 2  # per sign
+BUCKET_KEY_SHIFT = 16  # a bucket key: the float32 bits of x / scale >> 16
+BUCKET_KEYS = 1 << (32 - BUCKET_KEY_SHIFT)  # sign, exponent, 7 mantissa bits
 _BUCKET_MARGIN = 2.0 ** -18  # relative error allowed in a kernel's x * (1 / scale)
 MAX_BUCKET_STEPS = 4
 
 
 def _bucket_ranges() -> tuple[np.ndarray, np.ndarray]:
-  """float64 ``[lo, hi]`` of ``|x / scale|`` covered by each bucket of one sign.
+  """float64 ``[lo, hi]`` of ``x / scale`` covered by each bucket key.
 
-  Bucket 0 holds ``[0, 2**-23)``, bucket ``BUCKETS - 1`` holds ``[1, inf]``;
-  bucket ``j`` in between holds the floats whose exponent and top
-  :data:`BUCKET_MANTISSA_BITS` mantissa bits are ``(low << bits) + j - 1``.
+  Key ``k`` holds the float32 values whose bits are ``k << 16`` up to
+  ``(k + 1) << 16`` (exclusive); subnormal keys hold ``[0, 2**-126]`` of
+  their sign (a kernel's ``r`` may flush there), the infinity keys hold
+  ``[inf, inf]`` of their sign and NaN keys hold NaN.
   """
-  shift = 23 - BUCKET_MANTISSA_BITS
-  keys = (BUCKET_LOW_EXPONENT << BUCKET_MANTISSA_BITS) + np.arange(BUCKETS - 2)
-  lo = (keys << shift).astype(np.uint32).view(np.float32).astype(np.float64)
-  hi = ((keys + 1) << shift).astype(np.uint32).view(np.float32).astype(np.float64)
-  first = 2.0 ** (BUCKET_LOW_EXPONENT - 127)
-  return (np.concatenate([[0.0], lo, [1.0]]),
-          np.concatenate([[first], hi, [np.inf]]))
+  magnitude = np.arange(BUCKET_KEYS // 2, dtype=np.uint32)
+  with np.errstate(invalid="ignore"):
+    lo = (magnitude << BUCKET_KEY_SHIFT).view(np.float32).astype(np.float64)
+    hi = ((magnitude + 1) << BUCKET_KEY_SHIFT).view(np.float32).astype(np.float64)
+  subnormal = lo < np.finfo(np.float32).tiny
+  lo[subnormal], hi[subnormal] = 0.0, np.finfo(np.float32).tiny
+  hi[np.isinf(lo)] = np.inf
+  hi[np.isnan(lo)] = np.nan
+  return np.concatenate([lo, -hi]), np.concatenate([hi, -lo])
 
 
 def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -144,30 +146,36 @@ def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
   The Triton kernels find ``count(t * scale <= x)`` (``t`` the
   :func:`decision_thresholds`, i.e. the nearest code's index) without the
-  tree's 8 dependent gathers: the float32 bits of ``r = x * (1 / scale)``
-  (sign, exponent and top :data:`BUCKET_MANTISSA_BITS` mantissa bits) pick a
-  bucket, whose ``start`` is a lower bound of the index for every ``x`` the
-  bucket can hold (``r`` relatively off by up to ``2**-18``); ``steps``
-  comparisons ``t[index] * scale <= x``, each adding 1, then reach the
-  index exactly. The comparisons are the tree's, so the result is the same
-  for every input; NaN ``x`` gives 0.
+  tree's 8 dependent gathers: the top 16 bits of ``r = x * (1 / scale)``
+  (sign, exponent and 7 mantissa bits) are a bucket key, whose ``start`` is
+  a lower bound of the index for every ``x`` the key can hold (``r``
+  relatively off by up to ``2**-18``); ``steps`` comparisons
+  ``t[index] * scale <= x``, each adding 1, then reach the index exactly.
+  The comparisons are the tree's, so the result is the same for every ``x``
+  of the block (``|x| <= scale``, or ``scale = inf``). NaN keys start (and
+  stay) at 0; ``-inf`` (``x = -inf`` in a block of scale ``inf``, where
+  ``t * scale <= x`` holds for the negative ``t`` only) starts at the
+  number of negative thresholds.
 
   Args:
     code: float32 ``[2**k]``, strictly increasing (host values).
 
   Returns:
     ``(thresholds, starts, steps)``: float32 ``[2**k]`` sorted thresholds with
-    NaN last (a comparison against it is false), uint8 ``[2 * BUCKETS]``
-    starts (``BUCKETS`` for ``r >= 0``, then for ``r < 0``, each by
-    ``|r|``), and the number of comparisons needed: 0 when the search
+    NaN last (a comparison against it is false), uint8 ``[BUCKET_KEYS]``
+    starts by key, and the number of comparisons needed: 0 when the search
     does not apply (more than :data:`MAX_BUCKET_STEPS` comparisons, or a
     threshold of magnitude below ``2**-41``, too close to 0 for the
     relative-error argument): the kernels then descend the tree.
   """
   thresholds = decision_thresholds(code).astype(np.float64)
   lo, hi = _bucket_ranges()
-  low = np.concatenate([lo * (1 - _BUCKET_MARGIN), -hi * (1 + _BUCKET_MARGIN)])
-  high = np.concatenate([hi * (1 + _BUCKET_MARGIN), -lo * (1 - _BUCKET_MARGIN)])
+  minus_inf = np.isneginf(hi)  # starts as -0
+  lo[minus_inf] = hi[minus_inf] = -0.0
+  nan = np.isnan(lo)  # starts at 0, takes no step
+  lo[nan] = hi[nan] = -np.inf
+  low = np.where(lo > 0, lo * (1 - _BUCKET_MARGIN), lo * (1 + _BUCKET_MARGIN))
+  high = np.where(hi > 0, hi * (1 + _BUCKET_MARGIN), hi * (1 - _BUCKET_MARGIN))
   starts = np.searchsorted(thresholds, low, side="left")
   steps = int(np.max(np.searchsorted(thresholds, high, side="right") - starts))
   if steps > MAX_BUCKET_STEPS or np.min(np.abs(thresholds)) < 2.0 ** -41:

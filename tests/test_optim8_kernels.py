@@ -396,7 +396,7 @@ def test_decision_tree_equals_nearest_code_index(code):
 def test_qmaps_layout():
   maps, starts = optim8.qmaps(), optim8.bucket_starts()
   assert maps.shape == (2, 4, 256) and maps.dtype == np.float32
-  assert starts.shape == (2, 2 * ref.BUCKETS) and starts.dtype == np.uint8
+  assert starts.shape == (2, ref.BUCKET_KEYS) and starts.dtype == np.uint8
   for i, signed in enumerate((True, False)):
     thresholds, bucket_starts, _ = ref.bucket_search_table(codebooks.dynamic(signed))
     np.testing.assert_array_equal(maps[i, 0], codebooks.dynamic(signed))

@@ -14,9 +14,7 @@ import triton.language as tl
 
 from jlowbit import _reference as ref
 
-BUCKET_MANTISSA_BITS = tl.constexpr(ref.BUCKET_MANTISSA_BITS)
-BUCKET_LOW_EXPONENT = tl.constexpr(ref.BUCKET_LOW_EXPONENT)
-BUCKETS = tl.constexpr(ref.BUCKETS)
+BUCKET_KEY_SHIFT = tl.constexpr(ref.BUCKET_KEY_SHIFT)
 TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
 # quasi_uniform_units: (counter * PHASE_MULTIPLIER + offset) >> UNIFORM_SHIFT,
 # UNITS = 2**24 of them in [0, 1).
@@ -179,25 +177,20 @@ def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, starts_ptr,
   """:func:`scaled_tree_index`'s index in ``STEPS + 1`` gathers instead of 8.
 
   ``x``, ``scale`` (> 0) and ``inv_scale`` (about ``1 / scale``) as after
-  :func:`exact_comparison_operands`. The bits of ``r = x * inv_scale``
-  (sign, exponent, top ``BUCKET_MANTISSA_BITS`` of the mantissa) pick a
-  bucket of ``jlowbit._reference.bucket_search_table``, whose start is a
-  lower bound of the index; ``STEPS`` comparisons ``t[index] * scale <= x``
-  of the sorted thresholds ``t`` finish it. A NaN ``r`` comes from a NaN
-  ``x`` (index 0, set last) or from ``x = +-inf`` with ``scale = inf``
-  (``+inf``: above every threshold; ``-inf``: as 0).
+  :func:`exact_comparison_operands`. The top 16 bits of ``r = x *
+  inv_scale`` are a key of ``jlowbit._reference.bucket_search_table``, whose
+  start is a lower bound of the index; ``STEPS`` comparisons ``t[index] *
+  scale <= x`` of the sorted thresholds ``t`` finish it. ``r`` is NaN for a
+  NaN ``x`` (a NaN key: index 0) and for ``x = +-inf`` in a block of scale
+  ``inf``, which then keys by ``x`` itself.
   """
   r = x * inv_scale
-  r = tl.where(r == r, r, tl.where(x > 0, x, 0.0))
-  bits = r.to(tl.int32, bitcast=True)
-  bucket = (((bits & 0x7FFFFFFF) >> (23 - BUCKET_MANTISSA_BITS))
-            - ((BUCKET_LOW_EXPONENT << BUCKET_MANTISSA_BITS) - 1))
-  bucket = tl.minimum(tl.maximum(bucket, 0), BUCKETS - 1)
-  bucket += tl.where(bits < 0, BUCKETS, 0)
-  index = tl.load(starts_ptr + bucket).to(tl.int32)
+  r = tl.where(r == r, r, x)
+  key = r.to(tl.uint32, bitcast=True) >> BUCKET_KEY_SHIFT
+  index = tl.load(starts_ptr + key).to(tl.int32)
   for _ in tl.static_range(STEPS):
     index += (tl.load(thresholds_ptr + index) * scale <= x).to(tl.int32)
-  return tl.where(x == x, index, 0)
+  return index
 
 
 @triton.jit

@@ -51,11 +51,11 @@ adagrad    eps                              v = v + g g; d = g / (sqrt(v) + eps)
 
 First moments use the signed dynamic codebook, second moments (``v``,
 ``nu``) the unsigned one. Both reach the kernels in one float32
-``[2, 2, 256]`` array ``qmaps`` (``[signed, unsigned] x [codebook, sorted
-thresholds]``) and one uint8 array of bucket starts
+``[2, 4, 256]`` array ``qmaps`` (``[signed, unsigned] x [codebook, sorted
+thresholds, gaps down, gaps up]``) and one uint8 array of bucket starts
 (:func:`jlowbit._reference.bucket_search_table`): requantization compares
 ``threshold * absmax <= moment`` like the reference's decision tree, but
-starts from the bucket of the moment's float bits
+starts from the bucket keyed by the top 16 bits of ``moment / absmax``
 (:func:`jlowbit.triton_kernels.common.scaled_bucket_index`): two gathers
 per element instead of eight, no division, the codes of the reference.
 
@@ -326,7 +326,7 @@ def _kernel_source(algorithm: str, layout: Layout,
   k = len(alg.moments)
   constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
   qmap = lambda j: "qmaps_ptr" if signed[j] else "qmaps_ptr + (4 << CODE_BITS)"
-  starts = lambda j: "starts_ptr" if signed[j] else "starts_ptr + 2 * common.BUCKETS"
+  starts = lambda j: "starts_ptr" if signed[j] else f"starts_ptr + {ref.BUCKET_KEYS}"
   moments = ", ".join(f"m{j}" for j in range(k))
   tile_args = "tile, offsets, mask, n, BLOCKSIZE, TILE"
   ins, outs = _leaf_pointers("_ptr", k)
@@ -403,7 +403,7 @@ def qmaps() -> np.ndarray:
 
 
 def bucket_starts() -> np.ndarray:
-  """uint8 ``[2, 2 * BUCKETS]``: the bucket starts of [signed, unsigned]."""
+  """uint8 ``[2, BUCKET_KEYS]``: the bucket starts of [signed, unsigned]."""
   return _search_tables()[1]
 
 
