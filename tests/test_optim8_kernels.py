@@ -19,6 +19,7 @@ from conftest import FLOAT_DTYPES, KERNEL_IMPLS, assert_same_cast
 
 from jlowbit import _reference as ref
 from jlowbit import codebooks
+from jlowbit.optax_transforms import update8
 from jlowbit.blockwise8 import (dequantize_blockwise_reference,
                                 quantize_blockwise_reference)
 
@@ -162,7 +163,6 @@ def test_matches_contract_reference(impl, case, dtype, algorithm):
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_matches_library_reference(impl, algorithm):
-  update8 = pytest.importorskip("jlowbit.optax_transforms.update8")
   shape, block_size = ((5, 300), 256) if impl == "interpret" else ((4099, 1001), 256)
   grad, moments, hyper = _inputs(algorithm, shape, "bfloat16", block_size, seed=7)
   d, new = optim8.fused_update(algorithm, grad, moments, hyper,
@@ -257,6 +257,20 @@ def test_generated_kernel_dispatches_by_binary_search():
   kernel = optim8.update_kernel("lion", layout, (False,))
   assert optim8.update_kernel("lion", layout, (False,)) is kernel
   assert "_noise(" in optim8._kernel_source("lion", layout, (True,))
+
+
+def test_momentum_direction_comes_from_the_old_state():
+  layout = ((0, 100, 0), (4, 50, 1600))
+  momentum = optim8._kernel_source("momentum", layout, (False,))
+  assert "_store_direction" not in momentum and "d_0" not in momentum
+  assert "_store_direction(d_ptr" in optim8._kernel_source("adam", layout, (False, False))
+  grad, moments, hyper = _inputs("momentum", (3, 300), "bfloat16", 128, seed=4)
+  direction = optim8.fused_update("momentum", grad, moments, hyper,
+                                  block_size=128, impl="interpret")[0]
+  want = update8.direction_8bit_reference("momentum", grad, moments, hyper,
+                                          block_size=128)
+  np.testing.assert_array_equal(direction, want)
+  assert direction.dtype == jnp.bfloat16 and direction.shape == (3, 300)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

@@ -212,11 +212,8 @@ def update_8bit_reference(
   _check(algorithm, moments, hyper)
   signed = MOMENT_SIGNED[algorithm]
   stochastic = check_stochastic(algorithm, stochastic, key)
-  old = tuple(
-      blockwise8.dequantize_blockwise_reference(
-          codes.reshape(-1), codebook(s), absmax, block_size, jnp.float32)
-      for (codes, absmax), s in zip(moments, signed))
-  d, new = update_fp32(algorithm, grad.reshape(-1), old, hyper)
+  d, new = update_fp32(algorithm, grad.reshape(-1),
+                       _dequantized(algorithm, moments, block_size), hyper)
   requantized = []
   for value, s, sr in zip(new, signed, stochastic):
     uniform = element_uniform(value.size, key, counter_offset) if sr else None
@@ -224,6 +221,26 @@ def update_8bit_reference(
         value, codebooks.dynamic(s), block_size, uniform)
     requantized.append((codes.reshape(grad.shape), absmax))
   return d.reshape(grad.shape), tuple(requantized)
+
+
+def direction_8bit_reference(
+    algorithm: str, grad: jax.Array,
+    moments: tuple[tuple[jax.Array, jax.Array], ...], hyper: jax.Array, *,
+    block_size: int) -> jax.Array:
+  """The direction of :func:`update_8bit_reference` alone (its ``[0]``): the
+  math on the dequantized old state, without requantizing."""
+  _check(algorithm, moments, hyper)
+  d, _ = update_fp32(algorithm, grad.reshape(-1),
+                     _dequantized(algorithm, moments, block_size), hyper)
+  return d.reshape(grad.shape)
+
+
+def _dequantized(algorithm: str, moments, block_size: int) -> tuple[jax.Array, ...]:
+  """Flat float32 values of ``moments`` (codebooks of ``algorithm``)."""
+  return tuple(
+      blockwise8.dequantize_blockwise_reference(
+          codes.reshape(-1), codebook(s), absmax, block_size, jnp.float32)
+      for (codes, absmax), s in zip(moments, MOMENT_SIGNED[algorithm]))
 
 
 def check_stochastic(algorithm: str, stochastic, key) -> tuple[bool, ...]:

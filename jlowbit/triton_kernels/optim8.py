@@ -123,17 +123,24 @@ class Algorithm:
   value exactly (Lion's signs, NaN included, in bfloat16), written by the
   kernel instead of the gradient's dtype and widened by XLA in the fusion
   that applies the update: 2 bytes per parameter less traffic each way.
+  ``direction_from_state``: the kernel writes no direction; the wrapper
+  computes it from the step's old state with the reference math
+  (:func:`jlowbit.optax_transforms.update8.direction_8bit_reference`), which
+  XLA fuses into the update's consumer (``optax.apply_updates``): for
+  SGD-momentum that reads the 1-byte codes again instead of writing and
+  reading a 4-byte direction.
   """
   math: str
   moments: tuple[str, ...]
   exact_direction_dtype: object = None
+  direction_from_state: bool = False
 
 
 ALGORITHMS = {
     "adam": Algorithm("adam_math", ("m", "v")),
     "ademamix": Algorithm("ademamix_math", ("m1", "m2", "nu")),
     "lion": Algorithm("lion_math", ("m",), jnp.bfloat16),
-    "momentum": Algorithm("momentum_math", ("m",)),
+    "momentum": Algorithm("momentum_math", ("m",), direction_from_state=True),
     "rmsprop": Algorithm("rmsprop_math", ("v",)),
     "adagrad": Algorithm("adagrad_math", ("v",)),
 }
@@ -292,28 +299,30 @@ def _store_direction(d_ptr, d, offsets, mask):
 Layout = tuple[tuple[int, int, int], ...]
 
 
-def _leaf_pointers(suffix: str, moments: int) -> tuple[list[str], list[str]]:
+def _leaf_pointers(suffix: str, alg: Algorithm) -> tuple[list[str], list[str]]:
   """Names of one leaf's (input, output) pointers: ``g``, ``c<j>``/``a<j>``
-  (codes/absmax of moment j), ``d``, ``oc<j>``/``oa<j>``, each + ``suffix``."""
-  pairs = [f"{p}{j}{suffix}" for j in range(moments) for p in "ca"]
-  return [f"g{suffix}", *pairs], [f"d{suffix}", *("o" + p for p in pairs)]
+  (codes/absmax of moment j), ``d`` (unless ``direction_from_state``),
+  ``oc<j>``/``oa<j>``, each + ``suffix``."""
+  pairs = [f"{p}{j}{suffix}" for j in range(len(alg.moments)) for p in "ca"]
+  direction = [] if alg.direction_from_state else [f"d{suffix}"]
+  return [f"g{suffix}", *pairs], [*direction, *("o" + p for p in pairs)]
 
 
-def _leaf_dispatch(layout: Layout, moments: int, lo: int, hi: int,
+def _leaf_dispatch(layout: Layout, alg: Algorithm, lo: int, hi: int,
                    indent: str) -> list[str]:
   """Nested ``if``\\ s calling the tile function on the leaf (of ``lo:hi``)
   that owns ``tile``."""
   if hi - lo == 1:
     first, n_chunks, counter = layout[lo]
-    ins, outs = _leaf_pointers(f"_{lo}", moments)
+    ins, outs = _leaf_pointers(f"_{lo}", alg)
     return [f"{indent}_update_tile({', '.join(ins + outs)}, qmaps_ptr, "
             f"starts_ptr, hyper_ptr, key_ptr, tile - {first}, {n_chunks}, "
             f"{counter}, BLOCKSIZE, TILE, CHUNK, CODE_BITS, STEPS)"]
   mid = (lo + hi) // 2
   return ([f"{indent}if tile < {layout[mid][0]}:"]
-          + _leaf_dispatch(layout, moments, lo, mid, indent + "  ")
+          + _leaf_dispatch(layout, alg, lo, mid, indent + "  ")
           + [f"{indent}else:"]
-          + _leaf_dispatch(layout, moments, mid, hi, indent + "  "))
+          + _leaf_dispatch(layout, alg, mid, hi, indent + "  "))
 
 
 _CONSTEXPRS = ("BLOCKSIZE", "TILE", "CHUNK", "CODE_BITS", "STEPS")
@@ -329,7 +338,7 @@ def _kernel_source(algorithm: str, layout: Layout,
   starts = lambda j: "starts_ptr" if signed[j] else f"starts_ptr + {ref.BUCKET_KEYS}"
   moments = ", ".join(f"m{j}" for j in range(k))
   tile_args = "tile, offsets, mask, n, BLOCKSIZE, TILE"
-  ins, outs = _leaf_pointers("_ptr", k)
+  ins, outs = _leaf_pointers("_ptr", alg)
   tile_params = [*ins, *outs, "qmaps_ptr", "starts_ptr", "hyper_ptr", "key_ptr",
                  "tile", "n_chunks", "counter", *constexprs]
   noise = ["units = _noise(key_ptr, tile, counter, TILE)"] if any(stochastic) else []
@@ -339,16 +348,17 @@ def _kernel_source(algorithm: str, layout: Layout,
       *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j)}, {tile_args})"
         for j in range(k)),
       f"direction, {moments} = {alg.math}(grad, {moments}, hyper_ptr)",
-      "_store_direction(d_ptr, direction, offsets, mask)",
+      *([] if alg.direction_from_state
+        else ["_store_direction(d_ptr, direction, offsets, mask)"]),
       *noise,
       *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {qmap(j)}, {starts(j)}, "
         f"{tile_args}, {'units' if stochastic[j] else 'None'}, CODE_BITS, "
         f"STEPS, {stochastic[j]})" for j in range(k)),
   ]
-  ins, outs = zip(*(_leaf_pointers(f"_{i}", k) for i in range(len(layout))))
+  ins, outs = zip(*(_leaf_pointers(f"_{i}", alg) for i in range(len(layout))))
   params = [*sum(ins, []), "qmaps_ptr", "starts_ptr", "hyper_ptr", "key_ptr",
             *sum(outs, []), *constexprs]
-  body = ["tile = tl.program_id(0)", *_leaf_dispatch(layout, k, 0, len(layout), "")]
+  body = ["tile = tl.program_id(0)", *_leaf_dispatch(layout, alg, 0, len(layout), "")]
   return (f"def _update_tile({', '.join(tile_params)}):\n"
           + "".join(f"  {line}\n" for line in tile_body)
           + f"\n\ndef {algorithm}_update_kernel({', '.join(params)}):\n"
@@ -363,7 +373,8 @@ def update_kernel(algorithm: str, layout: Layout,
   Arguments: per leaf ``g, (codes, absmax) per moment``; then ``qmaps``,
   ``starts``, ``hyper``, ``key`` (uint32 ``[1]``, the rounding noise's
   step offset, read only when a moment of ``stochastic`` is true); then per
-  leaf the outputs ``d, (codes, absmax) per moment``; then the constexprs.
+  leaf the outputs ``d`` (unless ``direction_from_state``), ``(codes,
+  absmax)`` per moment; then the constexprs.
   The source is registered with :mod:`linecache` so that Triton (and its
   interpreter) can read it.
   """
@@ -468,16 +479,18 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
   for grad, counter in zip(grads, counters):
     layout.append((first, grad.size // chunk, counter % (1 << 32)))
     first += cdiv(grad.size, tile)
-  args, out_shape = [], []
+  args, out_shape, aliases = [], [], {}
   for grad, leaf_moments in zip(grads, moments):
     n = grad.size
     args.append(grad.reshape(-1))
-    out_shape.append(jax.ShapeDtypeStruct((n,), alg.exact_direction_dtype or grad.dtype))
+    if not alg.direction_from_state:
+      out_shape.append(jax.ShapeDtypeStruct(
+          (n,), alg.exact_direction_dtype or grad.dtype))
     for codes, absmax in leaf_moments:
-      args += [codes.reshape(-1), absmax]
-      out_shape += [jax.ShapeDtypeStruct((n,), jnp.uint8),
-                    jax.ShapeDtypeStruct(absmax.shape, jnp.float32)]
-  aliases = {i: i for i in range(len(args)) if i % (1 + 2 * len(alg.moments))}
+      for array in (codes.reshape(-1), absmax):
+        aliases[len(args)] = len(out_shape)
+        args.append(array)
+        out_shape.append(jax.ShapeDtypeStruct(array.shape, array.dtype))
   outs = launch(
       __name__, "update_kernel", *args, jnp.asarray(qmaps()),
       jnp.asarray(bucket_starts()), hyper, key,
@@ -486,9 +499,15 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
       grid=(first,), impl=impl, input_output_aliases=aliases,
       num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCKSIZE=block_size,
       TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS, STEPS=_search_tables()[2])
-  per_leaf, results = 1 + 2 * len(alg.moments), []
-  for i, grad in enumerate(grads):
-    d, *flat = outs[i * per_leaf:(i + 1) * per_leaf]
+  per_leaf = 2 * len(alg.moments) + (not alg.direction_from_state)
+  results = []
+  for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
+    flat = outs[i * per_leaf:(i + 1) * per_leaf]
+    if alg.direction_from_state:
+      d = update8.direction_8bit_reference(algorithm, grad, leaf_moments,
+                                           hyper, block_size=block_size)
+    else:
+      d, *flat = flat
     results.append((d.astype(grad.dtype).reshape(grad.shape),
                     tuple((flat[j].reshape(grad.shape), flat[j + 1])
                           for j in range(0, len(flat), 2))))
