@@ -151,6 +151,8 @@ def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
   a lower bound of the index for every ``x`` the key can hold (``r``
   relatively off by up to ``2**-18``); ``steps`` comparisons
   ``t[index] * scale <= x``, each adding 1, then reach the index exactly.
+  A key's table entry carries its start and ``t[start]``, so that the first
+  comparison needs no gather of its own.
   The comparisons are the tree's, so the result is the same for every ``x``
   of the block (``|x| <= scale``, or ``scale = inf``). NaN keys start (and
   stay) at 0; ``-inf`` (``x = -inf`` in a block of scale ``inf``, where
@@ -161,9 +163,11 @@ def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     code: float32 ``[2**k]``, strictly increasing (host values).
 
   Returns:
-    ``(thresholds, starts, steps)``: float32 ``[2**k]`` sorted thresholds with
-    NaN last (a comparison against it is false), uint8 ``[BUCKET_KEYS]``
-    starts by key, and the number of comparisons needed: 0 when the search
+    ``(thresholds, buckets, steps)``: float32 ``[2**k]`` sorted thresholds
+    with NaN last (a comparison against it is false), uint32
+    ``[BUCKET_KEYS, 2]`` entries by key (the float32 bits of
+    ``thresholds[start]``, then ``start``: one little-endian 64-bit word
+    for the kernels), and the number of comparisons needed: 0 when the search
     does not apply (more than :data:`MAX_BUCKET_STEPS` comparisons, or a
     threshold of magnitude below ``2**-41``, too close to 0 for the
     relative-error argument): the kernels then descend the tree.
@@ -181,7 +185,8 @@ def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
   if steps > MAX_BUCKET_STEPS or np.min(np.abs(thresholds)) < 2.0 ** -41:
     steps = 0
   padded = np.concatenate([thresholds, [np.nan]]).astype(np.float32)
-  return padded, starts.astype(np.uint8), steps
+  buckets = np.stack([padded[starts].view(np.uint32), starts.astype(np.uint32)], -1)
+  return padded, buckets, steps
 
 
 def tree_code_index(v: jax.Array, tree: jax.Array) -> jax.Array:
@@ -259,12 +264,12 @@ def _tree_from_bytes(data: bytes) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def _search_from_bytes(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:
   code = np.frombuffer(data, np.float32)
-  search, starts, steps = bucket_search_table(code)
+  search, buckets, steps = bucket_search_table(code)
   if steps == 0:
     search = decision_tree(code)
   search.setflags(write=False)
-  starts.setflags(write=False)
-  return search, starts, steps
+  buckets.setflags(write=False)
+  return search, buckets, steps
 
 
 def _concrete_bytes(code) -> bytes:
@@ -288,7 +293,7 @@ def code_search(code) -> tuple[np.ndarray, np.ndarray, int]:
   """The cached kernel search tables of a concrete (not traced) codebook.
 
   Returns:
-    :func:`bucket_search_table`'s ``(thresholds, starts, steps)``, with the
+    :func:`bucket_search_table`'s ``(thresholds, buckets, steps)``, with the
     :func:`decision_tree` in place of the thresholds when ``steps == 0``.
 
   Raises:

@@ -106,9 +106,9 @@ def _quantize(x, code, blocksize, impl):
     return jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)
   if impl == "xla":
     return quantize_blockwise_reference(flat, code, blocksize)
-  search, starts, steps = ref.code_search(code)
+  search, buckets, steps = ref.code_search(code)
   return _kernels().quantize_blockwise(flat, jnp.asarray(search),
-                                       jnp.asarray(starts), steps, blocksize, impl)
+                                       jnp.asarray(buckets), steps, blocksize, impl)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "dtype", "impl"))

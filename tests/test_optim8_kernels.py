@@ -408,13 +408,13 @@ def test_decision_tree_equals_nearest_code_index(code):
 
 
 def test_qmaps_layout():
-  maps, starts = optim8.qmaps(), optim8.bucket_starts()
+  maps, buckets = optim8.qmaps(), optim8.bucket_entries()
   assert maps.shape == (2, 4, 256) and maps.dtype == np.float32
-  assert starts.shape == (2, ref.BUCKET_KEYS) and starts.dtype == np.uint8
+  assert buckets.shape == (2, ref.BUCKET_KEYS, 2) and buckets.dtype == np.uint32
   for i, signed in enumerate((True, False)):
-    thresholds, bucket_starts, _ = ref.bucket_search_table(codebooks.dynamic(signed))
+    thresholds, code_buckets, _ = ref.bucket_search_table(codebooks.dynamic(signed))
     np.testing.assert_array_equal(maps[i, 0], codebooks.dynamic(signed))
     np.testing.assert_array_equal(maps[i, 1], thresholds)
     np.testing.assert_array_equal(  # in the kernels' noise units, 2**-24
         maps[i, 2:], ref.code_gaps(codebooks.dynamic(signed)) * 2.0**-24)
-    np.testing.assert_array_equal(starts[i], bucket_starts)
+    np.testing.assert_array_equal(buckets[i], code_buckets)

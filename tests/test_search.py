@@ -22,7 +22,7 @@ CODES = {
 }
 
 
-def emulated_bucket_index(x, scale, thresholds, starts, steps, inv_ulps=0):
+def emulated_bucket_index(x, scale, thresholds, buckets, steps, inv_ulps=0):
   """``scaled_bucket_index``; ``1 / scale`` off by ``inv_ulps`` ulps."""
   x, scale = (np.asarray(a, np.float32) for a in (x, scale))
   with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
@@ -33,8 +33,10 @@ def emulated_bucket_index(x, scale, thresholds, starts, steps, inv_ulps=0):
       inv_scale = np.nextafter(inv_scale, np.float32(np.sign(inv_ulps) * np.inf))
     r = x * inv_scale
     r = np.where(r == r, r, x)
-    index = starts[r.view(np.uint32) >> ref.BUCKET_KEY_SHIFT].astype(np.int32)
-    for _ in range(steps):
+    entry = buckets[r.view(np.uint32) >> ref.BUCKET_KEY_SHIFT]
+    first_threshold = entry[..., 0].view(np.float32)
+    index = entry[..., 1].astype(np.int32) + (first_threshold * scale <= x)
+    for _ in range(steps - 1):
       index += (thresholds[index] * scale <= x).astype(np.int32)
   return index
 
@@ -89,21 +91,23 @@ def test_one_comparison_suffices_for_the_optimizer_codebooks(name):
 @pytest.mark.parametrize("inv_ulps", [0, -2, 2])
 def test_bucket_index_equals_tree_index(name, scale, inv_ulps):
   code = CODES[name]
-  thresholds, starts, steps = ref.bucket_search_table(code)
+  thresholds, buckets, steps = ref.bucket_search_table(code)
   scale = np.float32(scale)
   x = _probes(code, scale)
   if np.isfinite(scale):  # -inf lies in blocks of scale inf only
     x = x[~np.isneginf(x)]
-  got = emulated_bucket_index(x, scale, thresholds, starts, steps, inv_ulps)
+  got = emulated_bucket_index(x, scale, thresholds, buckets, steps, inv_ulps)
   np.testing.assert_array_equal(got, tree_index(x, scale, code))
 
 
 def test_table_layout():
-  thresholds, starts, _ = ref.bucket_search_table(CODES["signed"])
+  thresholds, buckets, _ = ref.bucket_search_table(CODES["signed"])
   assert thresholds.dtype == np.float32 and thresholds.shape == (256,)
   assert np.isnan(thresholds[-1])
   np.testing.assert_array_equal(thresholds[:-1], ref.decision_thresholds(CODES["signed"]))
-  assert starts.dtype == np.uint8 and starts.shape == (ref.BUCKET_KEYS,)
+  assert buckets.dtype == np.uint32 and buckets.shape == (ref.BUCKET_KEYS, 2)
+  starts = buckets[:, 1]
+  np.testing.assert_array_equal(buckets[:, 0].view(np.float32), thresholds[starts])
   zero = int(np.flatnonzero(CODES["signed"] == 0)[0])
   key = lambda v: int(np.float32(v).view(np.uint32) >> ref.BUCKET_KEY_SHIFT)
   assert starts[key(0.0)] == starts[key(-0.0)] == starts[key(-np.inf)] == zero

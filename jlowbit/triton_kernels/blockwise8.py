@@ -22,7 +22,7 @@ DEQUANTIZE_WARPS = 4
 
 
 @triton.jit
-def _quantize_tile(x_ptr, search_ptr, starts_ptr, codes_ptr, absmax_ptr, start,
+def _quantize_tile(x_ptr, search_ptr, buckets_ptr, codes_ptr, absmax_ptr, start,
                    n, BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
                    CODE_BITS: tl.constexpr, STEPS: tl.constexpr,
                    MASKED: tl.constexpr):
@@ -33,7 +33,7 @@ def _quantize_tile(x_ptr, search_ptr, starts_ptr, codes_ptr, absmax_ptr, start,
     x = tl.load(x_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
   else:
     x = tl.load(x_ptr + start + offsets).to(tl.float32)
-  codes, absmax = common.quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE,
+  codes, absmax = common.quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCKSIZE,
                                             BLOCKS, CODE_BITS, STEPS)
   codes = codes.to(tl.uint8)
   if MASKED:
@@ -45,17 +45,17 @@ def _quantize_tile(x_ptr, search_ptr, starts_ptr, codes_ptr, absmax_ptr, start,
 
 
 @triton.jit
-def quantize_blockwise_kernel(x_ptr, search_ptr, starts_ptr, n, codes_ptr,
+def quantize_blockwise_kernel(x_ptr, search_ptr, buckets_ptr, n, codes_ptr,
                               absmax_ptr, BLOCKSIZE: tl.constexpr,
                               BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr,
                               STEPS: tl.constexpr):
-  """``search_ptr``/``starts_ptr``/``STEPS``: ``jlowbit._reference.code_search``."""
+  """``search_ptr``/``buckets_ptr``/``STEPS``: ``jlowbit._reference.code_search``."""
   start = tl.program_id(0).to(tl.int64) * (BLOCKS * BLOCKSIZE)
   if start + BLOCKS * BLOCKSIZE <= n:
-    _quantize_tile(x_ptr, search_ptr, starts_ptr, codes_ptr, absmax_ptr, start,
+    _quantize_tile(x_ptr, search_ptr, buckets_ptr, codes_ptr, absmax_ptr, start,
                    n, BLOCKSIZE, BLOCKS, CODE_BITS, STEPS, False)
   else:
-    _quantize_tile(x_ptr, search_ptr, starts_ptr, codes_ptr, absmax_ptr, start,
+    _quantize_tile(x_ptr, search_ptr, buckets_ptr, codes_ptr, absmax_ptr, start,
                    n, BLOCKSIZE, BLOCKS, CODE_BITS, STEPS, True)
 
 
@@ -92,16 +92,16 @@ def dequantize_blockwise_kernel(codes_ptr, code_ptr, absmax_ptr, n, out_ptr,
                      BLOCKSIZE, BLOCKS, True)
 
 
-def quantize_blockwise(x: jax.Array, search: jax.Array, starts: jax.Array,
+def quantize_blockwise(x: jax.Array, search: jax.Array, buckets: jax.Array,
                        steps: int, blocksize: int, impl: str):
   """Quantizes flat ``x``; returns (codes, absmax).
 
-  ``search``, ``starts``, ``steps``: the codebook's
+  ``search``, ``buckets``, ``steps``: the codebook's
   :func:`jlowbit._reference.code_search` tables.
   """
   n = x.size
   return launch(
-      __name__, "quantize_blockwise_kernel", x, search, starts, n,
+      __name__, "quantize_blockwise_kernel", x, search, buckets, n,
       out_shape=(jax.ShapeDtypeStruct((n,), jnp.uint8),
                  jax.ShapeDtypeStruct((cdiv(n, blocksize),), jnp.float32)),
       grid=(cdiv(n, TILE),), impl=impl, num_warps=QUANTIZE_WARPS,

@@ -60,7 +60,7 @@ def unpack_nibbles(packed):
 
 
 @triton.jit
-def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
+def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCKSIZE: tl.constexpr,
                        BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr,
                        STEPS: tl.constexpr, code_ptr=None, gaps_ptr=None,
                        units=None, STOCHASTIC: tl.constexpr = False):
@@ -72,7 +72,7 @@ def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
   index of :func:`scaled_tree_index` with :func:`block_scale` of each
   block's absmax). With ``STEPS > 0`` the index is found by
   :func:`scaled_bucket_index` (``search_ptr``: the sorted thresholds,
-  ``starts_ptr``: the bucket starts of
+  ``buckets_ptr``: the bucket entries of
   ``jlowbit._reference.bucket_search_table``), else by the decision tree at
   ``search_ptr``. The tile stays one-dimensional so that the table gathers
   keep a coalesced layout. With ``STOCHASTIC`` (bucketed search only) the
@@ -88,7 +88,7 @@ def quantize_flat_tile(x, search_ptr, starts_ptr, BLOCKSIZE: tl.constexpr,
     codes = scaled_bucket_index(
         x * broadcast_rows(factor, BLOCKS, BLOCKSIZE),
         broadcast_rows(scale, BLOCKS, BLOCKSIZE),
-        broadcast_rows(1.0 / scale, BLOCKS, BLOCKSIZE), search_ptr, starts_ptr,
+        broadcast_rows(1.0 / scale, BLOCKS, BLOCKSIZE), search_ptr, buckets_ptr,
         STEPS)
     if STOCHASTIC:
       codes = stochastic_step(
@@ -172,23 +172,26 @@ def scaled_tree_index_top2(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
 
 
 @triton.jit
-def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, starts_ptr,
+def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
                         STEPS: tl.constexpr):
   """:func:`scaled_tree_index`'s index in ``STEPS + 1`` gathers instead of 8.
 
   ``x``, ``scale`` (> 0) and ``inv_scale`` (about ``1 / scale``) as after
   :func:`exact_comparison_operands`. The top 16 bits of ``r = x *
   inv_scale`` are a key of ``jlowbit._reference.bucket_search_table``, whose
-  start is a lower bound of the index; ``STEPS`` comparisons ``t[index] *
-  scale <= x`` of the sorted thresholds ``t`` finish it. ``r`` is NaN for a
+  entry (one 64-bit load) holds a lower bound ``start`` of the index and ``t[start]``;
+  ``STEPS`` comparisons ``t[index] * scale <= x`` of the sorted thresholds
+  ``t`` finish it, the first against the entry's threshold. ``r`` is NaN for a
   NaN ``x`` (a NaN key: index 0) and for ``x = +-inf`` in a block of scale
   ``inf``, which then keys by ``x`` itself.
   """
   r = x * inv_scale
   r = tl.where(r == r, r, x)
   key = r.to(tl.uint32, bitcast=True) >> BUCKET_KEY_SHIFT
-  index = tl.load(starts_ptr + key).to(tl.int32)
-  for _ in tl.static_range(STEPS):
+  entry = tl.load(buckets_ptr.to(tl.pointer_type(tl.int64)) + key)
+  first_threshold = entry.to(tl.int32).to(tl.float32, bitcast=True)
+  index = (entry >> 32).to(tl.int32) + (first_threshold * scale <= x).to(tl.int32)
+  for _ in tl.static_range(STEPS - 1):
     index += (tl.load(thresholds_ptr + index) * scale <= x).to(tl.int32)
   return index
 

@@ -52,7 +52,7 @@ adagrad    eps                              v = v + g g; d = g / (sqrt(v) + eps)
 First moments use the signed dynamic codebook, second moments (``v``,
 ``nu``) the unsigned one. Both reach the kernels in one float32
 ``[2, 4, 256]`` array ``qmaps`` (``[signed, unsigned] x [codebook, sorted
-thresholds, gaps down, gaps up]``) and one uint8 array of bucket starts
+thresholds, gaps down, gaps up]``) and one uint32 array of bucket entries
 (:func:`jlowbit._reference.bucket_search_table`): requantization compares
 ``threshold * absmax <= moment`` like the reference's decision tree, but
 starts from the bucket keyed by the top 16 bits of ``moment / absmax``
@@ -258,20 +258,20 @@ def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, tile, offsets, mask, n,
 
 
 @triton.jit
-def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, starts_ptr, tile,
+def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, buckets_ptr, tile,
                   offsets, mask, n, BLOCKSIZE: tl.constexpr,
                   TILE: tl.constexpr, units, CODE_BITS: tl.constexpr,
                   STEPS: tl.constexpr, STOCHASTIC: tl.constexpr):
   """Requantizes one moment tile blockwise; stores its codes and absmax.
 
   ``qmap_ptr``: the codebook, followed by its sorted thresholds and its
-  ``[2, 256]`` gaps; ``starts_ptr``: its bucket starts. Lanes off ``mask``
+  ``[2, 256]`` gaps; ``buckets_ptr``: its bucket entries. Lanes off ``mask``
   are zeroed first so they cannot raise a block's absmax. With
   ``STOCHASTIC`` the nearest codes are rounded stochastically with the
   noise ``units`` (:func:`_noise`).
   """
   codes, absmax = common.quantize_flat_tile(
-      tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), starts_ptr,
+      tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), buckets_ptr,
       BLOCKSIZE, TILE // BLOCKSIZE, CODE_BITS, STEPS, qmap_ptr,
       qmap_ptr + (2 << CODE_BITS), units, STOCHASTIC)
   tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
@@ -316,7 +316,7 @@ def _leaf_dispatch(layout: Layout, alg: Algorithm, lo: int, hi: int,
     first, n_chunks, counter = layout[lo]
     ins, outs = _leaf_pointers(f"_{lo}", alg)
     return [f"{indent}_update_tile({', '.join(ins + outs)}, qmaps_ptr, "
-            f"starts_ptr, hyper_ptr, key_ptr, tile - {first}, {n_chunks}, "
+            f"buckets_ptr, hyper_ptr, key_ptr, tile - {first}, {n_chunks}, "
             f"{counter}, BLOCKSIZE, TILE, CHUNK, CODE_BITS, STEPS)"]
   mid = (lo + hi) // 2
   return ([f"{indent}if tile < {layout[mid][0]}:"]
@@ -335,11 +335,12 @@ def _kernel_source(algorithm: str, layout: Layout,
   k = len(alg.moments)
   constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
   qmap = lambda j: "qmaps_ptr" if signed[j] else "qmaps_ptr + (4 << CODE_BITS)"
-  starts = lambda j: "starts_ptr" if signed[j] else f"starts_ptr + {ref.BUCKET_KEYS}"
+  buckets = lambda j: ("buckets_ptr" if signed[j]
+                       else f"buckets_ptr + {2 * ref.BUCKET_KEYS}")
   moments = ", ".join(f"m{j}" for j in range(k))
   tile_args = "tile, offsets, mask, n, BLOCKSIZE, TILE"
   ins, outs = _leaf_pointers("_ptr", alg)
-  tile_params = [*ins, *outs, "qmaps_ptr", "starts_ptr", "hyper_ptr", "key_ptr",
+  tile_params = [*ins, *outs, "qmaps_ptr", "buckets_ptr", "hyper_ptr", "key_ptr",
                  "tile", "n_chunks", "counter", *constexprs]
   noise = ["units = _noise(key_ptr, tile, counter, TILE)"] if any(stochastic) else []
   tile_body = [
@@ -351,12 +352,12 @@ def _kernel_source(algorithm: str, layout: Layout,
       *([] if alg.direction_from_state
         else ["_store_direction(d_ptr, direction, offsets, mask)"]),
       *noise,
-      *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {qmap(j)}, {starts(j)}, "
+      *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {qmap(j)}, {buckets(j)}, "
         f"{tile_args}, {'units' if stochastic[j] else 'None'}, CODE_BITS, "
         f"STEPS, {stochastic[j]})" for j in range(k)),
   ]
   ins, outs = zip(*(_leaf_pointers(f"_{i}", alg) for i in range(len(layout))))
-  params = [*sum(ins, []), "qmaps_ptr", "starts_ptr", "hyper_ptr", "key_ptr",
+  params = [*sum(ins, []), "qmaps_ptr", "buckets_ptr", "hyper_ptr", "key_ptr",
             *sum(outs, []), *constexprs]
   body = ["tile = tl.program_id(0)", *_leaf_dispatch(layout, alg, 0, len(layout), "")]
   return (f"def _update_tile({', '.join(tile_params)}):\n"
@@ -371,7 +372,7 @@ def update_kernel(algorithm: str, layout: Layout,
   """The ``@triton.jit`` update kernel of ``algorithm`` over ``layout``.
 
   Arguments: per leaf ``g, (codes, absmax) per moment``; then ``qmaps``,
-  ``starts``, ``hyper``, ``key`` (uint32 ``[1]``, the rounding noise's
+  ``buckets``, ``hyper``, ``key`` (uint32 ``[1]``, the rounding noise's
   step offset, read only when a moment of ``stochastic`` is true); then per
   leaf the outputs ``d`` (unless ``direction_from_state``), ``(codes,
   absmax)`` per moment; then the constexprs.
@@ -390,19 +391,19 @@ def update_kernel(algorithm: str, layout: Layout,
 
 @functools.cache
 def _search_tables() -> tuple[np.ndarray, np.ndarray, int]:
-  """(qmaps, bucket starts, comparisons per search) of the two codebooks."""
-  maps, starts, steps = [], [], []
+  """(qmaps, bucket entries, comparisons per search) of the two codebooks."""
+  maps, buckets, steps = [], [], []
   for signed in (True, False):
     code = codebooks.dynamic(signed)
-    thresholds, bucket_starts, bucket_steps = ref.code_search(code)
+    thresholds, code_buckets, bucket_steps = ref.code_search(code)
     maps.append((code, thresholds, *ref.code_gaps(code) * 2.0**-ref.UNIFORM_BITS))
-    starts.append(bucket_starts)
+    buckets.append(code_buckets)
     steps.append(bucket_steps)
   assert min(steps) > 0, "the dynamic codebooks have bucketed searches"
-  maps, starts = np.asarray(maps, np.float32), np.asarray(starts, np.uint8)
+  maps, buckets = np.asarray(maps, np.float32), np.asarray(buckets, np.uint32)
   maps.setflags(write=False)
-  starts.setflags(write=False)
-  return maps, starts, max(steps)
+  buckets.setflags(write=False)
+  return maps, buckets, max(steps)
 
 
 def qmaps() -> np.ndarray:
@@ -413,8 +414,8 @@ def qmaps() -> np.ndarray:
   return _search_tables()[0]
 
 
-def bucket_starts() -> np.ndarray:
-  """uint8 ``[2, BUCKET_KEYS]``: the bucket starts of [signed, unsigned]."""
+def bucket_entries() -> np.ndarray:
+  """uint32 ``[2, BUCKET_KEYS, 2]``: the bucket entries of [signed, unsigned]."""
   return _search_tables()[1]
 
 
@@ -493,7 +494,7 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
         out_shape.append(jax.ShapeDtypeStruct(array.shape, array.dtype))
   outs = launch(
       __name__, "update_kernel", *args, jnp.asarray(qmaps()),
-      jnp.asarray(bucket_starts()), hyper, key,
+      jnp.asarray(bucket_entries()), hyper, key,
       kernel_args=(algorithm, tuple(layout), stochastic),
       out_shape=out_shape,
       grid=(first,), impl=impl, input_output_aliases=aliases,
