@@ -108,9 +108,21 @@ def decision_tree(code: np.ndarray) -> np.ndarray:
   Returns:
     float32 ``[2**k]`` (host values).
   """
-  thresholds = decision_thresholds(code)
-  levels = code.shape[0].bit_length() - 1
-  node = np.arange(1, code.shape[0])
+  return threshold_tree(decision_thresholds(code))
+
+
+def floor_thresholds(code: np.ndarray) -> np.ndarray:
+  """``code[1:]``: ``count(t <= v)`` over them is the index of the highest
+  code ``<= v`` (0 when none), the lower bracketing code of ``v``."""
+  return np.asarray(code, np.float32)[1:]
+
+
+def threshold_tree(thresholds: np.ndarray) -> np.ndarray:
+  """Sorted float32 ``[2**k - 1]`` thresholds in the order of
+  :func:`decision_tree` (float32 ``[2**k]``, slot 0 unused)."""
+  size = thresholds.shape[0] + 1
+  levels = size.bit_length() - 1
+  node = np.arange(1, size)
   depth = np.floor(np.log2(node)).astype(np.int64)
   rank = (2 * (node - (1 << depth)) + 1) * (1 << (levels - 1 - depth)) - 1
   return np.concatenate([np.zeros(1, np.float32), thresholds[rank]])
@@ -141,11 +153,12 @@ def _bucket_ranges() -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate([lo, -hi]), np.concatenate([hi, -lo])
 
 
-def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-  """Tables of the bucketed search: the same index as the decision tree.
+def bucket_search_table(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+  """Tables of the bucketed search: the same index as a :func:`threshold_tree`.
 
-  The Triton kernels find ``count(t * scale <= x)`` (``t`` the
-  :func:`decision_thresholds`, i.e. the nearest code's index) without the
+  The Triton kernels find ``count(t * scale <= x)`` (``t`` sorted
+  thresholds: the :func:`decision_thresholds` for the nearest code's index,
+  the :func:`floor_thresholds` for the lower bracketing code's) without the
   tree's 8 dependent gathers: the top 16 bits of ``r = x * (1 / scale)``
   (sign, exponent and 7 mantissa bits) are a bucket key, whose ``start`` is
   a lower bound of the index for every ``x`` the key can hold (``r``
@@ -155,12 +168,11 @@ def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
   comparison needs no gather of its own.
   The comparisons are the tree's, so the result is the same for every ``x``
   of the block (``|x| <= scale``, or ``scale = inf``). NaN keys start (and
-  stay) at 0; ``-inf`` (``x = -inf`` in a block of scale ``inf``, where
-  ``t * scale <= x`` holds for the negative ``t`` only) starts at the
-  number of negative thresholds.
+  stay) at 0; the keys of ``+-inf`` hold their counts in a block of scale
+  ``inf`` and a NaN threshold (no comparison).
 
   Args:
-    code: float32 ``[2**k]``, strictly increasing (host values).
+    thresholds: float32 ``[2**k - 1]``, strictly increasing (host values).
 
   Returns:
     ``(thresholds, buckets, steps)``: float32 ``[2**k]`` sorted thresholds
@@ -169,23 +181,28 @@ def bucket_search_table(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     ``thresholds[start]``, then ``start``: one little-endian 64-bit word
     for the kernels), and the number of comparisons needed: 0 when the search
     does not apply (more than :data:`MAX_BUCKET_STEPS` comparisons, or a
-    threshold of magnitude below ``2**-41``, too close to 0 for the
+    nonzero threshold of magnitude below ``2**-41``, too close to 0 for the
     relative-error argument): the kernels then descend the tree.
   """
-  thresholds = decision_thresholds(code).astype(np.float64)
+  thresholds = np.asarray(thresholds, np.float64)
   lo, hi = _bucket_ranges()
-  minus_inf = np.isneginf(hi)  # starts as -0
-  lo[minus_inf] = hi[minus_inf] = -0.0
-  nan = np.isnan(lo)  # starts at 0, takes no step
-  lo[nan] = hi[nan] = -np.inf
+  plus_inf, minus_inf = np.isposinf(lo), np.isneginf(hi)
+  empty = plus_inf | minus_inf | np.isnan(lo)  # start 0, no comparison
+  lo[empty] = hi[empty] = -np.inf
   low = np.where(lo > 0, lo * (1 - _BUCKET_MARGIN), lo * (1 + _BUCKET_MARGIN))
   high = np.where(hi > 0, hi * (1 + _BUCKET_MARGIN), hi * (1 - _BUCKET_MARGIN))
   starts = np.searchsorted(thresholds, low, side="left")
   steps = int(np.max(np.searchsorted(thresholds, high, side="right") - starts))
-  if steps > MAX_BUCKET_STEPS or np.min(np.abs(thresholds)) < 2.0 ** -41:
+  if steps > MAX_BUCKET_STEPS or np.any((thresholds != 0)
+                                        & (np.abs(thresholds) < 2.0 ** -41)):
     steps = 0
+  # x = +-inf lies in a block of scale inf, where t * scale <= x holds for
+  # the nonzero t (+inf) or the negative t (-inf): the count, no comparison.
+  starts[plus_inf] = np.sum(thresholds != 0)
+  starts[minus_inf] = np.sum(thresholds < 0)
   padded = np.concatenate([thresholds, [np.nan]]).astype(np.float32)
-  buckets = np.stack([padded[starts].view(np.uint32), starts.astype(np.uint32)], -1)
+  first = np.where(plus_inf | minus_inf, np.float32(np.nan), padded[starts])
+  buckets = np.stack([first.view(np.uint32), starts.astype(np.uint32)], -1)
   return padded, buckets, steps
 
 
@@ -262,14 +279,22 @@ def _tree_from_bytes(data: bytes) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _search_from_bytes(data: bytes) -> tuple[np.ndarray, np.ndarray, int]:
+def _search_from_bytes(data: bytes, floor: bool) -> tuple[np.ndarray, np.ndarray, int]:
   code = np.frombuffer(data, np.float32)
-  search, buckets, steps = bucket_search_table(code)
+  thresholds = floor_thresholds(code) if floor else decision_thresholds(code)
+  search, buckets, steps = bucket_search_table(thresholds)
   if steps == 0:
-    search = decision_tree(code)
+    search = threshold_tree(thresholds)
   search.setflags(write=False)
   buckets.setflags(write=False)
   return search, buckets, steps
+
+
+@functools.lru_cache(maxsize=64)
+def _floor_tree_from_bytes(data: bytes) -> np.ndarray:
+  tree = threshold_tree(floor_thresholds(np.frombuffer(data, np.float32)))
+  tree.setflags(write=False)
+  return tree
 
 
 def _concrete_bytes(code) -> bytes:
@@ -289,17 +314,26 @@ def code_tree(code) -> np.ndarray:
   return _tree_from_bytes(_concrete_bytes(code))
 
 
-def code_search(code) -> tuple[np.ndarray, np.ndarray, int]:
+def code_floor_tree(code) -> np.ndarray:
+  """The cached :func:`threshold_tree` of the :func:`floor_thresholds` of a
+  concrete (not traced) codebook."""
+  return _floor_tree_from_bytes(_concrete_bytes(code))
+
+
+def code_search(code, floor: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
   """The cached kernel search tables of a concrete (not traced) codebook.
+
+  ``floor``: search for the lower bracketing code (:func:`floor_thresholds`)
+  instead of the nearest one (:func:`decision_thresholds`).
 
   Returns:
     :func:`bucket_search_table`'s ``(thresholds, buckets, steps)``, with the
-    :func:`decision_tree` in place of the thresholds when ``steps == 0``.
+    :func:`threshold_tree` in place of the thresholds when ``steps == 0``.
 
   Raises:
     TypeError: ``code`` is a tracer (thresholds are computed on the host).
   """
-  return _search_from_bytes(_concrete_bytes(code))
+  return _search_from_bytes(_concrete_bytes(code), floor)
 
 
 def scaled_4bit_index(x: jax.Array, scale: jax.Array, tree: jax.Array,
@@ -351,50 +385,42 @@ def quasi_uniform(counters: jax.Array, offset: jax.Array) -> jax.Array:
 
 
 def code_gaps(code: np.ndarray) -> np.ndarray:
-  """Signed distances to the neighbouring codes (float32 ``[2, 2**k]``, host):
-  ``[0, i] = code[i - 1] - code[i]`` (``-inf`` at ``i = 0``), ``[1, i] =
-  code[i + 1] - code[i]`` (NaN at the last code)."""
+  """Distances to the next code (float32 ``[2**k]``, host): ``code[i + 1] -
+  code[i]``, NaN at the last code."""
   code = np.asarray(code, np.float32)
-  step = np.diff(code)
-  return np.stack([np.concatenate([[-np.inf], -step]),
-                   np.concatenate([step, [np.nan]])]).astype(np.float32)
+  return np.concatenate([np.diff(code), [np.nan]]).astype(np.float32)
 
 
-def stochastic_index(x: jax.Array, scale: jax.Array, index: jax.Array,
+def stochastic_index(x: jax.Array, scale: jax.Array, floor: jax.Array,
                      code: jax.Array, gaps: jax.Array,
                      uniform: jax.Array) -> jax.Array:
-  """Stochastic rounding of ``x / scale`` between its two neighbouring codes.
+  """Stochastic rounding of ``x / scale`` between its two bracketing codes.
 
-  ``index`` is the nearest code's index (:func:`scaled_tree_index`), so the
-  bracketing codes are ``lo = index - above, lo + 1`` with ``above = code[index]
-  * scale > x``. The result is ``lo + 1`` when ``x`` lies above the point
-  ``code[lo] + uniform * (code[lo + 1] - code[lo])``, written from the
-  nearest code as ``code[index] + w * gaps[1 - above, index]`` with ``w =
-  1 - uniform`` if ``above`` else ``uniform`` (one gather): with
-  probability ``(x / scale - code[lo]) / (code[lo + 1] - code[lo])`` for
-  uniform noise, which keeps the dequantized value's expectation exact. The
-  point sits at the fraction ``uniform`` of the bracket, so a
-  low-discrepancy ``uniform`` (:func:`quasi_uniform`) spreads a slowly
-  moving value's round-ups evenly over steps. Exact codes never move;
-  values below the first code (a ``-inf`` gap), at the last code (a NaN
-  gap) and NaN keep their nearest index. Comparisons are division-free, on
-  the operands of :func:`exact_comparison_operands`, like the nearest
-  search.
+  ``floor`` is the index of the lower bracketing code, the highest with
+  ``code[floor] * scale <= x`` (0 when none, and for NaN:
+  :func:`scaled_tree_index` through the :func:`threshold_tree` of the
+  :func:`floor_thresholds`). The result is ``floor + 1`` when ``x`` lies
+  above the point ``code[floor] + uniform * gaps[floor]``, else ``floor``:
+  with probability ``(x / scale - code[floor]) / gaps[floor]`` for uniform
+  noise, which keeps the dequantized value's expectation exact. The point
+  sits at the fraction ``uniform`` of the bracket, so a low-discrepancy
+  ``uniform`` (:func:`quasi_uniform`) spreads a slowly moving value's
+  round-ups evenly over steps. Exact codes never move; values below the
+  first code, at the last code (a NaN gap) and NaN keep ``floor``.
+  Comparisons are division-free, on the operands of
+  :func:`exact_comparison_operands`, like the nearest search.
 
   Args:
     x: float32 values.
     scale: float32 positive block scale, broadcastable to ``x``.
-    index: int32 nearest-code indices of ``x / scale``.
+    floor: int32 lower bracketing code indices of ``x / scale``.
     code: float32 ``[2**k]`` sorted codebook.
-    gaps: float32 ``[2, 2**k]`` from :func:`code_gaps`.
+    gaps: float32 ``[2**k]`` from :func:`code_gaps`.
     uniform: float32 in ``[0, 1)``, ``x``'s shape.
 
   Returns:
     int32 indices, ``x``'s shape.
   """
   x, scale = exact_comparison_operands(x, scale)
-  nearest = code[index]
-  above = nearest * scale > x
-  weight = jnp.where(above, 1 - uniform, uniform)
-  point = nearest + weight * gaps[1 - above.astype(jnp.int32), index]
-  return index - above.astype(jnp.int32) + (point * scale < x).astype(jnp.int32)
+  point = code[floor] + uniform * gaps[floor]
+  return floor + (point * scale < x).astype(jnp.int32)

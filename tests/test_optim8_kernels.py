@@ -409,12 +409,16 @@ def test_decision_tree_equals_nearest_code_index(code):
 
 def test_qmaps_layout():
   maps, buckets = optim8.qmaps(), optim8.bucket_entries()
-  assert maps.shape == (2, 4, 256) and maps.dtype == np.float32
-  assert buckets.shape == (2, ref.BUCKET_KEYS, 2) and buckets.dtype == np.uint32
+  assert maps.shape == (2, optim8.QMAP_ROWS, 256) and maps.dtype == np.float32
+  assert buckets.shape == (2, 2, ref.BUCKET_KEYS, 2) and buckets.dtype == np.uint32
   for i, signed in enumerate((True, False)):
-    thresholds, code_buckets, _ = ref.bucket_search_table(codebooks.dynamic(signed))
-    np.testing.assert_array_equal(maps[i, 0], codebooks.dynamic(signed))
-    np.testing.assert_array_equal(maps[i, 1], thresholds)
+    code = codebooks.dynamic(signed)
+    np.testing.assert_array_equal(maps[i, 0], code)
+    pairs = maps[i, 1:3].reshape(256, 2)
+    np.testing.assert_array_equal(pairs[:, 0], code)
     np.testing.assert_array_equal(  # in the kernels' noise units, 2**-24
-        maps[i, 2:], ref.code_gaps(codebooks.dynamic(signed)) * 2.0**-24)
-    np.testing.assert_array_equal(buckets[i], code_buckets)
+        pairs[:, 1], ref.code_gaps(code) * 2.0**-24)
+    for search, floor in enumerate((False, True)):
+      thresholds, code_buckets, _ = ref.code_search(code, floor)
+      np.testing.assert_array_equal(maps[i, 3 + search], thresholds)
+      np.testing.assert_array_equal(buckets[i, search], code_buckets)

@@ -41,11 +41,13 @@ def emulated_bucket_index(x, scale, thresholds, buckets, steps, inv_ulps=0):
   return index
 
 
-def tree_index(x, scale, code):
+SEARCHES = {"nearest": ref.decision_thresholds, "floor": ref.floor_thresholds}
+
+
+def tree_index(x, scale, thresholds):
   """What ``scaled_tree_index`` computes, in numpy (no flushing of subnormals,
   as on a GPU; XLA on CPU flushes them): ``count(t * scale <= x)`` after
   :func:`jlowbit._reference.exact_comparison_operands`."""
-  thresholds = ref.decision_thresholds(code)
   x, scale = np.float32(x), np.float32(scale)
   if scale < ref.TINY_SCALE:
     x, scale = x * np.float32(2.0 ** 64), scale * np.float32(2.0 ** 64)
@@ -59,7 +61,12 @@ def test_tree_index_oracle_is_the_reference():
   for scale in (np.float32(0.5), np.float32(3e-20)):
     want = ref.scaled_tree_index(jnp.asarray(x * scale), jnp.float32(scale),
                                  jnp.asarray(ref.decision_tree(code)))
-    np.testing.assert_array_equal(tree_index(x * scale, scale, code), want)
+    np.testing.assert_array_equal(
+        tree_index(x * scale, scale, ref.decision_thresholds(code)), want)
+    floor = ref.scaled_tree_index(jnp.asarray(x * scale), jnp.float32(scale),
+                                  jnp.asarray(ref.code_floor_tree(code)))
+    np.testing.assert_array_equal(
+        tree_index(x * scale, scale, ref.floor_thresholds(code)), floor)
 
 
 def _probes(code, scale):
@@ -80,36 +87,43 @@ def _probes(code, scale):
 
 
 @pytest.mark.parametrize("name", sorted(CODES))
-def test_one_comparison_suffices_for_the_optimizer_codebooks(name):
-  *_, steps = ref.bucket_search_table(CODES[name])
-  assert steps == 1
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+def test_one_or_two_comparisons_suffice(name, search):
+  *_, steps = ref.bucket_search_table(SEARCHES[search](CODES[name]))
+  assert steps == (2 if (name, search) == ("unsigned", "floor") else 1)
 
 
 @pytest.mark.parametrize("name", sorted(CODES))
 @pytest.mark.parametrize("scale", [1.0, 0.37, 3e-3, 2.5e5, 1e-19, 5e-20, 1e-30, 1e-38,
                                    1e-44, 3e38, np.inf])
 @pytest.mark.parametrize("inv_ulps", [0, -2, 2])
-def test_bucket_index_equals_tree_index(name, scale, inv_ulps):
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+def test_bucket_index_equals_tree_index(name, scale, inv_ulps, search):
   code = CODES[name]
-  thresholds, buckets, steps = ref.bucket_search_table(code)
+  thresholds, buckets, steps = ref.bucket_search_table(SEARCHES[search](code))
   scale = np.float32(scale)
   x = _probes(code, scale)
-  if np.isfinite(scale):  # -inf lies in blocks of scale inf only
-    x = x[~np.isneginf(x)]
+  if np.isfinite(scale):  # +-inf lie in blocks of scale inf only
+    x = x[np.isfinite(x) | np.isnan(x)]
   got = emulated_bucket_index(x, scale, thresholds, buckets, steps, inv_ulps)
-  np.testing.assert_array_equal(got, tree_index(x, scale, code))
+  np.testing.assert_array_equal(got, tree_index(x, scale, SEARCHES[search](code)))
 
 
 def test_table_layout():
-  thresholds, buckets, _ = ref.bucket_search_table(CODES["signed"])
+  thresholds, buckets, _ = ref.bucket_search_table(
+      ref.decision_thresholds(CODES["signed"]))
   assert thresholds.dtype == np.float32 and thresholds.shape == (256,)
   assert np.isnan(thresholds[-1])
   np.testing.assert_array_equal(thresholds[:-1], ref.decision_thresholds(CODES["signed"]))
   assert buckets.dtype == np.uint32 and buckets.shape == (ref.BUCKET_KEYS, 2)
   starts = buckets[:, 1]
-  np.testing.assert_array_equal(buckets[:, 0].view(np.float32), thresholds[starts])
-  zero = int(np.flatnonzero(CODES["signed"] == 0)[0])
   key = lambda v: int(np.float32(v).view(np.uint32) >> ref.BUCKET_KEY_SHIFT)
+  first = buckets[:, 0].view(np.float32)
+  infinite = [key(np.inf), key(-np.inf)]
+  np.testing.assert_array_equal(np.delete(first, infinite),
+                                np.delete(thresholds[starts], infinite))
+  assert np.isnan(first[infinite]).all()
+  zero = int(np.flatnonzero(CODES["signed"] == 0)[0])
   assert starts[key(0.0)] == starts[key(-0.0)] == starts[key(-np.inf)] == zero
   assert starts[key(1.0)] >= 254 and starts[key(np.inf)] == 255
   assert starts[key(np.nan)] == starts[key(-np.nan)] == starts[key(-1.0)] == 0

@@ -66,9 +66,9 @@ def _values(n=4096, seed=0):
 
 def _stochastic(x, uniform, scale=1.0):
   x, scale = jnp.asarray(x), jnp.float32(scale)
-  nearest = ref.scaled_tree_index(x, scale, jnp.asarray(ref.decision_tree(CODE)))
+  floor = ref.scaled_tree_index(x, scale, jnp.asarray(ref.code_floor_tree(CODE)))
   return np.asarray(ref.stochastic_index(
-      x, scale, nearest, jnp.asarray(CODE), jnp.asarray(ref.code_gaps(CODE)),
+      x, scale, floor, jnp.asarray(CODE), jnp.asarray(ref.code_gaps(CODE)),
       jnp.asarray(uniform, jnp.float32)))
 
 

@@ -17,10 +17,9 @@ from jlowbit import _reference as ref
 BUCKET_KEY_SHIFT = tl.constexpr(ref.BUCKET_KEY_SHIFT)
 TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
 # quasi_uniform_units: (counter * PHASE_MULTIPLIER + offset) >> UNIFORM_SHIFT,
-# UNITS = 2**24 of them in [0, 1).
+# 2**24 units in [0, 1).
 PHASE_MULTIPLIER = tl.constexpr(ref.PHASE_MULTIPLIER)
 UNIFORM_SHIFT = tl.constexpr(32 - ref.UNIFORM_BITS)
-UNITS = tl.constexpr(float(1 << ref.UNIFORM_BITS))
 # Kernels run by Triton's interpreter (imported with TRITON_INTERPRET=1 in
 # the worker of jlowbit.triton_kernels.launch) take exact arithmetic where
 # compiled ones take GPU approximations with no interpreter counterpart.
@@ -62,8 +61,8 @@ def unpack_nibbles(packed):
 @triton.jit
 def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCKSIZE: tl.constexpr,
                        BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr,
-                       STEPS: tl.constexpr, code_ptr=None, gaps_ptr=None,
-                       units=None, STOCHASTIC: tl.constexpr = False):
+                       STEPS: tl.constexpr, pairs_ptr=None, units=None,
+                       STOCHASTIC: tl.constexpr = False):
   """Blockwise codes of a flat tile of ``BLOCKS`` whole blocks.
 
   ``x`` is float32 ``[BLOCKS * BLOCKSIZE]`` (lanes past the data must hold
@@ -76,9 +75,10 @@ def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCKSIZE: tl.constexpr,
   ``jlowbit._reference.bucket_search_table``), else by the decision tree at
   ``search_ptr``. The tile stays one-dimensional so that the table gathers
   keep a coalesced layout. With ``STOCHASTIC`` (bucketed search only) the
-  codes round stochastically (:func:`stochastic_step`) with the noise
-  ``units`` through the codebook at ``code_ptr`` and its scaled gaps at
-  ``gaps_ptr``.
+  search tables are those of the lower bracketing code
+  (``jlowbit._reference.code_search(code, floor=True)``), which then rounds
+  stochastically (:func:`stochastic_step`) with the noise ``units`` through
+  the codebook's (code, scaled gap) pairs at ``pairs_ptr``.
   """
   absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
   scale = block_scale(absmax)
@@ -93,8 +93,7 @@ def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCKSIZE: tl.constexpr,
     if STOCHASTIC:
       codes = stochastic_step(
           x * broadcast_rows(factor, BLOCKS, BLOCKSIZE),
-          broadcast_rows(scale, BLOCKS, BLOCKSIZE), codes, code_ptr, gaps_ptr,
-          units, CODE_BITS)
+          broadcast_rows(scale, BLOCKS, BLOCKSIZE), codes, pairs_ptr, units)
   else:
     tl.static_assert(not STOCHASTIC, "stochastic rounding needs STEPS > 0")
     codes = scaled_tree_index(x, broadcast_rows(scale, BLOCKS, BLOCKSIZE),
@@ -174,16 +173,16 @@ def scaled_tree_index_top2(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
 @triton.jit
 def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
                         STEPS: tl.constexpr):
-  """:func:`scaled_tree_index`'s index in ``STEPS + 1`` gathers instead of 8.
+  """:func:`scaled_tree_index`'s index in ``STEPS`` gathers instead of 8.
 
   ``x``, ``scale`` (> 0) and ``inv_scale`` (about ``1 / scale``) as after
   :func:`exact_comparison_operands`. The top 16 bits of ``r = x *
   inv_scale`` are a key of ``jlowbit._reference.bucket_search_table``, whose
-  entry (one 64-bit load) holds a lower bound ``start`` of the index and ``t[start]``;
-  ``STEPS`` comparisons ``t[index] * scale <= x`` of the sorted thresholds
-  ``t`` finish it, the first against the entry's threshold. ``r`` is NaN for a
-  NaN ``x`` (a NaN key: index 0) and for ``x = +-inf`` in a block of scale
-  ``inf``, which then keys by ``x`` itself.
+  entry (one 64-bit gather) holds a lower bound ``start`` of the index and
+  the threshold ``t[start]``; ``STEPS`` comparisons ``t[index] * scale <=
+  x`` of the sorted thresholds ``t`` finish it, the first against the
+  entry's threshold. ``r`` is NaN for a NaN ``x`` (a NaN key: index 0) and
+  for ``x = +-inf`` in a block of scale ``inf``, which then keys by ``x``.
   """
   r = x * inv_scale
   r = tl.where(r == r, r, x)
@@ -222,18 +221,16 @@ def quasi_uniform_units(counters, offset):
 
 
 @triton.jit
-def stochastic_step(x, scale, index, code_ptr, gaps_ptr, units,
-                    CODE_BITS: tl.constexpr):
-  """``jlowbit._reference.stochastic_index`` on the operands ``x``,
-  ``scale`` of :func:`exact_comparison_operands`: the nearest code
-  ``index`` of ``x / scale`` rounded stochastically to one of its bracketing
-  codes by the noise ``units`` (:func:`quasi_uniform_units`). ``gaps_ptr``:
-  the ``[2, 2**k]`` signed gaps of the codebook at ``code_ptr``, times
-  ``2**-24`` (so ``units * gap`` is the reference's ``uniform * gap``: both
-  scalings by powers of two are exact)."""
-  nearest = tl.load(code_ptr + index)
-  above = nearest * scale > x
-  weight = tl.where(above, UNITS - units, units)
-  gap = tl.load(gaps_ptr + index + tl.where(above, 0, 1 << CODE_BITS))
-  point = (nearest + weight * gap) * scale
-  return index - above.to(tl.int32) + (point < x).to(tl.int32)
+def stochastic_step(x, scale, floor, pairs_ptr, units):
+  """``jlowbit._reference.stochastic_index`` on the operands ``x``, ``scale``
+  of :func:`exact_comparison_operands`: ``floor``, the lower bracketing code
+  of ``x / scale``, or the next code, by the noise ``units``
+  (:func:`quasi_uniform_units`). ``pairs_ptr``: float32 ``[2**k, 2]`` of
+  ``code[i]`` and its gap to the next code times ``2**-24`` (so ``units *
+  gap`` is the reference's ``uniform * gap``: both scalings by powers of two
+  are exact), one 64-bit gather."""
+  pair = tl.load(pairs_ptr.to(tl.pointer_type(tl.int64)) + floor)
+  code = pair.to(tl.int32).to(tl.float32, bitcast=True)
+  gap = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+  point = (code + units * gap) * scale
+  return floor + (point < x).to(tl.int32)

@@ -51,18 +51,20 @@ adagrad    eps                              v = v + g g; d = g / (sqrt(v) + eps)
 
 First moments use the signed dynamic codebook, second moments (``v``,
 ``nu``) the unsigned one. Both reach the kernels in one float32
-``[2, 4, 256]`` array ``qmaps`` (``[signed, unsigned] x [codebook, sorted
-thresholds, gaps down, gaps up]``) and one uint32 array of bucket entries
-(:func:`jlowbit._reference.bucket_search_table`): requantization compares
+``[2, 5, 256]`` array ``qmaps`` (:func:`qmaps`: per codebook the codes,
+(code, gap) pairs and the sorted thresholds of two searches) and one uint32 array
+of bucket entries (:func:`jlowbit._reference.bucket_search_table`):
+requantization compares
 ``threshold * absmax <= moment`` like the reference's decision tree, but
 starts from the bucket keyed by the top 16 bits of ``moment / absmax``
-(:func:`jlowbit.triton_kernels.common.scaled_bucket_index`): two gathers
-per element instead of eight, no division, the codes of the reference.
+(:func:`jlowbit.triton_kernels.common.scaled_bucket_index`): one 64-bit
+gather per element instead of eight, no division, the codes of the reference.
 
 **Stochastic rounding.** Moments flagged ``stochastic`` (AdEMAMix's slow
-EMA by default) round to one of their two bracketing codes
-(:func:`jlowbit.triton_kernels.common.stochastic_step`: two more gathers per
-element) with the low-discrepancy noise of
+EMA by default) round to one of their two bracketing codes: the bucketed
+search finds the lower one, then
+:func:`jlowbit.triton_kernels.common.stochastic_step` (one more 64-bit
+gather, of the code and its gap) rounds with the low-discrepancy noise of
 :func:`jlowbit._reference.quasi_uniform`: the element's counter (its
 position in the concatenation of the call's leaves) sets its phase, and the
 step's ``key`` (a uint32 ``[1]`` array) advances every phase by the same
@@ -106,6 +108,7 @@ TILE_ELEMENTS = 2048  # elements per program (more when a block is larger)
 NUM_WARPS = 8  # per TILE_ELEMENTS: 8 elements per thread at any tile size
 VECTOR_CHUNK = 16  # launches whose leaf sizes it divides get vectorized I/O
 CODE_BITS = 8
+QMAP_ROWS = 5  # per codebook in qmaps(): codes, (code, gap) pairs, 2 searches
 # Pointer arguments per launch: 8 bytes each within CUDA's 4 KiB of kernel
 # parameters, with room for Triton's own.
 MAX_KERNEL_POINTERS = 384
@@ -246,34 +249,33 @@ def _tile_blocks(tile, n, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
 
 
 @triton.jit
-def _load_moment(codes_ptr, absmax_ptr, qmap_ptr, tile, offsets, mask, n,
+def _load_moment(codes_ptr, absmax_ptr, code_ptr, tile, offsets, mask, n,
                  BLOCKSIZE: tl.constexpr, TILE: tl.constexpr):
   """Loads and dequantizes one moment tile (float32 ``[TILE]``; lanes off
   ``mask`` hold garbage, which :func:`_store_moment` and the stores drop)."""
   codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
   block, block_mask = _tile_blocks(tile, n, BLOCKSIZE, TILE)
   absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
-  return tl.load(qmap_ptr + codes) * common.broadcast_rows(
+  return tl.load(code_ptr + codes) * common.broadcast_rows(
       absmax, TILE // BLOCKSIZE, BLOCKSIZE)
 
 
 @triton.jit
-def _store_moment(value, codes_ptr, absmax_ptr, qmap_ptr, buckets_ptr, tile,
-                  offsets, mask, n, BLOCKSIZE: tl.constexpr,
+def _store_moment(value, codes_ptr, absmax_ptr, search_ptr, buckets_ptr,
+                  pairs_ptr, tile, offsets, mask, n, BLOCKSIZE: tl.constexpr,
                   TILE: tl.constexpr, units, CODE_BITS: tl.constexpr,
                   STEPS: tl.constexpr, STOCHASTIC: tl.constexpr):
   """Requantizes one moment tile blockwise; stores its codes and absmax.
 
-  ``qmap_ptr``: the codebook, followed by its sorted thresholds and its
-  ``[2, 256]`` gaps; ``buckets_ptr``: its bucket entries. Lanes off ``mask``
-  are zeroed first so they cannot raise a block's absmax. With
-  ``STOCHASTIC`` the nearest codes are rounded stochastically with the
-  noise ``units`` (:func:`_noise`).
+  ``search_ptr``, ``buckets_ptr``, ``STEPS``: the codebook's search for the
+  nearest code, or with ``STOCHASTIC`` for the lower bracketing code, which
+  then rounds stochastically through the (code, gap) pairs at ``pairs_ptr``
+  with the noise ``units`` (:func:`_noise`). Lanes off ``mask`` are zeroed
+  first so they cannot raise a block's absmax.
   """
   codes, absmax = common.quantize_flat_tile(
-      tl.where(mask, value, 0.0), qmap_ptr + (1 << CODE_BITS), buckets_ptr,
-      BLOCKSIZE, TILE // BLOCKSIZE, CODE_BITS, STEPS, qmap_ptr,
-      qmap_ptr + (2 << CODE_BITS), units, STOCHASTIC)
+      tl.where(mask, value, 0.0), search_ptr, buckets_ptr, BLOCKSIZE,
+      TILE // BLOCKSIZE, CODE_BITS, STEPS, pairs_ptr, units, STOCHASTIC)
   tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
   block, block_mask = _tile_blocks(tile, n, BLOCKSIZE, TILE)
   tl.store(absmax_ptr + block, absmax, mask=block_mask)
@@ -317,7 +319,7 @@ def _leaf_dispatch(layout: Layout, alg: Algorithm, lo: int, hi: int,
     ins, outs = _leaf_pointers(f"_{lo}", alg)
     return [f"{indent}_update_tile({', '.join(ins + outs)}, qmaps_ptr, "
             f"buckets_ptr, hyper_ptr, key_ptr, tile - {first}, {n_chunks}, "
-            f"{counter}, BLOCKSIZE, TILE, CHUNK, CODE_BITS, STEPS)"]
+            f"{counter}, BLOCKSIZE, TILE, CHUNK, CODE_BITS)"]
   mid = (lo + hi) // 2
   return ([f"{indent}if tile < {layout[mid][0]}:"]
           + _leaf_dispatch(layout, alg, lo, mid, indent + "  ")
@@ -325,7 +327,7 @@ def _leaf_dispatch(layout: Layout, alg: Algorithm, lo: int, hi: int,
           + _leaf_dispatch(layout, alg, mid, hi, indent + "  "))
 
 
-_CONSTEXPRS = ("BLOCKSIZE", "TILE", "CHUNK", "CODE_BITS", "STEPS")
+_CONSTEXPRS = ("BLOCKSIZE", "TILE", "CHUNK", "CODE_BITS")
 
 
 def _kernel_source(algorithm: str, layout: Layout,
@@ -334,9 +336,13 @@ def _kernel_source(algorithm: str, layout: Layout,
   alg, signed = ALGORITHMS[algorithm], update8.MOMENT_SIGNED[algorithm]
   k = len(alg.moments)
   constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
-  qmap = lambda j: "qmaps_ptr" if signed[j] else "qmaps_ptr + (4 << CODE_BITS)"
-  buckets = lambda j: ("buckets_ptr" if signed[j]
-                       else f"buckets_ptr + {2 * ref.BUCKET_KEYS}")
+  book = lambda j: 0 if signed[j] else 1  # codebook of moment j
+  qmap = lambda j, row: f"qmaps_ptr + {(QMAP_ROWS * book(j) + row) << CODE_BITS}"
+  search = lambda j: (  # thresholds, bucket entries, (code, gap) pairs
+      f"{qmap(j, 3 + stochastic[j])}, "
+      f"buckets_ptr + {(2 * book(j) + stochastic[j]) * 2 * ref.BUCKET_KEYS}, "
+      f"{qmap(j, 1)}")
+  steps = lambda j: _search_tables()[2][book(j)][stochastic[j]]
   moments = ", ".join(f"m{j}" for j in range(k))
   tile_args = "tile, offsets, mask, n, BLOCKSIZE, TILE"
   ins, outs = _leaf_pointers("_ptr", alg)
@@ -346,15 +352,15 @@ def _kernel_source(algorithm: str, layout: Layout,
   tile_body = [
       "offsets, mask, n = _leaf_tile(tile, n_chunks, CHUNK, TILE)",
       "grad = _load_grad(g_ptr, offsets, mask)",
-      *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j)}, {tile_args})"
+      *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j, 0)}, {tile_args})"
         for j in range(k)),
       f"direction, {moments} = {alg.math}(grad, {moments}, hyper_ptr)",
       *([] if alg.direction_from_state
         else ["_store_direction(d_ptr, direction, offsets, mask)"]),
       *noise,
-      *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {qmap(j)}, {buckets(j)}, "
-        f"{tile_args}, {'units' if stochastic[j] else 'None'}, CODE_BITS, "
-        f"STEPS, {stochastic[j]})" for j in range(k)),
+      *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {search(j)}, {tile_args}, "
+        f"{'units' if stochastic[j] else 'None'}, CODE_BITS, {steps(j)}, "
+        f"{stochastic[j]})" for j in range(k)),
   ]
   ins, outs = zip(*(_leaf_pointers(f"_{i}", alg) for i in range(len(layout))))
   params = [*sum(ins, []), "qmaps_ptr", "buckets_ptr", "hyper_ptr", "key_ptr",
@@ -390,32 +396,37 @@ def update_kernel(algorithm: str, layout: Layout,
 
 
 @functools.cache
-def _search_tables() -> tuple[np.ndarray, np.ndarray, int]:
+def _search_tables() -> tuple[np.ndarray, np.ndarray, tuple]:
   """(qmaps, bucket entries, comparisons per search) of the two codebooks."""
   maps, buckets, steps = [], [], []
   for signed in (True, False):
     code = codebooks.dynamic(signed)
-    thresholds, code_buckets, bucket_steps = ref.code_search(code)
-    maps.append((code, thresholds, *ref.code_gaps(code) * 2.0**-ref.UNIFORM_BITS))
-    buckets.append(code_buckets)
-    steps.append(bucket_steps)
-  assert min(steps) > 0, "the dynamic codebooks have bucketed searches"
+    gaps = ref.code_gaps(code) * 2.0**-ref.UNIFORM_BITS
+    searches = [ref.code_search(code, floor) for floor in (False, True)]
+    maps.append(np.concatenate([[code], np.stack([code, gaps], -1).reshape(2, -1),
+                                [thresholds for thresholds, _, _ in searches]]))
+    buckets.append([entries for _, entries, _ in searches])
+    steps.append(tuple(s for _, _, s in searches))
+  assert min(min(s) for s in steps) > 0, "the dynamic codebooks have bucketed searches"
   maps, buckets = np.asarray(maps, np.float32), np.asarray(buckets, np.uint32)
   maps.setflags(write=False)
   buckets.setflags(write=False)
-  return maps, buckets, max(steps)
+  return maps, buckets, tuple(steps)
 
 
 def qmaps() -> np.ndarray:
-  """float32 ``[2, 4, 256]``: [signed, unsigned] x [codebook, thresholds
-  (sorted, NaN last: :func:`jlowbit._reference.bucket_search_table`),
-  gaps down, gaps up (:func:`jlowbit._reference.code_gaps`, times
-  ``2**-24``: the kernels draw noise in units of ``2**-24``)]."""
+  """float32 ``[2, QMAP_ROWS, 256]``: [signed, unsigned] x [codebook, 256
+  (code, gap) pairs (rows 1-2: ``code[i]`` and
+  :func:`jlowbit._reference.code_gaps` ``[i]`` times ``2**-24``, as the
+  kernels draw noise in units of ``2**-24``), the sorted thresholds of the
+  nearest-code search, those of the lower bracketing code's search (each
+  NaN last: :func:`jlowbit._reference.code_search`)]."""
   return _search_tables()[0]
 
 
 def bucket_entries() -> np.ndarray:
-  """uint32 ``[2, BUCKET_KEYS, 2]``: the bucket entries of [signed, unsigned]."""
+  """uint32 ``[2, 2, BUCKET_KEYS, 2]``: the bucket entries of [signed,
+  unsigned] x [nearest-code search, lower-bracketing-code search]."""
   return _search_tables()[1]
 
 
@@ -499,7 +510,7 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
       out_shape=out_shape,
       grid=(first,), impl=impl, input_output_aliases=aliases,
       num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCKSIZE=block_size,
-      TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS, STEPS=_search_tables()[2])
+      TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS)
   per_leaf = 2 * len(alg.moments) + (not alg.direction_from_state)
   results = []
   for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
