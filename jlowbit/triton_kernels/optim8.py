@@ -126,24 +126,17 @@ class Algorithm:
   value exactly (Lion's signs, NaN included, in bfloat16), written by the
   kernel instead of the gradient's dtype and widened by XLA in the fusion
   that applies the update: 2 bytes per parameter less traffic each way.
-  ``direction_from_state``: the kernel writes no direction; the wrapper
-  computes it from the step's old state with the reference math
-  (:func:`jlowbit.optax_transforms.update8.direction_8bit_reference`), which
-  XLA fuses into the update's consumer (``optax.apply_updates``): for
-  SGD-momentum that reads the 1-byte codes again instead of writing and
-  reading a 4-byte direction.
   """
   math: str
   moments: tuple[str, ...]
   exact_direction_dtype: object = None
-  direction_from_state: bool = False
 
 
 ALGORITHMS = {
     "adam": Algorithm("adam_math", ("m", "v")),
     "ademamix": Algorithm("ademamix_math", ("m1", "m2", "nu")),
     "lion": Algorithm("lion_math", ("m",), jnp.bfloat16),
-    "momentum": Algorithm("momentum_math", ("m",), direction_from_state=True),
+    "momentum": Algorithm("momentum_math", ("m",)),
     "rmsprop": Algorithm("rmsprop_math", ("v",)),
     "adagrad": Algorithm("adagrad_math", ("v",)),
 }
@@ -301,38 +294,55 @@ def _store_direction(d_ptr, d, offsets, mask):
 Layout = tuple[tuple[int, int, int], ...]
 
 
-def _leaf_pointers(suffix: str, alg: Algorithm) -> tuple[list[str], list[str]]:
+def writes_direction(algorithm: str, grad_dtype) -> bool:
+  """Whether the kernel writes the update direction of ``grad_dtype``
+  gradients, or leaves it to the wrapper, which computes it from the step's
+  old state with the reference math
+  (:func:`jlowbit.optax_transforms.update8.direction_8bit_reference`), an
+  expression XLA fuses into the update's consumer (``optax.apply_updates``).
+  Whichever moves fewer bytes per parameter: a written direction is written
+  and read back (twice its size); one from the state reads the old codes
+  (a byte per moment) and the gradient again. E.g. float32 Adam: 8 vs 6
+  bytes, from the state; float32 Lion (bfloat16 signs): 4 vs 5, written."""
+  alg = ALGORITHMS[algorithm]
+  written = jnp.dtype(alg.exact_direction_dtype or grad_dtype).itemsize
+  return 2 * written < len(alg.moments) + jnp.dtype(grad_dtype).itemsize
+
+
+def _leaf_pointers(suffix: str, moments: int,
+                   direction: bool) -> tuple[list[str], list[str]]:
   """Names of one leaf's (input, output) pointers: ``g``, ``c<j>``/``a<j>``
-  (codes/absmax of moment j), ``d`` (unless ``direction_from_state``),
+  (codes/absmax of moment j), ``d`` (with ``direction``),
   ``oc<j>``/``oa<j>``, each + ``suffix``."""
-  pairs = [f"{p}{j}{suffix}" for j in range(len(alg.moments)) for p in "ca"]
-  direction = [] if alg.direction_from_state else [f"d{suffix}"]
-  return [f"g{suffix}", *pairs], [*direction, *("o" + p for p in pairs)]
+  pairs = [f"{p}{j}{suffix}" for j in range(moments) for p in "ca"]
+  outs = [f"d{suffix}"] if direction else []
+  return [f"g{suffix}", *pairs], [*outs, *("o" + p for p in pairs)]
 
 
-def _leaf_dispatch(layout: Layout, alg: Algorithm, lo: int, hi: int,
-                   indent: str) -> list[str]:
+def _leaf_dispatch(layout: Layout, moments: int, direction: bool, lo: int,
+                   hi: int, indent: str) -> list[str]:
   """Nested ``if``\\ s calling the tile function on the leaf (of ``lo:hi``)
   that owns ``tile``."""
   if hi - lo == 1:
     first, n_chunks, counter = layout[lo]
-    ins, outs = _leaf_pointers(f"_{lo}", alg)
+    ins, outs = _leaf_pointers(f"_{lo}", moments, direction)
     return [f"{indent}_update_tile({', '.join(ins + outs)}, qmaps_ptr, "
             f"buckets_ptr, hyper_ptr, key_ptr, tile - {first}, {n_chunks}, "
             f"{counter}, BLOCKSIZE, TILE, CHUNK, CODE_BITS)"]
   mid = (lo + hi) // 2
   return ([f"{indent}if tile < {layout[mid][0]}:"]
-          + _leaf_dispatch(layout, alg, lo, mid, indent + "  ")
+          + _leaf_dispatch(layout, moments, direction, lo, mid, indent + "  ")
           + [f"{indent}else:"]
-          + _leaf_dispatch(layout, alg, mid, hi, indent + "  "))
+          + _leaf_dispatch(layout, moments, direction, mid, hi, indent + "  "))
 
 
 _CONSTEXPRS = ("BLOCKSIZE", "TILE", "CHUNK", "CODE_BITS")
 
 
-def _kernel_source(algorithm: str, layout: Layout,
-                   stochastic: tuple[bool, ...]) -> str:
-  """Source of the tile function ``_update_tile`` and the kernel."""
+def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
+                   direction: bool) -> str:
+  """Source of the tile function ``_update_tile`` and the kernel (which
+  writes the direction if ``direction``)."""
   alg, signed = ALGORITHMS[algorithm], update8.MOMENT_SIGNED[algorithm]
   k = len(alg.moments)
   constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
@@ -345,7 +355,7 @@ def _kernel_source(algorithm: str, layout: Layout,
   steps = lambda j: _search_tables()[2][book(j)][stochastic[j]]
   moments = ", ".join(f"m{j}" for j in range(k))
   tile_args = "tile, offsets, mask, n, BLOCKSIZE, TILE"
-  ins, outs = _leaf_pointers("_ptr", alg)
+  ins, outs = _leaf_pointers("_ptr", k, direction)
   tile_params = [*ins, *outs, "qmaps_ptr", "buckets_ptr", "hyper_ptr", "key_ptr",
                  "tile", "n_chunks", "counter", *constexprs]
   noise = ["units = _noise(key_ptr, tile, counter, TILE)"] if any(stochastic) else []
@@ -355,17 +365,18 @@ def _kernel_source(algorithm: str, layout: Layout,
       *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j, 0)}, {tile_args})"
         for j in range(k)),
       f"direction, {moments} = {alg.math}(grad, {moments}, hyper_ptr)",
-      *([] if alg.direction_from_state
-        else ["_store_direction(d_ptr, direction, offsets, mask)"]),
+      *(["_store_direction(d_ptr, direction, offsets, mask)"] if direction else []),
       *noise,
       *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {search(j)}, {tile_args}, "
         f"{'units' if stochastic[j] else 'None'}, CODE_BITS, {steps(j)}, "
         f"{stochastic[j]})" for j in range(k)),
   ]
-  ins, outs = zip(*(_leaf_pointers(f"_{i}", alg) for i in range(len(layout))))
+  ins, outs = zip(*(_leaf_pointers(f"_{i}", k, direction)
+                    for i in range(len(layout))))
   params = [*sum(ins, []), "qmaps_ptr", "buckets_ptr", "hyper_ptr", "key_ptr",
             *sum(outs, []), *constexprs]
-  body = ["tile = tl.program_id(0)", *_leaf_dispatch(layout, alg, 0, len(layout), "")]
+  body = ["tile = tl.program_id(0)",
+          *_leaf_dispatch(layout, k, direction, 0, len(layout), "")]
   return (f"def _update_tile({', '.join(tile_params)}):\n"
           + "".join(f"  {line}\n" for line in tile_body)
           + f"\n\ndef {algorithm}_update_kernel({', '.join(params)}):\n"
@@ -373,19 +384,19 @@ def _kernel_source(algorithm: str, layout: Layout,
 
 
 @functools.cache
-def update_kernel(algorithm: str, layout: Layout,
-                  stochastic: tuple[bool, ...]) -> triton.JITFunction:
+def update_kernel(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
+                  direction: bool) -> triton.JITFunction:
   """The ``@triton.jit`` update kernel of ``algorithm`` over ``layout``.
 
   Arguments: per leaf ``g, (codes, absmax) per moment``; then ``qmaps``,
   ``buckets``, ``hyper``, ``key`` (uint32 ``[1]``, the rounding noise's
   step offset, read only when a moment of ``stochastic`` is true); then per
-  leaf the outputs ``d`` (unless ``direction_from_state``), ``(codes,
-  absmax)`` per moment; then the constexprs.
+  leaf the outputs ``d`` (if ``direction``: :func:`writes_direction`),
+  ``(codes, absmax)`` per moment; then the constexprs.
   The source is registered with :mod:`linecache` so that Triton (and its
   interpreter) can read it.
   """
-  source = _kernel_source(algorithm, layout, stochastic)
+  source = _kernel_source(algorithm, layout, stochastic, direction)
   digest = hashlib.sha256(source.encode()).hexdigest()[:16]
   filename = f"<jlowbit.optim8 {algorithm} {digest}>"
   linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -485,6 +496,7 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
   """One kernel launch over non-empty leaves of one dtype; ``counters``:
   each leaf's first noise counter."""
   alg = ALGORITHMS[algorithm]
+  direction = writes_direction(algorithm, grads[0].dtype)
   tile = max(TILE_ELEMENTS, block_size)
   chunk = VECTOR_CHUNK if all(g.size % VECTOR_CHUNK == 0 for g in grads) else 1
   layout, first = [], 0
@@ -495,7 +507,7 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
   for grad, leaf_moments in zip(grads, moments):
     n = grad.size
     args.append(grad.reshape(-1))
-    if not alg.direction_from_state:
+    if direction:
       out_shape.append(jax.ShapeDtypeStruct(
           (n,), alg.exact_direction_dtype or grad.dtype))
     for codes, absmax in leaf_moments:
@@ -506,20 +518,20 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
   outs = launch(
       __name__, "update_kernel", *args, jnp.asarray(qmaps()),
       jnp.asarray(bucket_entries()), hyper, key,
-      kernel_args=(algorithm, tuple(layout), stochastic),
+      kernel_args=(algorithm, tuple(layout), stochastic, direction),
       out_shape=out_shape,
       grid=(first,), impl=impl, input_output_aliases=aliases,
       num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCKSIZE=block_size,
       TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS)
-  per_leaf = 2 * len(alg.moments) + (not alg.direction_from_state)
+  per_leaf = 2 * len(alg.moments) + direction
   results = []
   for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
     flat = outs[i * per_leaf:(i + 1) * per_leaf]
-    if alg.direction_from_state:
+    if direction:
+      d, *flat = flat
+    else:
       d = update8.direction_8bit_reference(algorithm, grad, leaf_moments,
                                            hyper, block_size=block_size)
-    else:
-      d, *flat = flat
     results.append((d.astype(grad.dtype).reshape(grad.shape),
                     tuple((flat[j].reshape(grad.shape), flat[j + 1])
                           for j in range(0, len(flat), 2))))
