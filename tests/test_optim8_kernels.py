@@ -261,11 +261,11 @@ def test_generated_kernel_dispatches_by_binary_search():
   assert "_noise(" in optim8._kernel_source("lion", layout, (True,), True)
 
 
-def test_kernel_writes_the_direction_only_when_that_moves_fewer_bytes():
-  # written: 2 x its size; from the old state: a byte per moment + the grad
-  written = {(a, d) for a in ALGORITHMS for d in ("float32", "bfloat16")
+def test_kernel_writes_the_direction_or_leaves_it_to_xla():
+  written = {(a, d) for a in ALGORITHMS for d in ("float32", "bfloat16", "float16")
              if optim8.writes_direction(a, jnp.dtype(d))}
-  assert written == {("lion", "float32"), ("ademamix", "bfloat16")}
+  assert written == {("lion", "float32"), ("adam", "bfloat16"), ("adam", "float16"),
+                     *(("ademamix", d) for d in ("float32", "bfloat16", "float16"))}
   layout = ((0, 100, 0), (4, 50, 1600))
   adam = optim8._kernel_source("adam", layout, (False, False), False)
   assert "_store_direction" not in adam and "d_0" not in adam

@@ -126,19 +126,23 @@ class Algorithm:
   value exactly (Lion's signs, NaN included, in bfloat16), written by the
   kernel instead of the gradient's dtype and widened by XLA in the fusion
   that applies the update: 2 bytes per parameter less traffic each way.
+  ``direction_from_state``: the gradient dtypes for which the kernel writes
+  no direction (:func:`writes_direction`).
   """
   math: str
   moments: tuple[str, ...]
   exact_direction_dtype: object = None
+  direction_from_state: tuple[str, ...] = ()
 
 
+_16BIT = ("bfloat16", "float16")
 ALGORITHMS = {
-    "adam": Algorithm("adam_math", ("m", "v")),
+    "adam": Algorithm("adam_math", ("m", "v"), direction_from_state=("float32",)),
     "ademamix": Algorithm("ademamix_math", ("m1", "m2", "nu")),
-    "lion": Algorithm("lion_math", ("m",), jnp.bfloat16),
-    "momentum": Algorithm("momentum_math", ("m",)),
-    "rmsprop": Algorithm("rmsprop_math", ("v",)),
-    "adagrad": Algorithm("adagrad_math", ("v",)),
+    "lion": Algorithm("lion_math", ("m",), jnp.bfloat16, _16BIT),
+    "momentum": Algorithm("momentum_math", ("m",), None, ("float32", *_16BIT)),
+    "rmsprop": Algorithm("rmsprop_math", ("v",), None, ("float32", *_16BIT)),
+    "adagrad": Algorithm("adagrad_math", ("v",), None, ("float32", *_16BIT)),
 }
 
 
@@ -300,13 +304,16 @@ def writes_direction(algorithm: str, grad_dtype) -> bool:
   old state with the reference math
   (:func:`jlowbit.optax_transforms.update8.direction_8bit_reference`), an
   expression XLA fuses into the update's consumer (``optax.apply_updates``).
-  Whichever moves fewer bytes per parameter: a written direction is written
-  and read back (twice its size); one from the state reads the old codes
-  (a byte per moment) and the gradient again. E.g. float32 Adam: 8 vs 6
-  bytes, from the state; float32 Lion (bfloat16 signs): 4 vs 5, written."""
-  alg = ALGORITHMS[algorithm]
-  written = jnp.dtype(alg.exact_direction_dtype or grad_dtype).itemsize
-  return 2 * written < len(alg.moments) + jnp.dtype(grad_dtype).itemsize
+  A written direction is written and read back (twice its size); one from
+  the state reads the old codes (a byte per moment) and the gradient again
+  in a fusion that gathers from the codebooks. Chosen per algorithm and
+  gradient dtype by what was faster on an H100 (``benchmarks/RESULTS.md``,
+  optimizer runs 5-6): from the state for SGD-momentum, RMSprop and Adagrad
+  (one moment: 5 vs 8 bytes in float32), float32 Adam (6 vs 8) and 16-bit
+  Lion (3 vs 4); written for AdEMAMix (7 vs 8 in float32, but its
+  three-codebook fusion ran 2% slower), 16-bit Adam (4 vs 4) and float32
+  Lion (bfloat16 signs: 4 vs 5)."""
+  return jnp.dtype(grad_dtype).name not in ALGORITHMS[algorithm].direction_from_state
 
 
 def _leaf_pointers(suffix: str, moments: int,
