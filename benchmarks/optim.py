@@ -12,7 +12,9 @@ hundreds of argument buffers can dominate) and of 10 steps unrolled in one
 jitted call (``ms_in_jit``: what the update costs inside a training step's
 executable, where dispatch is paid once and overlaps the GPU). Cases:
 one leaf of N fp32/bf16 parameters, and a GPT-2-small-shaped tree (148
-leaves, 124M fp32 parameters). ``bytes/param`` is the traffic the step needs
+leaves, 124M fp32 parameters); for bf16 params also optax with float32
+state (``mu_dtype``/``accumulator_dtype``; its default keeps bf16 moments),
+column ``in_jit_vs_fp32_state``. ``bytes/param`` is the traffic the step needs
 at minimum (each array read once, written once); ``%HBM`` is that traffic
 over the measured time against the device's HBM bandwidth
 (``timing.hbm_tbps``). State bytes per parameter are
@@ -33,18 +35,34 @@ import optax
 import jlowbit as lowbit
 from timing import hbm_tbps, table
 
-# name: (factory, state bytes/param moved per step (read + write), anchor)
+# name: (factory, state bytes per param moved per step (read + write) as a
+# function of the params' itemsize, optax counterpart)
 OPTIMIZERS = {
-    "optax.adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2), 16, None),
-    "adamw_8bit": (lambda: lowbit.adamw_8bit(1e-3, weight_decay=1e-2), 4, "optax.adamw"),
-    "optax.contrib.ademamix": (lambda: optax.contrib.ademamix(1e-3, weight_decay=1e-2), 24, None),
-    "ademamix_8bit": (lambda: lowbit.ademamix_8bit(1e-3), 6, "optax.contrib.ademamix"),
+    "optax.adamw": (lambda: optax.adamw(1e-3, weight_decay=1e-2), lambda s: 4 * s, None),
+    "adamw_8bit": (lambda: lowbit.adamw_8bit(1e-3, weight_decay=1e-2), lambda s: 4,
+                   "optax.adamw"),
+    "optax.contrib.ademamix": (lambda: optax.contrib.ademamix(1e-3, weight_decay=1e-2),
+                               lambda s: 6 * s, None),
+    "ademamix_8bit": (lambda: lowbit.ademamix_8bit(1e-3), lambda s: 6,
+                      "optax.contrib.ademamix"),
     "ademamix_8bit(nearest)": (lambda: lowbit.ademamix_8bit(1e-3, stochastic_rounding=False),
-                               6, "optax.contrib.ademamix"),
-    "optax.lion": (lambda: optax.lion(1e-4, weight_decay=1e-3), 8, None),
-    "lion_8bit": (lambda: lowbit.lion_8bit(1e-4), 2, "optax.lion"),
-    "optax.sgd(momentum)": (lambda: optax.sgd(1e-3, momentum=0.9), 8, None),
-    "sgd_8bit": (lambda: lowbit.sgd_8bit(1e-3), 2, "optax.sgd(momentum)"),
+                               lambda s: 6, "optax.contrib.ademamix"),
+    "optax.lion": (lambda: optax.lion(1e-4, weight_decay=1e-3), lambda s: 2 * s, None),
+    "lion_8bit": (lambda: lowbit.lion_8bit(1e-4), lambda s: 2, "optax.lion"),
+    "optax.sgd(momentum)": (lambda: optax.sgd(1e-3, momentum=0.9), lambda s: 2 * s, None),
+    "sgd_8bit": (lambda: lowbit.sgd_8bit(1e-3), lambda s: 2, "optax.sgd(momentum)"),
+}
+# For 16-bit params optax keeps 16-bit moments by default; these keep the
+# float32 state optax offers (Adam's and AdEMAMix's nu follows the params).
+FP32_STATE = {
+    "adamw_8bit": ("optax.adamw(mu fp32)", lambda: optax.adamw(
+        1e-3, weight_decay=1e-2, mu_dtype=jnp.float32), lambda s: 8 + 2 * s),
+    "ademamix_8bit": ("optax.contrib.ademamix(mu fp32)", lambda: optax.contrib.ademamix(
+        1e-3, weight_decay=1e-2, mu_dtype=jnp.float32), lambda s: 16 + 2 * s),
+    "lion_8bit": ("optax.lion(mu fp32)", lambda: optax.lion(
+        1e-4, weight_decay=1e-3, mu_dtype=jnp.float32), lambda s: 8),
+    "sgd_8bit": ("optax.sgd(momentum, fp32)", lambda: optax.sgd(
+        1e-3, momentum=0.9, accumulator_dtype=jnp.float32), lambda s: 8),
 }
 
 
@@ -98,15 +116,20 @@ def time_steps(tx, params, grads, steps: int = 10, repeats: int = 10,
 
 
 def bench_case(label: str, shapes, dtype, names) -> list[dict]:
+  """Rows of ``names`` on ``shapes``; with 16-bit params also the optax
+  counterparts with float32 state (:data:`FP32_STATE`)."""
   rows, times = [], {}
   n = sum(int(jnp.prod(jnp.array(s))) for s in shapes)
   itemsize = jnp.dtype(dtype).itemsize
-  for name in names:
-    factory, state_traffic, anchor = OPTIMIZERS[name]
+  cases = [(name, *OPTIMIZERS[name]) for name in names]
+  if itemsize < 4:
+    cases += [(twin, factory, traffic, None) for name, (twin, factory, traffic)
+              in FP32_STATE.items() if name in names]
+  for name, factory, state_traffic, anchor in cases:
     seconds, state_bytes = time_steps(factory(), *make_tree(shapes, dtype))
     in_jit, _ = time_steps(factory(), *make_tree(shapes, dtype), in_jit=True)
     times[name] = seconds, in_jit
-    traffic = 3 * itemsize + state_traffic  # read grad + param, write param
+    traffic = 3 * itemsize + state_traffic(itemsize)  # + grad, param read/write
     row = dict(case=label, dtype=jnp.dtype(dtype).name, optimizer=name, ms=seconds * 1e3,
                ms_in_jit=in_jit * 1e3, state_B_per_param=state_bytes / n,
                bytes_per_param=traffic,
@@ -116,6 +139,10 @@ def bench_case(label: str, shapes, dtype, names) -> list[dict]:
       row["in_jit_vs_optax"] = in_jit / times[anchor][1]
     rows.append(row)
     print(table([row], list(row)), flush=True)
+  for row in rows:
+    twin = FP32_STATE.get(row["optimizer"], ("",))[0]
+    if twin in times:
+      row["in_jit_vs_fp32_state"] = row["ms_in_jit"] / 1e3 / times[twin][1]
   return rows
 
 
@@ -183,8 +210,8 @@ def main():
       rows += bench_bnb("GPT-2 small tree", gpt2_small_shapes())
   print()
   print(table(rows, ["case", "dtype", "optimizer", "ms", "vs_optax", "ms_in_jit",
-                     "in_jit_vs_optax", "state_B_per_param", "bytes_per_param",
-                     "pct_hbm"]))
+                     "in_jit_vs_optax", "in_jit_vs_fp32_state", "state_B_per_param",
+                     "bytes_per_param", "pct_hbm"]))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)
