@@ -198,6 +198,9 @@ def bucket_search_table(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     steps = 0
   # x = +-inf lies in a block of scale inf, where t * scale <= x holds for
   # the nonzero t (+inf) or the negative t (-inf): the count, no comparison.
+  # (A codebook with an exact-zero threshold *and* steps > 1 would still add
+  # one for +inf in the later steps; the shipped codebooks have neither pair:
+  # tests/test_search.py.)
   starts[plus_inf] = np.sum(thresholds != 0)
   starts[minus_inf] = np.sum(thresholds < 0)
   padded = np.concatenate([thresholds, [np.nan]]).astype(np.float32)
