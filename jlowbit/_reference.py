@@ -274,30 +274,27 @@ def block_scale(absmax: jax.Array) -> jax.Array:
   return jnp.where(absmax > 0, absmax, jnp.float32(1))
 
 
+def _thresholds(data: bytes, floor: bool) -> np.ndarray:
+  code = np.frombuffer(data, np.float32)
+  return floor_thresholds(code) if floor else decision_thresholds(code)
+
+
 @functools.lru_cache(maxsize=64)
-def _tree_from_bytes(data: bytes) -> np.ndarray:
-  tree = decision_tree(np.frombuffer(data, np.float32))
+def _tree_from_bytes(data: bytes, floor: bool) -> np.ndarray:
+  tree = threshold_tree(_thresholds(data, floor))
   tree.setflags(write=False)
   return tree
 
 
 @functools.lru_cache(maxsize=64)
 def _search_from_bytes(data: bytes, floor: bool) -> tuple[np.ndarray, np.ndarray, int]:
-  code = np.frombuffer(data, np.float32)
-  thresholds = floor_thresholds(code) if floor else decision_thresholds(code)
+  thresholds = _thresholds(data, floor)
   search, buckets, steps = bucket_search_table(thresholds)
   if steps == 0:
     search = threshold_tree(thresholds)
   search.setflags(write=False)
   buckets.setflags(write=False)
   return search, buckets, steps
-
-
-@functools.lru_cache(maxsize=64)
-def _floor_tree_from_bytes(data: bytes) -> np.ndarray:
-  tree = threshold_tree(floor_thresholds(np.frombuffer(data, np.float32)))
-  tree.setflags(write=False)
-  return tree
 
 
 def _concrete_bytes(code) -> bytes:
@@ -308,19 +305,14 @@ def _concrete_bytes(code) -> bytes:
   return np.asarray(code, np.float32).tobytes()
 
 
-def code_tree(code) -> np.ndarray:
-  """The cached :func:`decision_tree` of a concrete (not traced) codebook.
+def code_tree(code, floor: bool = False) -> np.ndarray:
+  """The cached :func:`decision_tree` of a concrete (not traced) codebook, or
+  with ``floor`` the :func:`threshold_tree` of its :func:`floor_thresholds`.
 
   Raises:
     TypeError: ``code`` is a tracer (thresholds are computed on the host).
   """
-  return _tree_from_bytes(_concrete_bytes(code))
-
-
-def code_floor_tree(code) -> np.ndarray:
-  """The cached :func:`threshold_tree` of the :func:`floor_thresholds` of a
-  concrete (not traced) codebook."""
-  return _floor_tree_from_bytes(_concrete_bytes(code))
+  return _tree_from_bytes(_concrete_bytes(code), floor)
 
 
 def code_search(code, floor: bool = False) -> tuple[np.ndarray, np.ndarray, int]:

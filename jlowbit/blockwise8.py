@@ -76,12 +76,12 @@ def quantize_blockwise_reference(
   blocks = ref.blocked(x, blocksize)
   absmax = ref.block_absmax(blocks)
   scale = ref.block_scale(absmax)[:, None]
-  if uniform is None:
-    codes = ref.scaled_tree_index(blocks, scale, jnp.asarray(ref.code_tree(code)))
-  else:
-    floor = ref.scaled_tree_index(blocks, scale, jnp.asarray(ref.code_floor_tree(code)))
+  stochastic = uniform is not None  # from the lower bracketing code
+  tree = jnp.asarray(ref.code_tree(code, floor=stochastic))
+  codes = ref.scaled_tree_index(blocks, scale, tree)
+  if stochastic:
     codes = ref.stochastic_index(
-        blocks, scale, floor, jnp.asarray(code), jnp.asarray(ref.code_gaps(code)),
+        blocks, scale, codes, jnp.asarray(code), jnp.asarray(ref.code_gaps(code)),
         ref.blocked(uniform, blocksize))
   return codes.astype(jnp.uint8).reshape(-1)[:x.size], absmax
 

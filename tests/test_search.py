@@ -64,7 +64,7 @@ def test_tree_index_oracle_is_the_reference():
     np.testing.assert_array_equal(
         tree_index(x * scale, scale, ref.decision_thresholds(code)), want)
     floor = ref.scaled_tree_index(jnp.asarray(x * scale), jnp.float32(scale),
-                                  jnp.asarray(ref.code_floor_tree(code)))
+                                  jnp.asarray(ref.code_tree(code, floor=True)))
     np.testing.assert_array_equal(
         tree_index(x * scale, scale, ref.floor_thresholds(code)), floor)
 

@@ -66,7 +66,8 @@ def _values(n=4096, seed=0):
 
 def _stochastic(x, uniform, scale=1.0):
   x, scale = jnp.asarray(x), jnp.float32(scale)
-  floor = ref.scaled_tree_index(x, scale, jnp.asarray(ref.code_floor_tree(CODE)))
+  floor = ref.scaled_tree_index(x, scale,
+                                jnp.asarray(ref.code_tree(CODE, floor=True)))
   return np.asarray(ref.stochastic_index(
       x, scale, floor, jnp.asarray(CODE), jnp.asarray(ref.code_gaps(CODE)),
       jnp.asarray(uniform, jnp.float32)))

@@ -185,7 +185,8 @@ def launch(module_name: str, kernel_name: str, *args,
   import jax_triton  # pylint: disable=g-import-not-at-top
   kernel = _kernel(module_name, kernel_name, kernel_args)
   return tuple(jax_triton.triton_call(
-      *args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps, num_stages=num_stages,
+      *args, kernel=kernel, out_shape=out_shape, grid=grid,
+      num_warps=num_warps, num_stages=num_stages,
       input_output_aliases=aliases, **constexprs))
 
 

@@ -3,8 +3,9 @@ r"""Fused 8-bit optimizer updates: one kernel launch for many parameter leaves.
 A kernel reads each leaf's gradient ``g`` and 8-bit moments (uint8 codes +
 float32 per-block absmax), dequantizes them (``code[codes] * absmax``), does
 the float32 update math of its algorithm, writes the *direction* in the
-gradient's dtype and requantizes every new moment blockwise in place
-(``absmax`` = max |moment| per block, nearest code, ties to the lower index,
+gradient's dtype (or leaves it to XLA: :func:`writes_direction`) and
+requantizes every new moment blockwise in place (``absmax`` = max |moment|
+per block, nearest code, ties to the lower index, or stochastic rounding,
 exactly as :func:`jlowbit.blockwise8.quantize_blockwise_reference`).
 
 A program owns ``TILE`` consecutive elements of one flattened leaf, i.e.
