@@ -6,7 +6,7 @@ Run on an NVIDIA GPU::
 
 Effective bandwidth counts each input read once and each output written once
 (quantize: x + codes + absmax; dequantize: codes + absmax + output). gemv
-times ``x @ W.T`` for batch-1 ``x`` with W 4-bit NF4 (blocksize 64) against
+times ``x @ W.T`` for batch-1 ``x`` with W 4-bit NF4 (block_size 64) against
 the same product with W dense bf16, each over several distinct weights so
 nothing stays in L2. ``--bnb`` adds bitsandbytes' own kernels, timed in the
 same run with torch CUDA events.
@@ -45,15 +45,15 @@ def _row(op, n, dtype, seconds, nbytes, extra=None):
   return row
 
 
-def bench_blockwise8(n: int, dtype, blocksize: int, copies: int) -> list[dict]:
+def bench_blockwise8(n: int, dtype, block_size: int, copies: int) -> list[dict]:
   xs = _inputs(n, dtype, copies)
   itemsize = jnp.dtype(dtype).itemsize
-  absmax_bytes = 4 * math.ceil(n / blocksize)
-  quant = lambda x: jlowbit.quantize_blockwise(x, blocksize=blocksize)
+  absmax_bytes = 4 * math.ceil(n / block_size)
+  quant = lambda x: jlowbit.quantize_blockwise(x, block_size=block_size)
   t_q = time_jax(quant, xs)
   qs = [(quant(*x),) for x in xs]
   t_d = time_jax(lambda q: jlowbit.dequantize_blockwise(q), qs)
-  tag = dict(blocksize=blocksize, impl="jlowbit")
+  tag = dict(block_size=block_size, impl="jlowbit")
   return [_row("quantize_blockwise", n, dtype, t_q, n * itemsize + n + absmax_bytes, tag),
           _row("dequantize_blockwise", n, dtype, t_d, n + absmax_bytes + n * itemsize, tag)]
 
@@ -62,11 +62,11 @@ def bench_4bit(n: int, dtype, copies: int, quant_type: str = "nf4") -> list[dict
   xs = _inputs(n, dtype, copies)
   itemsize = jnp.dtype(dtype).itemsize
   packed = n // 2 + 4 * math.ceil(n / 64)
-  quant = lambda x: jlowbit.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+  quant = lambda x: jlowbit.quantize_4bit(x, block_size=64, quant_type=quant_type)
   t_q = time_jax(quant, xs)
   qs = [(quant(*x),) for x in xs]
   t_d = time_jax(lambda q: jlowbit.dequantize_4bit(q), qs)
-  tag = dict(blocksize=64, impl=f"jlowbit {quant_type}")
+  tag = dict(block_size=64, impl=f"jlowbit {quant_type}")
   return [_row("quantize_4bit", n, dtype, t_q, n * itemsize + packed, tag),
           _row("dequantize_4bit", n, dtype, t_d, packed + n * itemsize, tag)]
 
@@ -78,17 +78,17 @@ def bench_bnb_quant(n: int, dtype_name: str, copies: int) -> list[dict]:
   xs = [(torch.randn(n, device="cuda", dtype=dtype),) for _ in range(copies)]
   itemsize = xs[0][0].element_size()
   absmax_bytes = 4 * math.ceil(n / 4096)
-  t_q = time_torch(lambda x: F.quantize_blockwise(x, blocksize=4096), xs)
-  qs = [F.quantize_blockwise(x, blocksize=4096) for (x,) in xs]
+  t_q = time_torch(lambda x: F.quantize_blockwise(x, block_size=4096), xs)
+  qs = [F.quantize_blockwise(x, block_size=4096) for (x,) in xs]
   t_d = time_torch(lambda q: F.dequantize_blockwise(q[0], q[1]), [(q,) for q in qs])
-  tag = dict(blocksize=4096, impl="bitsandbytes")
+  tag = dict(block_size=4096, impl="bitsandbytes")
   rows = [_row("quantize_blockwise", n, dtype_name, t_q, n * itemsize + n + absmax_bytes, tag),
           _row("dequantize_blockwise", n, dtype_name, t_d, n + absmax_bytes + n * itemsize, tag)]
   packed = n // 2 + 4 * math.ceil(n / 64)
-  t_q4 = time_torch(lambda x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"), xs)
-  q4 = [F.quantize_4bit(x, blocksize=64, quant_type="nf4") for (x,) in xs]
+  t_q4 = time_torch(lambda x: F.quantize_4bit(x, block_size=64, quant_type="nf4"), xs)
+  q4 = [F.quantize_4bit(x, block_size=64, quant_type="nf4") for (x,) in xs]
   t_d4 = time_torch(lambda q: F.dequantize_4bit(q[0], q[1]), [(q,) for q in q4])
-  tag = dict(blocksize=64, impl="bitsandbytes nf4")
+  tag = dict(block_size=64, impl="bitsandbytes nf4")
   rows += [_row("quantize_4bit", n, dtype_name, t_q4, n * itemsize + packed, tag),
            _row("dequantize_4bit", n, dtype_name, t_d4, packed + n * itemsize, tag)]
   return rows
@@ -98,7 +98,7 @@ def bench_gemv(out_features: int, in_features: int, copies: int, bnb: bool) -> d
   keys = jax.random.split(jax.random.key(1), copies)
   weights = [jax.random.normal(k, (out_features, in_features), jnp.bfloat16) * 0.02 for k in keys]
   x = jax.random.normal(jax.random.key(2), (1, in_features), jnp.bfloat16)
-  w4s = [jlowbit.quantize_4bit(w, blocksize=64, quant_type="nf4") for w in weights]
+  w4s = [jlowbit.quantize_4bit(w, block_size=64, quant_type="nf4") for w in weights]
   t_dense = time_jax(lambda w: x @ w.T, [(w,) for w in weights])
   t_4bit = time_jax(lambda w4: jlowbit.gemv_4bit(x, w4), [(w4,) for w4 in w4s])
   bytes_4bit = out_features * in_features // 2 + 4 * out_features * in_features // 64
@@ -118,7 +118,7 @@ def _bnb_gemv(out_features: int, in_features: int, copies: int) -> dict:
   weights = [torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) * 0.02
              for _ in range(copies)]
   x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)
-  q = [F.quantize_4bit(w, blocksize=64, quant_type="nf4") for w in weights]
+  q = [F.quantize_4bit(w, block_size=64, quant_type="nf4") for w in weights]
   t_bnb = time_torch(lambda p, s: bnb.matmul_4bit(x, p.t(), quant_state=s), q)
   t_torch = time_torch(lambda w: x @ w.t(), [(w,) for w in weights])
   return dict(bnb_nf4_us=t_bnb * 1e6, torch_dense_us=t_torch * 1e6)
@@ -143,7 +143,7 @@ def main():
         results["quant"] += bench_4bit(size, dtype, copies)
       if args.bnb:
         results["quant"] += bench_bnb_quant(size, jnp.dtype(dtype).name, copies)
-  print(table(results["quant"], ["op", "impl", "n", "dtype", "blocksize", "us", "TBps", "pct_hbm"]))
+  print(table(results["quant"], ["op", "impl", "n", "dtype", "block_size", "us", "TBps", "pct_hbm"]))
   if "gemv" in args.sections:
     for shape in GEMV_SHAPES:
       copies = max(2, 8 * 4096 * 4096 // (shape[0] * shape[1]))

@@ -4,6 +4,7 @@
 ``impl=None | "triton" | "xla" | "interpret"`` (see :mod:`jlowbit._impl`).
 """
 
+from jlowbit import algorithms
 from jlowbit import codebooks
 from jlowbit._impl import IMPLS, resolve_impl
 from jlowbit.blockwise8 import (
@@ -12,9 +13,11 @@ from jlowbit.blockwise8 import (
     quantize_blockwise,
 )
 from jlowbit.bnb_format import from_bnb, to_bnb
-from jlowbit.matmul4 import gemv_4bit, gemv_4bit_reference, matmul_4bit
+from jlowbit.matmul4 import GemvConfig, gemv_4bit, gemv_4bit_reference, matmul_4bit
 from jlowbit.quant4 import Quantized4bit, dequantize_4bit, quantize_4bit
+from jlowbit.update8 import update_8bit
 from jlowbit.optax_transforms import (
+    FLOAT32_STATE,
     STATIC_ARGS,
     PercentileClippingState,
     Quantized8bitMoment,

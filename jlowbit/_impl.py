@@ -13,8 +13,6 @@
 jax-triton import, else ``"xla"``.
 """
 
-from __future__ import annotations
-
 import functools
 import importlib.util
 import os

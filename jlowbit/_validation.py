@@ -1,7 +1,5 @@
 """Argument checks that name the argument and the allowed values."""
 
-from __future__ import annotations
-
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,12 +31,21 @@ def check_float_dtype(dtype: Any, name: str) -> jnp.dtype:
   return dtype
 
 
-def check_float_array(x: Any, name: str) -> None:
-  """An array whose dtype is float32, bfloat16 or float16."""
+def as_float_array(x: Any, name: str, float64: bool = False) -> jax.Array:
+  """``jnp.asarray(x)``, which must be float32, bfloat16 or float16 (or
+  float64 if ``float64``).
+
+  numpy arrays are converted as JAX converts them: float64 becomes float32
+  unless ``jax_enable_x64`` is set.
+  """
   check_array(x, name)
-  if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+  x = jnp.asarray(x)
+  allowed = FLOAT_DTYPES + ((jnp.float64,) if float64 else ())
+  if jnp.dtype(x.dtype) not in allowed:
+    names = FLOAT_DTYPE_NAMES + (("float64",) if float64 else ())
     raise TypeError(f"{name}.dtype={jnp.dtype(x.dtype).name} is not supported; "
-                    f"allowed: {', '.join(FLOAT_DTYPE_NAMES)}")
+                    f"allowed: {', '.join(names)}")
+  return x
 
 
 def check_choice(value: Any, name: str, allowed: Iterable[Any]) -> None:
@@ -47,6 +54,15 @@ def check_choice(value: Any, name: str, allowed: Iterable[Any]) -> None:
   if isinstance(value, bool) or value not in allowed:
     raise ValueError(f"{name}={value!r} is not supported; allowed values: "
                      f"{', '.join(repr(a) for a in allowed)}")
+
+
+def check_block_size(value: Any, name: str, allowed: Iterable[int]) -> None:
+  """Raises unless ``value`` is a Python (or numpy) int among ``allowed``."""
+  allowed = tuple(allowed)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name}={value!r} must be an int; allowed values: "
+                    f"{', '.join(str(a) for a in allowed)}")
+  check_choice(int(value), name, allowed)
 
 
 def check_codebook(code: Any, name: str, size: int):

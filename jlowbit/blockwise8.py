@@ -1,6 +1,6 @@
 r"""8-bit blockwise quantization with a 256-entry codebook.
 
-The row-major flattened tensor is cut into blocks of ``blocksize`` elements
+The row-major flattened tensor is cut into blocks of ``block_size`` elements
 (the last may be partial). For block :math:`b`:
 
 .. math::
@@ -21,8 +21,6 @@ to NaN; a block holding ``±inf`` gets ``absmax = inf`` and dequantizes to
 non-finite values. Nothing non-finite is silently turned finite.
 """
 
-from __future__ import annotations
-
 import functools
 
 import jax
@@ -30,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jlowbit import _formats
 from jlowbit import _impl
-from jlowbit import _reference as ref
+from jlowbit import _search
+from jlowbit import _twins
 from jlowbit import _validation as val
 from jlowbit import codebooks
-
-BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @struct.dataclass
@@ -44,15 +42,15 @@ class Quantized8bit:
 
   Attributes:
     codes: uint8, the original array's shape: indices into ``code``.
-    absmax: float32 ``[ceil(size / blocksize)]``: per-block scale.
+    absmax: float32 ``[ceil(size / block_size)]``: per-block scale.
     code: float32 ``[256]``: the codebook, sorted.
-    blocksize: elements per block (static).
+    block_size: elements per block (static).
     dtype: name of the original dtype, the default for dequantization (static).
   """
   codes: jax.Array
   absmax: jax.Array
   code: jax.Array
-  blocksize: int = struct.field(pytree_node=False)
+  block_size: int = struct.field(pytree_node=False)
   dtype: str = struct.field(pytree_node=False)
 
   @property
@@ -65,34 +63,34 @@ class Quantized8bit:
 
 
 def quantize_blockwise_reference(
-    x: jax.Array, code: jax.Array, blocksize: int,
+    x: jax.Array, code: jax.Array, block_size: int,
     uniform: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Pure-jnp quantization: returns (codes uint8 ``[n]``, absmax float32).
 
   With ``uniform`` (float32 in ``[0, 1)``, ``x``'s size) each element is
   rounded stochastically between its neighbouring codes
-  (:func:`jlowbit._reference.stochastic_index`) instead of to the nearest.
+  (:func:`jlowbit._twins.stochastic_index`) instead of to the nearest.
   """
-  blocks = ref.blocked(x, blocksize)
-  absmax = ref.block_absmax(blocks)
-  scale = ref.block_scale(absmax)[:, None]
+  blocks = _twins.blocked(x, block_size)
+  absmax = _twins.block_absmax(blocks)
+  scale = _twins.block_scale(absmax)[:, None]
   stochastic = uniform is not None  # from the lower bracketing code
-  tree = jnp.asarray(ref.code_tree(code, floor=stochastic))
-  codes = ref.scaled_tree_index(blocks, scale, tree)
+  tree = jnp.asarray(_search.code_tree(code, floor=stochastic))
+  codes = _twins.scaled_tree_index(blocks, scale, tree)
   if stochastic:
-    codes = ref.stochastic_index(
-        blocks, scale, codes, jnp.asarray(code), jnp.asarray(ref.code_gaps(code)),
-        ref.blocked(uniform, blocksize))
+    codes = _twins.stochastic_index(
+        blocks, scale, codes, jnp.asarray(code), jnp.asarray(_search.code_gaps(code)),
+        _twins.blocked(uniform, block_size))
   return codes.astype(jnp.uint8).reshape(-1)[:x.size], absmax
 
 
 def dequantize_blockwise_reference(codes: jax.Array, code: jax.Array,
-                                   absmax: jax.Array, blocksize: int,
+                                   absmax: jax.Array, block_size: int,
                                    dtype) -> jax.Array:
   """Pure-jnp dequantization of flat ``codes``: returns ``dtype[n]``."""
   n = codes.size
-  padded = jnp.pad(codes.reshape(-1), (0, absmax.shape[0] * blocksize - n))
-  values = code[padded.reshape(-1, blocksize).astype(jnp.int32)] * absmax[:, None]
+  padded = jnp.pad(codes.reshape(-1), (0, absmax.shape[0] * block_size - n))
+  values = code[padded.reshape(-1, block_size).astype(jnp.int32)] * absmax[:, None]
   return values.reshape(-1)[:n].astype(dtype)
 
 
@@ -101,31 +99,31 @@ def _kernels():
   return blockwise8
 
 
-def _quantize(x, code, blocksize, impl):
+def _quantize(x, code, block_size, impl):
   flat = x.reshape(-1)
   if flat.size == 0:
     return jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)
   if impl == "xla":
-    return quantize_blockwise_reference(flat, code, blocksize)
-  search, buckets, steps = ref.code_search(code)
+    return quantize_blockwise_reference(flat, code, block_size)
+  search, buckets, steps = _search.code_search(code)
   return _kernels().quantize_blockwise(flat, jnp.asarray(search),
-                                       jnp.asarray(buckets), steps, blocksize, impl)
+                                       jnp.asarray(buckets), steps, block_size, impl)
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "dtype", "impl"))
-def _dequantize(codes, code, absmax, blocksize, dtype, impl):
+@functools.partial(jax.jit, static_argnames=("block_size", "dtype", "impl"))
+def _dequantize(codes, code, absmax, block_size, dtype, impl):
   flat = codes.reshape(-1)
   if flat.size == 0:
     return jnp.zeros(codes.shape, dtype)
   if impl == "xla":
-    out = dequantize_blockwise_reference(flat, code, absmax, blocksize, dtype)
+    out = dequantize_blockwise_reference(flat, code, absmax, block_size, dtype)
   else:
-    out = _kernels().dequantize_blockwise(flat, code, absmax, blocksize, dtype, impl)
+    out = _kernels().dequantize_blockwise(flat, code, absmax, block_size, dtype, impl)
   return out.reshape(codes.shape)
 
 
 def quantize_blockwise(x: jax.Array, code: jax.Array | None = None, *,
-                       blocksize: int = 4096,
+                       block_size: int = 4096,
                        impl: str | None = None) -> Quantized8bit:
   """Quantizes ``x`` to 8 bits per element, blockwise.
 
@@ -134,29 +132,30 @@ def quantize_blockwise(x: jax.Array, code: jax.Array | None = None, *,
     code: float32 ``[256]`` sorted codebook, a concrete array (not traced
       inside ``jax.jit``; close over it); default
       :func:`jlowbit.codebooks.dynamic` (signed).
-    blocksize: elements per block, one of 64, 128, ..., 4096.
+    block_size: elements per block, one of 64, 128, ..., 4096.
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"`` (see
       :mod:`jlowbit._impl`).
 
   Returns:
     A :class:`Quantized8bit` with ``codes`` of ``x.shape`` (uint8) and
-    ``absmax`` float32 ``[ceil(x.size / blocksize)]``.
+    ``absmax`` float32 ``[ceil(x.size / block_size)]``.
 
   Example:
     >>> import jax.numpy as jnp, jlowbit
-    >>> q = jlowbit.quantize_blockwise(jnp.linspace(-1, 1, 300), blocksize=256)
+    >>> q = jlowbit.quantize_blockwise(jnp.linspace(-1, 1, 300), block_size=256)
     >>> q.codes.shape, q.absmax.shape
     ((300,), (2,))
   """
-  val.check_float_array(x, "x")
-  val.check_choice(blocksize, "blocksize", BLOCKSIZES)
+  x = val.as_float_array(x, "x")
+  val.check_block_size(block_size, "block_size", _formats.BLOCK_SIZES_8BIT)
+  block_size = int(block_size)
   code = codebooks.dynamic(True) if code is None else code
   code = val.check_codebook(code, "code", 256)
   impl = _impl.resolve_impl(impl)
-  codes, absmax = _quantize(jnp.asarray(x), code, blocksize, impl)
+  codes, absmax = _quantize(x, code, block_size, impl)
   return Quantized8bit(codes=codes.reshape(x.shape), absmax=absmax,
                        code=jnp.asarray(code),
-                       blocksize=blocksize, dtype=jnp.dtype(x.dtype).name)
+                       block_size=block_size, dtype=jnp.dtype(x.dtype).name)
 
 
 def dequantize_blockwise(q: Quantized8bit, dtype=None, *,
@@ -175,9 +174,9 @@ def dequantize_blockwise(q: Quantized8bit, dtype=None, *,
     raise TypeError(f"q must be a Quantized8bit (from quantize_blockwise), got "
                     f"{type(q).__name__}")
   dtype = val.check_float_dtype(q.dtype if dtype is None else dtype, "dtype")
-  expected = -(-q.size // q.blocksize)
+  expected = -(-q.size // q.block_size)
   if q.absmax.shape != (expected,):
     raise ValueError(f"q.absmax.shape={tuple(q.absmax.shape)} does not match "
-                     f"{q.shape=} and {q.blocksize=}: expected ({expected},)")
+                     f"{q.shape=} and {q.block_size=}: expected ({expected},)")
   impl = _impl.resolve_impl(impl)
-  return _dequantize(q.codes, q.code, q.absmax, q.blocksize, dtype, impl)
+  return _dequantize(q.codes, q.code, q.absmax, q.block_size, dtype, impl)

@@ -14,6 +14,8 @@ checkpoints)::
 The JSON is ``json.dumps`` of ``{"quant_type", "blocksize", "dtype",
 "shape"}`` followed, when nested, by ``{"nested_blocksize", "nested_dtype",
 "nested_offset"}``; dtypes are written without ``torch.`` (``"bfloat16"``).
+These JSON keys keep bitsandbytes' spelling ``blocksize``; everywhere else
+jlowbit says ``block_size``.
 
 Key naming: with ``prefix=""`` the keys are the bare names above. With a
 prefix, ``prefix`` is the weight's own state-dict key (e.g.
@@ -27,8 +29,6 @@ allocates ``(n + 1) // (2 * itemsize)`` elements, which drops the tail when
 that does not divide; such a truncated weight is rejected on load).
 """
 
-from __future__ import annotations
-
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jlowbit import _formats
 from jlowbit import _validation as val
 from jlowbit import blockwise8
 from jlowbit import quant4
@@ -68,16 +69,19 @@ def to_bnb(w4: quant4.Quantized4bit, *, prefix: str = "") -> dict[str, np.ndarra
   storage = np.dtype(jnp.dtype(w4.quant_storage))
   raw = np.asarray(w4.packed, np.uint8)
   raw = np.pad(raw, (0, (-raw.size) % storage.itemsize))
-  out = {"weight": raw.view(storage).reshape(-1, 1),
-         "absmax": np.asarray(w4.absmax),
-         "quant_map": np.asarray(w4.quant_map, np.float32)}
-  meta = {"quant_type": w4.quant_type, "blocksize": w4.blocksize,
+  meta = {"quant_type": w4.quant_type, "blocksize": w4.block_size,
           "dtype": w4.dtype, "shape": list(w4.shape)}
+  out = {"weight": raw.view(storage).reshape(-1, 1)}
   if w4.nested:
-    out["nested_absmax"] = np.asarray(w4.nested_absmax, np.float32)
-    out["nested_quant_map"] = np.asarray(w4.nested_quant_map, np.float32)
-    meta.update(nested_blocksize=w4.nested_blocksize, nested_dtype="float32",
+    out["absmax"] = np.asarray(w4.absmax.codes, np.uint8)
+    out["quant_map"] = np.asarray(w4.quant_map, np.float32)
+    out["nested_absmax"] = np.asarray(w4.absmax.absmax, np.float32)
+    out["nested_quant_map"] = np.asarray(w4.absmax.code, np.float32)
+    meta.update(nested_blocksize=w4.absmax.block_size, nested_dtype="float32",
                 nested_offset=float(np.float32(w4.offset)))
+  else:
+    out["absmax"] = np.asarray(w4.absmax, np.float32)
+    out["quant_map"] = np.asarray(w4.quant_map, np.float32)
   out[STATE_PREFIX + w4.quant_type] = np.frombuffer(
       json.dumps(meta).encode("utf-8"), np.uint8).copy()
   return {_key(prefix, name): value for name, value in out.items()}
@@ -95,8 +99,25 @@ def _state_key(state: Mapping[str, Any], prefix: str) -> str:
   if not found[0].startswith(expected):
     raise KeyError(f"{found[0]!r} is not a bitsandbytes quant state key; "
                    f"expected {expected}<nf4|fp4>")
-  val.check_choice(found[0][len(expected):], "quant_type", quant4.QUANT_TYPES)
+  val.check_choice(found[0][len(expected):], "quant_type", _formats.QUANT_TYPES)
   return found[0]
+
+
+def _check_int(value: Any, where: str, allowed: tuple[int, ...]) -> None:
+  """ValueError unless ``value`` is a JSON integer among ``allowed``."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f"{where}={value!r} must be an integer; allowed values: "
+                     f"{', '.join(str(a) for a in allowed)}")
+  val.check_choice(value, where, allowed)
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+  """The JSON ``shape``: a list of non-negative integers."""
+  if not isinstance(value, list) or not all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+    raise ValueError(f"{where}={value!r} must be a list of non-negative "
+                     "integers")
+  return tuple(value)
 
 
 def _read_meta(state: Mapping[str, Any], key: str, nested: bool) -> dict:
@@ -104,16 +125,31 @@ def _read_meta(state: Mapping[str, Any], key: str, nested: bool) -> dict:
   if raw.dtype != np.uint8 or raw.ndim != 1:
     raise ValueError(f"{key} must be a 1-D uint8 array of UTF-8 JSON, got "
                      f"{raw.dtype}{list(raw.shape)}")
-  meta = json.loads(raw.tobytes().decode("utf-8"))
+  try:
+    meta = json.loads(raw.tobytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{key} is not UTF-8 text: {e}") from e
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{key} is not valid JSON ({e}): "
+                     f"{raw.tobytes()[:80]!r}") from e
+  if not isinstance(meta, dict):
+    raise ValueError(f"{key} must hold a JSON object, got "
+                     f"{type(meta).__name__}: {meta!r:.80}")
   required = _JSON_KEYS + (_NESTED_JSON_KEYS if nested else ())
   missing = [k for k in required if k not in meta]
   if missing:
     raise KeyError(f"{key} lacks {', '.join(missing)}: {meta}")
   val.check_choice(meta["quant_type"], f"{key}['quant_type']", (key[-3:],))
-  val.check_choice(meta["blocksize"], f"{key}['blocksize']", quant4.BLOCKSIZES)
+  _check_int(meta["blocksize"], f"{key}['blocksize']", _formats.BLOCK_SIZES_4BIT)
   val.check_choice(meta["dtype"], f"{key}['dtype']", val.FLOAT_DTYPE_NAMES)
+  meta["shape"] = _shape(meta["shape"], f"{key}['shape']")
   if nested:
+    _check_int(meta["nested_blocksize"], f"{key}['nested_blocksize']",
+               _formats.BLOCK_SIZES_8BIT)
     val.check_choice(meta["nested_dtype"], f"{key}['nested_dtype']", ("float32",))
+    offset = meta["nested_offset"]
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+      raise ValueError(f"{key}['nested_offset']={offset!r} must be a number")
   return meta
 
 
@@ -159,34 +195,33 @@ def from_bnb(state: Mapping[str, Any], *, prefix: str = "") -> quant4.Quantized4
 
   Raises:
     KeyError: a required entry is missing.
-    ValueError: an unknown quant type or block size, or an entry of the wrong
-      dtype or shape.
+    ValueError: the quant state is not UTF-8 JSON of an object, or holds an
+      unknown quant type, block size or dtype or a malformed shape; or an
+      entry has the wrong dtype or shape.
   """
   state_key = _state_key(state, prefix)
   nested = _key(prefix, "nested_absmax") in state
   meta = _read_meta(state, state_key, nested)
-  shape = tuple(int(d) for d in meta["shape"])
+  shape = meta["shape"]
   size = int(np.prod(shape, dtype=np.int64))
   blocks = -(-size // meta["blocksize"])
   packed, storage = _weight_bytes(state, prefix, size)
-  fields = {}
+  offset = None
   if nested:
-    nested_blocksize = meta["nested_blocksize"]
-    val.check_choice(nested_blocksize, f"{state_key}['nested_blocksize']",
-                     blockwise8.BLOCKSIZES)
-    fields = dict(
-        nested_absmax=jnp.asarray(_array(
-            state, prefix, "nested_absmax", np.float32,
-            (-(-blocks // nested_blocksize),))),
-        nested_quant_map=jnp.asarray(_array(
-            state, prefix, "nested_quant_map", np.float32, (256,))),
-        offset=jnp.asarray(np.float32(meta["nested_offset"])),
-        nested_blocksize=nested_blocksize)
-  absmax = _array(state, prefix, "absmax", np.uint8 if nested else np.float32,
-                  (blocks,))
+    nested_block_size = meta["nested_blocksize"]
+    absmax = blockwise8.Quantized8bit(
+        codes=jnp.asarray(_array(state, prefix, "absmax", np.uint8, (blocks,))),
+        absmax=jnp.asarray(_array(state, prefix, "nested_absmax", np.float32,
+                                  (-(-blocks // nested_block_size),))),
+        code=jnp.asarray(_array(state, prefix, "nested_quant_map", np.float32,
+                                (256,))),
+        block_size=nested_block_size, dtype="float32")
+    offset = jnp.asarray(np.float32(meta["nested_offset"]))
+  else:
+    absmax = jnp.asarray(_array(state, prefix, "absmax", np.float32, (blocks,)))
   quant_map = _array(state, prefix, "quant_map", np.float32, (16,))
   return quant4.Quantized4bit(
-      packed=jnp.asarray(packed), absmax=jnp.asarray(absmax),
+      packed=jnp.asarray(packed), absmax=absmax,
       quant_map=jnp.asarray(quant_map), shape=shape, dtype=meta["dtype"],
-      blocksize=meta["blocksize"], quant_type=meta["quant_type"],
-      quant_storage=storage, **fields)
+      block_size=meta["blocksize"], quant_type=meta["quant_type"],
+      offset=offset, quant_storage=storage)

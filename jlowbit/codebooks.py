@@ -22,8 +22,6 @@ References:
   <https://arxiv.org/abs/2305.14314>`_, 2023.
 """
 
-from __future__ import annotations
-
 import functools
 import json
 import pathlib

@@ -18,8 +18,7 @@ where tensor cores win. With ``impl="xla"`` the single-row case is
 :func:`gemv_4bit_reference` and the dequantization is the jnp reference.
 """
 
-from __future__ import annotations
-
+import dataclasses
 import functools
 
 import jax
@@ -29,6 +28,65 @@ import numpy as np
 from jlowbit import _impl
 from jlowbit import _validation as val
 from jlowbit import quant4
+
+TARGET_PROGRAMS = 512  # below this many row blocks, default configs split K
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+  """Tile sizes of the fused 4-bit gemv kernel (importable without Triton).
+
+  Attributes:
+    block_n: output rows per program (power of two).
+    block_k: input columns per loop step (power of two, >= 32; capped by
+      ``in_features / split_k``).
+    num_warps: warps per program.
+    num_stages: software-pipelining depth of the K loop.
+    split_k: independent ranges ``K`` is cut into (power of two); the
+      launcher halves it until ``in_features`` is a multiple of
+      ``split_k * block_size``. Not used by the general (``in_features %
+      block_size != 0``) kernel.
+  """
+  block_n: int = 4
+  block_k: int = 1024
+  num_warps: int = 4
+  num_stages: int = 1
+  split_k: int = 1
+
+  def __post_init__(self):
+    for name in ("block_n", "block_k", "num_warps", "split_k"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an int")
+      if value < 1 or value & (value - 1):
+        raise ValueError(f"{name}={value} must be a power of two")
+    if self.block_k < 32:
+      raise ValueError(f"block_k={self.block_k} must be >= 32")
+    if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int):
+      raise TypeError(f"num_stages={self.num_stages!r} must be an int")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+  @classmethod
+  def get_default(cls, out_features: int | None = None,
+                  in_features: int | None = None) -> "GemvConfig":
+    """Defaults for an H100-class GPU (memory bound: 0.5 byte per weight).
+
+    4 rows x 1024 columns per step and 4 warps: 32 weights (16 packed bytes)
+    per thread per step, ~40 registers, so ~12 programs share an SM and keep
+    enough loads in flight. Layers with fewer than ``TARGET_PROGRAMS`` row
+    blocks split K (up to 4 ways) to occupy every SM; narrow inputs shrink
+    ``block_k``.
+    """
+    block_k, split_k = 1024, 1
+    if out_features is not None and in_features is not None:
+      while (split_k < 4 and -(-out_features // 4) * split_k < TARGET_PROGRAMS
+             and in_features >= 2 * split_k * block_k):
+        split_k *= 2
+    if in_features is not None:
+      next_power_of_2 = 1 << max(in_features - 1, 0).bit_length()
+      block_k = max(32, min(block_k, next_power_of_2))
+    return cls(block_k=block_k, split_k=split_k)
 
 
 def _dense(x2d: jax.Array, w: jax.Array) -> jax.Array:
@@ -67,8 +125,12 @@ def _forward(x2d, w4, impl, config):
     return gemv_4bit_reference(x2d, w4)
   if m == 1:
     absmax = quant4.absmax_float32(w4, impl=impl)
-    y = _kernels().gemv_4bit(x2d[0], w4.packed, w4.quant_map, absmax, n,
-                             w4.blocksize, impl, config)
+    config = config or GemvConfig.get_default(n, k)
+    y = _kernels().gemv_4bit(
+        x2d[0], w4.packed, w4.quant_map, absmax, n, w4.block_size, impl,
+        block_n=config.block_n, block_k=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        split_k=config.split_k)
     return y[None, :]
   return _dense(x2d, quant4.dequantize_4bit(w4, x2d.dtype, impl=impl))
 
@@ -111,7 +173,8 @@ def _check_weight(w4) -> None:
 
 
 def matmul_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
-                impl: str | None = None, config=None) -> jax.Array:
+                impl: str | None = None,
+                config: GemvConfig | None = None) -> jax.Array:
   """``x @ W^T`` with a 4-bit ``W``; differentiable with respect to ``x``.
 
   Args:
@@ -119,38 +182,42 @@ def matmul_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
     w4: ``W`` ``[out_features, in_features]`` from :func:`jlowbit.quantize_4bit`
       or :func:`jlowbit.from_bnb`.
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
-    config: :class:`jlowbit.triton_kernels.gemv4.GemvConfig` tile sizes for
+    config: :class:`GemvConfig` tile sizes for
       the single-row (gemv) case; default per shape.
 
   Returns:
     ``[..., out_features]`` in ``x.dtype``. One row runs the fused gemv
     kernel, more rows dequantize + ``jnp.dot`` (see the module docstring).
   """
-  val.check_float_array(x, "x")
+  x = val.as_float_array(x, "x")
   _check_weight(w4)
+  if config is not None and not isinstance(config, GemvConfig):
+    raise TypeError(f"config must be a GemvConfig or None, got "
+                    f"{type(config).__name__}")
   if x.ndim == 0 or x.shape[-1] != w4.shape[1]:
     raise ValueError(f"x.shape={tuple(x.shape)} does not match "
                      f"w4.shape={w4.shape}: x must be [..., {w4.shape[1]}]")
   impl = _impl.resolve_impl(impl)
   rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-  y = _matmul(jnp.asarray(x).reshape(rows, w4.shape[1]), w4, impl, config)
+  y = _matmul(x.reshape(rows, w4.shape[1]), w4, impl, config)
   return y.reshape(*x.shape[:-1], w4.shape[0])
 
 
 def gemv_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
-              impl: str | None = None, config=None) -> jax.Array:
+              impl: str | None = None,
+              config: GemvConfig | None = None) -> jax.Array:
   """Batch-1 product ``x @ W^T`` by the fused 4-bit kernel.
 
   Args:
     x: ``[in_features]`` or ``[1, in_features]``, float32 / bfloat16 / float16.
     w4: ``W`` ``[out_features, in_features]`` (see :func:`matmul_4bit`).
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
-    config: :class:`jlowbit.triton_kernels.gemv4.GemvConfig`; default per shape.
+    config: :class:`GemvConfig`; default per shape.
 
   Returns:
     ``[out_features]`` or ``[1, out_features]`` (following ``x``), ``x.dtype``.
   """
-  val.check_float_array(x, "x")
+  x = val.as_float_array(x, "x")
   _check_weight(w4)
   if x.shape not in ((w4.shape[1],), (1, w4.shape[1])):
     raise ValueError(f"x.shape={tuple(x.shape)} does not match "

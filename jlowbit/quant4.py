@@ -1,6 +1,6 @@
 r"""4-bit (NF4 / FP4) blockwise quantization in the bitsandbytes format.
 
-The row-major flattened tensor is cut into blocks of ``blocksize`` elements
+The row-major flattened tensor is cut into blocks of ``block_size`` elements
 (the last may be partial). For block :math:`b`:
 
 .. math::
@@ -29,14 +29,13 @@ layout, so :mod:`jlowbit.bnb_format` reads and writes HF checkpoints as is.
 ``compress_statistics=True`` (bitsandbytes "nested" / double quantization)
 stores the float32 absmax 8-bit: ``offset = mean(absmax)``, and
 ``absmax - offset`` is quantized with :func:`jlowbit.quantize_blockwise`
-(blocksize 256, signed dynamic map); dequantization restores
-``absmax = dynamic[codes] * nested_absmax + offset``.
+(block size 256, signed dynamic map) into a :class:`jlowbit.Quantized8bit`
+held as the weight's ``absmax``; dequantization restores
+``absmax = dequantize_blockwise(absmax) + offset``.
 
 Non-finite input: a block holding NaN gets ``absmax = NaN`` and dequantizes
 to NaN; ``±inf`` gives ``absmax = inf`` and non-finite values.
 """
-
-from __future__ import annotations
 
 import functools
 
@@ -45,16 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jlowbit import _formats
 from jlowbit import _impl
-from jlowbit import _reference as ref
+from jlowbit import _search
+from jlowbit import _twins
 from jlowbit import _validation as val
 from jlowbit import blockwise8
 from jlowbit import codebooks
-
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-QUANT_TYPES = ("nf4", "fp4")
-NESTED_BLOCKSIZE = 256
-QUANT_STORAGES = ("uint8", "int8", "bfloat16", "float16", "float32")
 
 
 @struct.dataclass
@@ -64,35 +60,29 @@ class Quantized4bit:
   Attributes:
     packed: uint8 ``[ceil(size / 2)]``: two codes per byte, element ``2i`` in
       the high nibble.
-    absmax: per-block scale, ``[ceil(size / blocksize)]``: float32, or uint8
-      codes when ``nested`` (``compress_statistics=True``).
+    absmax: the per-block scales, ``[ceil(size / block_size)]``: a float32
+      array, or with compressed statistics their 8-bit quantization (a
+      :class:`jlowbit.Quantized8bit` of ``absmax - offset``).
     quant_map: float32 ``[16]``: the value of each 4-bit code (NF4 sorted,
       FP4 in bit-pattern order).
     shape: the original array's shape (static).
     dtype: name of the original dtype, the default for dequantization (static).
-    blocksize: elements per block (static).
+    block_size: elements per block (static).
     quant_type: ``"nf4"`` or ``"fp4"`` (static).
-    nested_absmax: float32 ``[ceil(blocks / nested_blocksize)]`` scales of the
-      8-bit absmax codes, or None.
-    nested_quant_map: float32 ``[256]`` 8-bit codebook of the absmax, or None.
-    offset: float32 ``[]``, the mean absmax added back, or None.
-    nested_blocksize: block size of the 8-bit absmax quantization, or None
-      when the statistics are not compressed (static).
+    offset: float32 ``[]``, the mean absmax that compressed statistics add
+      back; ``None`` for float32 statistics.
     quant_storage: dtype name the packed bytes are viewed as when serialized
       (bitsandbytes' ``quant_storage``; static). The bytes are the same for
       every storage dtype: ``packed`` is always uint8 here.
   """
   packed: jax.Array
-  absmax: jax.Array
+  absmax: jax.Array | blockwise8.Quantized8bit
   quant_map: jax.Array
   shape: tuple[int, ...] = struct.field(pytree_node=False)
   dtype: str = struct.field(pytree_node=False)
-  blocksize: int = struct.field(pytree_node=False)
+  block_size: int = struct.field(pytree_node=False)
   quant_type: str = struct.field(pytree_node=False)
-  nested_absmax: jax.Array | None = None
-  nested_quant_map: jax.Array | None = None
   offset: jax.Array | None = None
-  nested_blocksize: int | None = struct.field(pytree_node=False, default=None)
   quant_storage: str = struct.field(pytree_node=False, default="uint8")
 
   @property
@@ -101,12 +91,12 @@ class Quantized4bit:
 
   @property
   def nested(self) -> bool:
-    """Whether the absmax is stored 8-bit (``compress_statistics=True``)."""
-    return self.nested_blocksize is not None
+    """Whether the statistics are compressed (8-bit ``absmax``)."""
+    return isinstance(self.absmax, blockwise8.Quantized8bit)
 
   @property
   def num_blocks(self) -> int:
-    return -(-self.size // self.blocksize)
+    return -(-self.size // self.block_size)
 
 
 def search_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,12 +105,12 @@ def search_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
   Returns:
     NF4: (``decision_tree(nf4)`` float32[16], identity int32[16]); FP4: the
     tree of the 8 sorted non-negative FP4 values (float32[8]) and their
-    3-bit patterns (int32[8]). See :func:`jlowbit._reference.decision_tree`.
+    3-bit patterns (int32[8]). See :func:`jlowbit._search.decision_tree`.
   """
   if quant_type == "fp4":
     magnitudes, bits = codebooks.fp4_magnitudes()
-    return ref.code_tree(magnitudes), bits
-  return ref.code_tree(codebooks.nf4()), np.arange(16, dtype=np.int32)
+    return _search.code_tree(magnitudes), bits
+  return _search.code_tree(codebooks.nf4()), np.arange(16, dtype=np.int32)
 
 
 def default_quant_map(quant_type: str) -> np.ndarray:
@@ -136,30 +126,30 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
 
 
 def quantize_4bit_reference(x: jax.Array, tree: jax.Array, bits: jax.Array,
-                            blocksize: int,
+                            block_size: int,
                             sign_magnitude: bool) -> tuple[jax.Array, jax.Array]:
   """Pure-jnp quantization of flat ``x``: (packed uint8, absmax float32).
 
   ``tree`` / ``bits``: see :func:`search_tables`; ``sign_magnitude`` for FP4.
   """
-  blocks = ref.blocked(x, blocksize)
-  absmax = ref.block_absmax(blocks)
-  scale = ref.block_scale(absmax)[:, None]
-  codes = ref.scaled_4bit_index(blocks, scale, tree, bits, sign_magnitude)
+  blocks = _twins.blocked(x, block_size)
+  absmax = _twins.block_absmax(blocks)
+  scale = _twins.block_scale(absmax)[:, None]
+  codes = _twins.scaled_4bit_index(blocks, scale, tree, bits, sign_magnitude)
   return pack_nibbles(codes.reshape(-1)[:x.size]), absmax
 
 
 def dequantize_4bit_reference(packed: jax.Array, table: jax.Array,
-                              absmax: jax.Array, n: int, blocksize: int,
+                              absmax: jax.Array, n: int, block_size: int,
                               dtype) -> jax.Array:
   """Pure-jnp dequantization: ``dtype[n]`` of ``table[code] * absmax``.
 
   ``table``: float32 ``[16]`` quant map; ``absmax``: float32 ``[blocks]``.
   """
-  high, low = ref.unpack_nibbles(packed)
+  high, low = _twins.unpack_nibbles(packed)
   codes = jnp.stack([high, low], axis=1).reshape(-1)
-  codes = jnp.pad(codes, (0, absmax.shape[0] * blocksize - codes.shape[0]))
-  values = table[codes.reshape(-1, blocksize)] * absmax[:, None]
+  codes = jnp.pad(codes, (0, absmax.shape[0] * block_size - codes.shape[0]))
+  values = table[codes.reshape(-1, block_size)] * absmax[:, None]
   return values.reshape(-1)[:n].astype(dtype)
 
 
@@ -168,16 +158,16 @@ def _kernels():
   return quant4
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "quant_type", "impl"))
-def _quantize(x, blocksize, quant_type, impl):
+@functools.partial(jax.jit, static_argnames=("block_size", "quant_type", "impl"))
+def _quantize(x, block_size, quant_type, impl):
   flat = x.reshape(-1)
   if flat.size == 0:
     return jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)
   tree, bits = (jnp.asarray(t) for t in search_tables(quant_type))
   fp4 = quant_type == "fp4"
   if impl == "xla":
-    return quantize_4bit_reference(flat, tree, bits, blocksize, fp4)
-  return _kernels().quantize_4bit(flat, tree, bits, blocksize, fp4, impl)
+    return quantize_4bit_reference(flat, tree, bits, block_size, fp4)
+  return _kernels().quantize_4bit(flat, tree, bits, block_size, fp4, impl)
 
 
 @jax.jit
@@ -185,8 +175,8 @@ def _mean(absmax):
   return jnp.mean(absmax) if absmax.size else jnp.float32(0)
 
 
-def _nest(absmax: jax.Array, impl: str):
-  """8-bit statistics: (codes, nested_absmax, nested_quant_map, offset).
+def _nest(absmax: jax.Array, impl: str) -> tuple[blockwise8.Quantized8bit, jax.Array]:
+  """Compressed statistics: (the 8-bit ``absmax - offset``, ``offset``).
 
   The offset comes out of its own jitted step, so that ``absmax - offset``
   is a plain subtraction: fused with the mean, XLA may contract it into a
@@ -196,19 +186,19 @@ def _nest(absmax: jax.Array, impl: str):
   """
   offset = _mean(absmax)
   nested = blockwise8.quantize_blockwise(
-      absmax - offset, codebooks.dynamic(True), blocksize=NESTED_BLOCKSIZE,
-      impl=impl)
-  return nested.codes, nested.absmax, nested.code, offset
+      absmax - offset, codebooks.dynamic(True),
+      block_size=_formats.NESTED_BLOCK_SIZE, impl=impl)
+  return nested, offset
 
 
-def quantize_4bit(x: jax.Array, *, blocksize: int = 64, quant_type: str = "nf4",
+def quantize_4bit(x: jax.Array, *, block_size: int = 64, quant_type: str = "nf4",
                   compress_statistics: bool = False, quant_storage=jnp.uint8,
                   impl: str | None = None) -> Quantized4bit:
   """Quantizes ``x`` to 4 bits per element (NF4 or FP4), blockwise.
 
   Args:
     x: float32, bfloat16 or float16 array of any shape (0-d and empty too).
-    blocksize: elements per block, a power of two in 32..4096.
+    block_size: elements per block, a power of two in 32..4096.
     quant_type: ``"nf4"`` (NormalFloat4) or ``"fp4"``.
     compress_statistics: quantize the absmax to 8 bits (nested statistics).
     quant_storage: uint8, int8, bfloat16, float16 or float32: the dtype
@@ -222,28 +212,28 @@ def quantize_4bit(x: jax.Array, *, blocksize: int = 64, quant_type: str = "nf4",
 
   Example:
     >>> import jax.numpy as jnp, jlowbit
-    >>> w4 = jlowbit.quantize_4bit(jnp.ones((4, 64)), blocksize=64)
+    >>> w4 = jlowbit.quantize_4bit(jnp.ones((4, 64)), block_size=64)
     >>> w4.packed.shape, w4.absmax.shape
     ((128,), (4,))
   """
-  val.check_float_array(x, "x")
-  val.check_choice(blocksize, "blocksize", BLOCKSIZES)
-  val.check_choice(quant_type, "quant_type", QUANT_TYPES)
+  x = val.as_float_array(x, "x")
+  val.check_block_size(block_size, "block_size", _formats.BLOCK_SIZES_4BIT)
+  block_size = int(block_size)
+  val.check_choice(quant_type, "quant_type", _formats.QUANT_TYPES)
   if not isinstance(compress_statistics, bool):
     raise TypeError(f"compress_statistics={compress_statistics!r} must be a "
                     "bool (True or False)")
   storage = check_quant_storage(quant_storage)
   impl = _impl.resolve_impl(impl)
-  packed, absmax = _quantize(jnp.asarray(x), blocksize, quant_type, impl)
-  nested_absmax = nested_quant_map = offset = None
+  packed, absmax = _quantize(x, block_size, quant_type, impl)
+  offset = None
   if compress_statistics:
-    absmax, nested_absmax, nested_quant_map, offset = _nest(absmax, impl)
+    absmax, offset = _nest(absmax, impl)
   return Quantized4bit(
-      packed=packed, absmax=absmax, quant_map=jnp.asarray(default_quant_map(quant_type)),
-      shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, blocksize=blocksize,
-      quant_type=quant_type, nested_absmax=nested_absmax,
-      nested_quant_map=nested_quant_map, offset=offset,
-      nested_blocksize=NESTED_BLOCKSIZE if compress_statistics else None,
+      packed=packed, absmax=absmax,
+      quant_map=jnp.asarray(default_quant_map(quant_type)),
+      shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name,
+      block_size=block_size, quant_type=quant_type, offset=offset,
       quant_storage=storage)
 
 
@@ -253,10 +243,10 @@ def check_quant_storage(quant_storage) -> str:
     name = jnp.dtype(quant_storage).name
   except TypeError as e:
     raise TypeError(f"quant_storage={quant_storage!r} is not a dtype; allowed: "
-                    f"{', '.join(QUANT_STORAGES)}") from e
-  if name not in QUANT_STORAGES:
+                    f"{', '.join(_formats.QUANT_STORAGES)}") from e
+  if name not in _formats.QUANT_STORAGES:
     raise TypeError(f"quant_storage={name} is not supported; allowed: "
-                    f"{', '.join(QUANT_STORAGES)}")
+                    f"{', '.join(_formats.QUANT_STORAGES)}")
   return name
 
 
@@ -265,43 +255,48 @@ def check_quantized(w4, name: str = "w4") -> None:
   if not isinstance(w4, Quantized4bit):
     raise TypeError(f"{name} must be a Quantized4bit (from quantize_4bit or "
                     f"from_bnb), got {type(w4).__name__}")
-  expected = {
-      "packed": (-(-w4.size // 2),), "absmax": (w4.num_blocks,),
-      "quant_map": (16,)}
   if w4.nested:
-    expected["nested_absmax"] = (-(-w4.num_blocks // w4.nested_blocksize),)
-    expected["nested_quant_map"] = (256,)
-    expected["offset"] = ()
+    absmax = w4.absmax
+    blocks = -(-w4.num_blocks // absmax.block_size)
+    expected = {"packed": (-(-w4.size // 2),), "absmax.codes": (w4.num_blocks,),
+                "absmax.absmax": (blocks,), "absmax.code": (256,),
+                "quant_map": (16,), "offset": ()}
+    fields = {"packed": w4.packed, "absmax.codes": absmax.codes,
+              "absmax.absmax": absmax.absmax, "absmax.code": absmax.code,
+              "quant_map": w4.quant_map, "offset": w4.offset}
+  else:
+    expected = {"packed": (-(-w4.size // 2),), "absmax": (w4.num_blocks,),
+                "quant_map": (16,)}
+    fields = {"packed": w4.packed, "absmax": w4.absmax,
+              "quant_map": w4.quant_map}
   for field, shape in expected.items():
-    got = getattr(w4, field)
+    got = fields[field]
     if got is None or tuple(got.shape) != shape:
       got_shape = None if got is None else tuple(got.shape)
       raise ValueError(f"{name}.{field}.shape={got_shape} does not match "
-                       f"{name}.shape={w4.shape}, blocksize={w4.blocksize}: "
+                       f"{name}.shape={w4.shape}, block_size={w4.block_size}: "
                        f"expected {shape}")
 
 
 def absmax_float32(w4: Quantized4bit, *, impl: str | None = None) -> jax.Array:
-  """float32 ``[blocks]`` absmax of ``w4``, dequantizing nested statistics.
+  """float32 ``[blocks]`` absmax of ``w4``, dequantizing compressed statistics.
 
-  Nested: ``dequantize_blockwise(absmax codes) + offset`` (float32 add, as
-  bitsandbytes does).
+  Compressed: ``dequantize_blockwise(w4.absmax) + w4.offset`` (float32 add,
+  as bitsandbytes does).
   """
   if not w4.nested:
     return w4.absmax
-  q8 = blockwise8.Quantized8bit(
-      codes=w4.absmax, absmax=w4.nested_absmax, code=w4.nested_quant_map,
-      blocksize=w4.nested_blocksize, dtype="float32")
-  return blockwise8.dequantize_blockwise(q8, impl=impl) + w4.offset
+  return blockwise8.dequantize_blockwise(w4.absmax, jnp.float32,
+                                         impl=impl) + w4.offset
 
 
-@functools.partial(jax.jit, static_argnames=("n", "blocksize", "dtype", "impl"))
-def _dequantize(packed, table, absmax, n, blocksize, dtype, impl):
+@functools.partial(jax.jit, static_argnames=("n", "block_size", "dtype", "impl"))
+def _dequantize(packed, table, absmax, n, block_size, dtype, impl):
   if n == 0:
     return jnp.zeros((0,), dtype)
   if impl == "xla":
-    return dequantize_4bit_reference(packed, table, absmax, n, blocksize, dtype)
-  return _kernels().dequantize_4bit(packed, table, absmax, n, blocksize, dtype,
+    return dequantize_4bit_reference(packed, table, absmax, n, block_size, dtype)
+  return _kernels().dequantize_4bit(packed, table, absmax, n, block_size, dtype,
                                     impl)
 
 
@@ -321,6 +316,6 @@ def dequantize_4bit(w4: Quantized4bit, dtype=None, *,
   dtype = val.check_float_dtype(w4.dtype if dtype is None else dtype, "dtype")
   impl = _impl.resolve_impl(impl)
   absmax = absmax_float32(w4, impl=impl)
-  flat = _dequantize(w4.packed, w4.quant_map, absmax, w4.size, w4.blocksize,
+  flat = _dequantize(w4.packed, w4.quant_map, absmax, w4.size, w4.block_size,
                      dtype, impl)
   return flat.reshape(w4.shape)

@@ -4,13 +4,13 @@ Run on an NVIDIA GPU from the repository root (about 2 minutes on an H100)::
 
   python benchmarks/experiments/gemv_configs.py [--shapes 4096x4096 ...]
 
-gemv: ``x @ W.T`` for bf16 ``x`` ``[K]`` and ``W`` ``[N, K]`` NF4 blocksize
+gemv: ``x @ W.T`` for bf16 ``x`` ``[K]`` and ``W`` ``[N, K]`` NF4 block_size
 64, timed for each :class:`GemvConfig` over enough distinct weights that
 nothing stays in L2, next to the same product with a dense bf16 ``W``. Each
 config is first checked against :func:`jlowbit.gemv_4bit_reference`
 (``err``: max |y - ref| / max |ref|; ``ok`` when below 1e-2).
 
-quant: quantize / dequantize_4bit (NF4, blocksize 64) of 256M elements for
+quant: quantize / dequantize_4bit (NF4, block_size 64) of 256M elements for
 float32 and bfloat16 with 4 and 8 warps per program, calling the launchers
 directly so that the module's warp counts take effect; codes and values are
 checked bit for bit against the XLA reference on 16M + 37 elements.
@@ -59,7 +59,7 @@ def _gemv_rows(shape: str, impl: str) -> list[dict]:
   copies = min(16, max(2, math.ceil(L2_BYTES / nbytes)))
   keys = jax.random.split(jax.random.key(1), copies)
   dense = [jax.random.normal(key, (n, k), jnp.bfloat16) * 0.02 for key in keys]
-  w4s = [jlowbit.quantize_4bit(w, blocksize=64, impl=impl) for w in dense]
+  w4s = [jlowbit.quantize_4bit(w, block_size=64, impl=impl) for w in dense]
   x = jax.random.normal(jax.random.key(2), (k,), jnp.bfloat16)
   t_dense = time_jax(lambda w: x @ w.T, [(w,) for w in dense])
   del dense

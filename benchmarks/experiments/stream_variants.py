@@ -23,26 +23,26 @@ def copy_kernel(x_ptr, n, out_ptr, TILE: tl.constexpr):
 
 
 @triton.jit
-def deq_scalar(codes_ptr, code_ptr, absmax_ptr, n, out_ptr, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
+def deq_scalar(codes_ptr, code_ptr, absmax_ptr, n, out_ptr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
                LOOPS: tl.constexpr):
   for i in tl.static_range(LOOPS):
     start = (tl.program_id(0).to(tl.int64) * LOOPS + i) * TILE
     offs = tl.arange(0, TILE)
     mask = offs < n - start
     c = tl.load(codes_ptr + start + offs, mask=mask, other=0).to(tl.int32)
-    a = tl.load(absmax_ptr + start // BLOCKSIZE)
+    a = tl.load(absmax_ptr + start // BLOCK_SIZE)
     v = tl.load(code_ptr + c) * a
     tl.store(out_ptr + start + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def deq_scalar_nomask(codes_ptr, code_ptr, absmax_ptr, n, out_ptr, BLOCKSIZE: tl.constexpr, TILE: tl.constexpr,
+def deq_scalar_nomask(codes_ptr, code_ptr, absmax_ptr, n, out_ptr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
                       LOOPS: tl.constexpr):
   for i in tl.static_range(LOOPS):
     start = (tl.program_id(0).to(tl.int64) * LOOPS + i) * TILE
     offs = tl.arange(0, TILE)
     c = tl.load(codes_ptr + start + offs).to(tl.int32)
-    a = tl.load(absmax_ptr + start // BLOCKSIZE)
+    a = tl.load(absmax_ptr + start // BLOCK_SIZE)
     v = tl.load(code_ptr + c) * a
     tl.store(out_ptr + start + offs, v.to(out_ptr.dtype.element_ty))
 
@@ -57,7 +57,7 @@ def main():
     print(f"copy fp32 tile={tile} w={warps} {t*1e6:7.1f} us {8*N/t/1e12:5.2f} TB/s")
   t = time_jax(lambda x: x * 2, [(x,) for x in xs])
   print(f"xla x*2 fp32 {t*1e6:7.1f} us {8*N/t/1e12:5.2f} TB/s")
-  qs = [jlowbit.quantize_blockwise(x, blocksize=BS, impl="xla") for x in xs]
+  qs = [jlowbit.quantize_blockwise(x, block_size=BS, impl="xla") for x in xs]
   for dtype in (jnp.float32, jnp.bfloat16):
     want = jlowbit.dequantize_blockwise(qs[0], dtype, impl="xla")
     nbytes = N * (1 + jnp.dtype(dtype).itemsize)
@@ -65,7 +65,7 @@ def main():
       for tile, warps, loops in ((1024, 4, 1), (2048, 4, 1), (4096, 4, 1), (4096, 8, 1), (1024, 4, 4), (2048, 8, 2), (512, 4, 1)):
         f = lambda q: jt.triton_call(q.codes, q.code, q.absmax, N, kernel=kernel,
                                      out_shape=jax.ShapeDtypeStruct((N,), dtype),
-                                     grid=(N // (tile * loops),), num_warps=warps, BLOCKSIZE=BS, TILE=tile, LOOPS=loops)
+                                     grid=(N // (tile * loops),), num_warps=warps, BLOCK_SIZE=BS, TILE=tile, LOOPS=loops)
         ok = bool(jnp.array_equal(f(qs[0]), want))
         t = time_jax(f, [(q,) for q in qs])
         print(f"{kernel.__name__:18s} {jnp.dtype(dtype).name:9s} tile={tile} w={warps} loops={loops} {t*1e6:7.1f} us {nbytes/t/1e12:5.2f} TB/s ok={ok}")

@@ -7,9 +7,9 @@
   building blocks;
 * :mod:`~jlowbit.optax_transforms.clipping`: ``percentile_clipping``;
 * :mod:`~jlowbit.optax_transforms.state`: state NamedTuples and
-  :class:`Quantized8bitMoment`;
-* :mod:`~jlowbit.optax_transforms.update8`: the per-leaf math
-  (``update_8bit_reference``, ``update_fp32``).
+  :class:`Quantized8bitMoment`.
+
+The step itself is the functional op :func:`jlowbit.update8.update_8bit`.
 """
 
 from jlowbit.optax_transforms.aliases import (
@@ -38,6 +38,7 @@ from jlowbit.optax_transforms.clipping import (
     percentile_clipping,
 )
 from jlowbit.optax_transforms.state import (
+    FLOAT32_STATE,
     Quantized8bitMoment,
     ScaleByAdam8bitState,
     ScaleByAdemamix8bitState,
@@ -54,8 +55,4 @@ from jlowbit.optax_transforms.transforms import (
     scale_by_momentum_8bit,
     scale_by_rms_8bit,
     scale_by_rss_8bit,
-)
-from jlowbit.optax_transforms.update8 import (
-    update_8bit_reference,
-    update_fp32,
 )

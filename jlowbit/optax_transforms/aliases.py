@@ -15,25 +15,22 @@ A ``weight_decay`` given as the Python number 0 without a mask is left out of
 the chain (an ``optax.identity`` takes its place, the state is the same), so
 such optimizers do not need ``params`` in ``update``.
 
-Every ``*_8bit`` alias takes the keyword-only ``block_size=256``,
-``min_8bit_size=4096`` and ``impl=None`` (see
+Every ``*_8bit`` alias takes the keyword-only ``block_size`` (``None``:
+256), ``min_8bit_size`` (``None``: 4096) and ``impl=None`` (see
 :mod:`jlowbit.optax_transforms.transforms`); its ``*_32bit`` twin runs the same
-math with float32 state for every leaf and takes the same arguments except
-those three. With ``optax.inject_hyperparams``, pass
-``static_args=jlowbit.STATIC_ARGS`` for the 8-bit aliases.
+math with float32 state for every leaf (float64 for float64 parameters) and
+takes the same arguments except those three. Both work under
+``optax.inject_hyperparams`` as they are; 8-bit aliases given an explicit
+``block_size`` or ``min_8bit_size`` need ``static_args=jlowbit.STATIC_ARGS``
+there.
 """
 
-from __future__ import annotations
-
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 import optax
 
+from jlowbit.optax_transforms import state as state_lib
 from jlowbit.optax_transforms import transforms
-
-_CONFIG = ("block_size", "min_8bit_size", "impl", "stochastic_rounding")
 
 
 def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
@@ -46,8 +43,10 @@ def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
 
 
 def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
-              b2: Any = 0.999, eps: Any = 1e-8, *, block_size: int = 256,
-              min_8bit_size: int | None = 4096, impl: str | None = None
+              b2: Any = 0.999, eps: Any = 1e-8, *,
+              block_size: int | None = None,
+             min_8bit_size: int | None = None,
+              impl: str | None = None
               ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 8-bit blockwise moments.
 
@@ -82,7 +81,8 @@ def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
 def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
                b2: Any = 0.999, eps: Any = 1e-8,
                weight_decay: optax.ScalarOrSchedule = 1e-2, mask: Any = None,
-               *, block_size: int = 256, min_8bit_size: int | None = 4096,
+               *, block_size: int | None = None,
+               min_8bit_size: int | None = None,
                impl: str | None = None) -> optax.GradientTransformationExtraArgs:
   r"""AdamW (decoupled weight decay) with 8-bit blockwise moments.
 
@@ -117,7 +117,8 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
                   weight_decay: optax.ScalarOrSchedule = 1e-2, mask: Any = None,
                   t_alpha: Any = None, t_beta3: Any = None, *,
                   stochastic_rounding: bool = True,
-                  block_size: int = 256, min_8bit_size: int | None = 4096,
+                  block_size: int | None = None,
+                  min_8bit_size: int | None = None,
                   impl: str | None = None
                   ) -> optax.GradientTransformationExtraArgs:
   r"""AdEMAMix with 8-bit blockwise moments (defaults of bitsandbytes).
@@ -157,8 +158,8 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
 
 def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
               b2: Any = 0.99, weight_decay: optax.ScalarOrSchedule = 1e-3,
-              mask: Any = None, *, block_size: int = 256,
-              min_8bit_size: int | None = 4096, impl: str | None = None
+              mask: Any = None, *, block_size: int | None = None,
+              min_8bit_size: int | None = None, impl: str | None = None
               ) -> optax.GradientTransformationExtraArgs:
   r"""Lion (decoupled weight decay) with an 8-bit momentum.
 
@@ -189,7 +190,8 @@ def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
 
 def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum: Any = 0.9,
              weight_decay: optax.ScalarOrSchedule = 0.0, *,
-             block_size: int = 256, min_8bit_size: int | None = 4096,
+             block_size: int | None = None,
+             min_8bit_size: int | None = None,
              impl: str | None = None) -> optax.GradientTransformationExtraArgs:
   r"""SGD with heavy-ball momentum in 8 bits and coupled weight decay.
 
@@ -215,7 +217,8 @@ def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum: Any = 0.9,
 
 def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay: Any = 0.99,
                  eps: Any = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0, *,
-                 block_size: int = 256, min_8bit_size: int | None = 4096,
+                 block_size: int | None = None,
+             min_8bit_size: int | None = None,
                  impl: str | None = None
                  ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop (torch semantics) with an 8-bit second moment.
@@ -243,7 +246,8 @@ def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay: Any = 0.99,
 
 def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, eps: Any = 1e-10,
                  weight_decay: optax.ScalarOrSchedule = 0.0, *,
-                 block_size: int = 256, min_8bit_size: int | None = 4096,
+                 block_size: int | None = None,
+             min_8bit_size: int | None = None,
                  impl: str | None = None
                  ) -> optax.GradientTransformationExtraArgs:
   r"""Adagrad with an 8-bit sum of squared gradients.
@@ -271,7 +275,8 @@ def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, eps: Any = 1e-10,
 def lamb_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
               b2: Any = 0.999, eps: Any = 1e-6,
               weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
-              block_size: int = 256, min_8bit_size: int | None = 4096,
+              block_size: int | None = None,
+             min_8bit_size: int | None = None,
               impl: str | None = None) -> optax.GradientTransformationExtraArgs:
   r"""LAMB (as ``optax.lamb``) with 8-bit Adam moments.
 
@@ -308,8 +313,8 @@ def lars_8bit(learning_rate: optax.ScalarOrSchedule,
               weight_decay: optax.ScalarOrSchedule = 0.0,
               weight_decay_mask: Any = True, trust_coefficient: Any = 0.001,
               eps: Any = 0.0, trust_ratio_mask: Any = True,
-              momentum: Any = 0.9, *, block_size: int = 256,
-              min_8bit_size: int | None = 4096, impl: str | None = None
+              momentum: Any = 0.9, *, block_size: int | None = None,
+              min_8bit_size: int | None = None, impl: str | None = None
               ) -> optax.GradientTransformationExtraArgs:
   r"""LARS (as ``optax.lars``) with an 8-bit momentum buffer.
 
@@ -346,38 +351,198 @@ def lars_8bit(learning_rate: optax.ScalarOrSchedule,
                                         min_8bit_size=min_8bit_size, impl=impl))
 
 
-def _twin_32bit(alias: Callable[..., optax.GradientTransformationExtraArgs]
-                ) -> Callable[..., optax.GradientTransformationExtraArgs]:
-  """The ``*_32bit`` twin of an 8-bit alias: same math, float32 state.
+_FLOAT32 = state_lib.FLOAT32_STATE
 
-  It takes the alias' arguments except the state configuration
-  (:data:`_CONFIG`) and calls the alias with ``min_8bit_size=None``.
+
+def adam_32bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+               b2: Any = 0.999, eps: Any = 1e-8
+               ) -> optax.GradientTransformationExtraArgs:
+  r"""Adam with float32 moments: :func:`adam_8bit`'s math, unquantized.
+
+  Every leaf's moments are float32 arrays in the parameter's shape (float64
+  for float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    b1, b2, eps: see :func:`~jlowbit.scale_by_adam_8bit`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
   """
-  signature = inspect.signature(alias)
-
-  def twin(*args, **kwargs):
-    bound = twin.__signature__.bind(*args, **kwargs)
-    return alias(*bound.args, **bound.kwargs, min_8bit_size=None)
-
-  twin.__signature__ = signature.replace(parameters=[
-      p for name, p in signature.parameters.items() if name not in _CONFIG])
-  twin.__name__ = twin.__qualname__ = alias.__name__.replace("_8bit", "_32bit")
-  twin.__module__ = alias.__module__
-  twin.__doc__ = (
-      f"Float32-state twin of :func:`{alias.__name__}`: the same math without "
-      f"quantization.\n\n  Takes the arguments of :func:`{alias.__name__}` "
-      f"except ``block_size``, ``min_8bit_size``, ``impl`` (and "
-      f"``stochastic_rounding``); every leaf's "
-      f"moments are float32 arrays in the parameter's shape.\n")
-  return twin
+  return adam_8bit(learning_rate, b1, b2, eps, min_8bit_size=_FLOAT32)
 
 
-adam_32bit = _twin_32bit(adam_8bit)
-adamw_32bit = _twin_32bit(adamw_8bit)
-ademamix_32bit = _twin_32bit(ademamix_8bit)
-lion_32bit = _twin_32bit(lion_8bit)
-sgd_32bit = _twin_32bit(sgd_8bit)
-rmsprop_32bit = _twin_32bit(rmsprop_8bit)
-adagrad_32bit = _twin_32bit(adagrad_8bit)
-lamb_32bit = _twin_32bit(lamb_8bit)
-lars_32bit = _twin_32bit(lars_8bit)
+def adamw_32bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+                b2: Any = 0.999, eps: Any = 1e-8,
+                weight_decay: optax.ScalarOrSchedule = 1e-2, mask: Any = None
+                ) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW with float32 moments: :func:`adamw_8bit`'s math, unquantized.
+
+  Every leaf's moments are float32 arrays in the parameter's shape (float64
+  for float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    b1, b2, eps: see :func:`~jlowbit.scale_by_adam_8bit`.
+    weight_decay: :math:`\lambda` (float, array or schedule).
+    mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return adamw_8bit(learning_rate, b1, b2, eps, weight_decay, mask,
+                    min_8bit_size=_FLOAT32)
+
+
+def ademamix_32bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+                   b2: Any = 0.999, b3: optax.ScalarOrSchedule = 0.9999,
+                   alpha: optax.ScalarOrSchedule = 5.0, eps: Any = 1e-8,
+                   weight_decay: optax.ScalarOrSchedule = 1e-2,
+                   mask: Any = None, t_alpha: Any = None, t_beta3: Any = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  r"""AdEMAMix with float32 moments: :func:`ademamix_8bit`'s math, unquantized.
+
+  Every leaf's moments are float32 arrays in the parameter's shape (float64
+  for float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    b1, b2, b3, alpha, eps, t_alpha, t_beta3: see
+      :func:`~jlowbit.scale_by_ademamix_8bit`.
+    weight_decay: :math:`\lambda` (float, array or schedule).
+    mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return ademamix_8bit(learning_rate, b1, b2, b3, alpha, eps, weight_decay,
+                       mask, t_alpha, t_beta3, min_8bit_size=_FLOAT32)
+
+
+def lion_32bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+               b2: Any = 0.99, weight_decay: optax.ScalarOrSchedule = 1e-3,
+               mask: Any = None) -> optax.GradientTransformationExtraArgs:
+  r"""Lion with a float32 momentum: :func:`lion_8bit`'s math, unquantized.
+
+  Every leaf's momentum is a float32 array in the parameter's shape (float64
+  for float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta` (bitsandbytes' default is 1e-4).
+    b1, b2: see :func:`~jlowbit.scale_by_lion_8bit`.
+    weight_decay: :math:`\lambda` (float, array or schedule).
+    mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return lion_8bit(learning_rate, b1, b2, weight_decay, mask,
+                   min_8bit_size=_FLOAT32)
+
+
+def sgd_32bit(learning_rate: optax.ScalarOrSchedule, momentum: Any = 0.9,
+              weight_decay: optax.ScalarOrSchedule = 0.0
+              ) -> optax.GradientTransformationExtraArgs:
+  r"""SGD with a float32 momentum buffer: :func:`sgd_8bit`'s math, unquantized.
+
+  Every leaf's buffer is a float32 array in the parameter's shape (float64
+  for float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    momentum: :math:`\mu`.
+    weight_decay: :math:`\lambda`, added to the gradient (L2).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return sgd_8bit(learning_rate, momentum, weight_decay,
+                  min_8bit_size=_FLOAT32)
+
+
+def rmsprop_32bit(learning_rate: optax.ScalarOrSchedule, decay: Any = 0.99,
+                  eps: Any = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0
+                  ) -> optax.GradientTransformationExtraArgs:
+  r"""RMSprop with a float32 second moment: :func:`rmsprop_8bit`'s math,
+  unquantized.
+
+  Every leaf's moment is a float32 array in the parameter's shape (float64
+  for float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    decay: :math:`\rho`.
+    eps: added to the denominator outside the square root.
+    weight_decay: :math:`\lambda`, added to the gradient (L2).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return rmsprop_8bit(learning_rate, decay, eps, weight_decay,
+                      min_8bit_size=_FLOAT32)
+
+
+def adagrad_32bit(learning_rate: optax.ScalarOrSchedule, eps: Any = 1e-10,
+                  weight_decay: optax.ScalarOrSchedule = 0.0
+                  ) -> optax.GradientTransformationExtraArgs:
+  r"""Adagrad with a float32 sum of squares: :func:`adagrad_8bit`'s math,
+  unquantized.
+
+  Every leaf's sum is a float32 array in the parameter's shape (float64 for
+  float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    eps: added to the denominator outside the square root.
+    weight_decay: :math:`\lambda`, added to the gradient (L2).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return adagrad_8bit(learning_rate, eps, weight_decay, min_8bit_size=_FLOAT32)
+
+
+def lamb_32bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
+               b2: Any = 0.999, eps: Any = 1e-6,
+               weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None
+               ) -> optax.GradientTransformationExtraArgs:
+  r"""LAMB with float32 Adam moments: :func:`lamb_8bit`'s math, unquantized.
+
+  Every leaf's moments are float32 arrays in the parameter's shape (float64
+  for float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    b1, b2, eps: see :func:`~jlowbit.scale_by_adam_8bit`.
+    weight_decay: :math:`\lambda` (float, array or schedule).
+    mask: which leaves to decay, as in ``optax.add_decayed_weights``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return lamb_8bit(learning_rate, b1, b2, eps, weight_decay, mask,
+                   min_8bit_size=_FLOAT32)
+
+
+def lars_32bit(learning_rate: optax.ScalarOrSchedule,
+               weight_decay: optax.ScalarOrSchedule = 0.0,
+               weight_decay_mask: Any = True, trust_coefficient: Any = 0.001,
+               eps: Any = 0.0, trust_ratio_mask: Any = True,
+               momentum: Any = 0.9) -> optax.GradientTransformationExtraArgs:
+  r"""LARS with a float32 momentum buffer: :func:`lars_8bit`'s math,
+  unquantized.
+
+  Every leaf's buffer is a float32 array in the parameter's shape (float64
+  for float64 parameters, with the math in float64).
+
+  Args:
+    learning_rate: :math:`\eta`: float, array or schedule.
+    weight_decay, weight_decay_mask, trust_coefficient, eps,
+      trust_ratio_mask, momentum: see :func:`lars_8bit`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return lars_8bit(learning_rate, weight_decay, weight_decay_mask,
+                   trust_coefficient, eps, trust_ratio_mask, momentum,
+                   min_8bit_size=_FLOAT32)

@@ -19,8 +19,6 @@ count (bitsandbytes sorts its zero-initialized buffer, which clips gradients
 to zero for the first ~``100 - percentile`` steps).
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax

@@ -9,10 +9,11 @@ parameters' structure. Per parameter leaf, **either**
   the moment is ``codebook[codes] * absmax[block]`` with the codebook a
   package constant (:func:`jlowbit.codebooks.dynamic`, signed for first
   moments, unsigned for second moments), never part of the state; **or**
-* float32 storage, for leaves whose global size is below ``min_8bit_size``
-  (and every leaf of the ``*_32bit`` optimizers, ``min_8bit_size=None``):
-  ``codes`` is the float32 moment itself in the leaf's shape and ``absmax``
-  is ``None``.
+* float storage, for leaves whose global size is below ``min_8bit_size``
+  (and every leaf of the ``*_32bit`` optimizers,
+  ``min_8bit_size=FLOAT32_STATE``): ``codes`` is the moment itself in the
+  leaf's shape, float32 (float64 for a float64 parameter), and ``absmax`` is
+  ``None``.
 
 So a leaf's storage shows in the state (``absmax`` is ``None`` or not, the
 ``codes`` dtype is uint8 or float32) and is fixed at ``init`` from the
@@ -21,9 +22,8 @@ params-shaped tree (no per-parameter sub-structure), which is what
 ``flax.nnx.Optimizer`` and sharding rules written for the parameters expect.
 """
 
-from __future__ import annotations
-
 import math
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -31,6 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlowbit import codebooks
+
+DEFAULT_BLOCK_SIZE = 256  # bitsandbytes' optimizer block size
+DEFAULT_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size
+# A min_8bit_size no leaf reaches: every leaf keeps float state.
+FLOAT32_STATE = sys.maxsize
 
 
 class Quantized8bitMoment(NamedTuple):
@@ -119,14 +124,26 @@ class ScaleByRss8bitState(NamedTuple):
   sum_of_squares: Any
 
 
-def uses_8bit(shape: tuple[int, ...], min_8bit_size: int | None) -> bool:
-  """Whether a leaf of ``shape`` gets 8-bit state.
+class Storage(NamedTuple):
+  """How a transformation stores its moments (static configuration).
 
-  8-bit when the leaf's (global) size is at least ``min_8bit_size`` and not
-  zero; ``min_8bit_size=None`` keeps every leaf in float32.
+  Attributes:
+    block_size: elements per absmax block of 8-bit leaves.
+    min_8bit_size: leaves of at least this many elements are 8-bit.
   """
-  size = math.prod(shape)
-  return min_8bit_size is not None and size > 0 and size >= min_8bit_size
+  block_size: int
+  min_8bit_size: int
+
+  def uses_8bit(self, shape: tuple[int, ...]) -> bool:
+    """Whether a leaf of ``shape`` gets 8-bit state: its (global) size is at
+    least ``min_8bit_size`` and not zero."""
+    size = math.prod(shape)
+    return size > 0 and size >= self.min_8bit_size
+
+  def float_dtype(self, dtype) -> jnp.dtype:
+    """The dtype of a float-state moment of a ``dtype`` parameter: float32,
+    or float64 for float64."""
+    return jnp.promote_types(jnp.float32, dtype)
 
 
 def zero_code_index(signed: bool) -> int:
@@ -134,22 +151,24 @@ def zero_code_index(signed: bool) -> int:
   return int(np.argmin(np.abs(codebooks.dynamic(signed))))
 
 
-def init_moment(params: Any, *, signed: bool, block_size: int,
-                min_8bit_size: int | None) -> Quantized8bitMoment:
+def init_moment(params: Any, *, signed: bool,
+                storage: Storage) -> Quantized8bitMoment:
   """The all-zero moment of ``params`` (uses only ``.shape`` and ``.dtype``).
 
-  8-bit leaves (:func:`uses_8bit`) get codes that all point at the code 0.0
-  (what quantizing zeros gives) and zero absmax; the others float32 zeros.
+  8-bit leaves (:meth:`Storage.uses_8bit`) get codes that all point at the
+  code 0.0 (what quantizing zeros gives) and zero absmax; the others float
+  zeros (:meth:`Storage.float_dtype`).
   """
   def codes(p):
-    if uses_8bit(tuple(p.shape), min_8bit_size):
-      return jnp.full_like(p, zero_code_index(signed), dtype=jnp.uint8)
-    return jnp.zeros_like(p, dtype=jnp.float32)
+    if storage.uses_8bit(tuple(p.shape)):
+      return jnp.full(p.shape, zero_code_index(signed), dtype=jnp.uint8)
+    return jnp.zeros(p.shape, storage.float_dtype(p.dtype))
 
   def absmax(p):
-    if not uses_8bit(tuple(p.shape), min_8bit_size):
+    if not storage.uses_8bit(tuple(p.shape)):
       return None
-    return jnp.zeros((-(-math.prod(p.shape) // block_size),), jnp.float32)
+    return jnp.zeros((-(-math.prod(p.shape) // storage.block_size),),
+                     jnp.float32)
 
   return Quantized8bitMoment(jax.tree.map(codes, params),
                              jax.tree.map(absmax, params))

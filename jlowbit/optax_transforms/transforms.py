@@ -4,25 +4,32 @@ Each ``scale_by_*_8bit`` turns gradients into a *direction* (no learning rate,
 no weight decay) like its optax counterpart, keeping one or more moments per
 parameter leaf. A leaf's moments are 8-bit (uint8 codes in the leaf's shape +
 float32 absmax per ``block_size`` elements) when the leaf's global size is at
-least ``min_8bit_size``, float32 otherwise; ``min_8bit_size=None`` keeps every
-leaf in float32 (the ``*_32bit`` optimizers). See
-:mod:`jlowbit.optax_transforms.state`.
+least ``min_8bit_size``, float32 otherwise (float64 for float64 parameters);
+``min_8bit_size=jlowbit.FLOAT32_STATE`` keeps every leaf unquantized (the
+``*_32bit`` optimizers). See :mod:`jlowbit.optax_transforms.state`.
 
 Hyperparameters may be Python floats, arrays, tracers (``optax.inject_hyperparams``)
 and, where noted, schedules; they reach the update as one float32 device
-vector, so a moving schedule never recompiles the step. The fused Triton kernel
-(``impl="triton"``/``"interpret"``) updates every 8-bit leaf of a gradient
-dtype in one launch, one pass over each leaf; its pure-jnp twin
-(``impl="xla"``) runs per leaf; float32 leaves use plain jnp (fused by XLA).
+vector, so a moving schedule never recompiles the step. The 8-bit leaves are
+updated by :func:`jlowbit.update8.update_8bit` (the fused Triton kernel: one
+launch per gradient dtype; or its ``jax.numpy`` twin); float leaves use plain
+jnp (fused by XLA). float64 parameters keep 8-bit state with float32 math.
 
-Non-finite gradients are not filtered (as in optax): a NaN/Inf gradient
-element makes that element's direction and moments non-finite, and in 8-bit
-state it makes the whole block's ``absmax`` non-finite, so the block's 256
-moment values become NaN/Inf. Wrap the optimizer in
+``block_size`` and ``min_8bit_size`` fix the state's shapes, so they are
+static: their defaults (``None``) work under ``optax.inject_hyperparams`` as
+they are; explicitly passed integers need
+``static_args=jlowbit.STATIC_ARGS`` there (a clear error says so).
+
+Non-finite values: finite gradients never give NaN. A moment that overflows
+float32 (``v`` from a gradient element above ``1.8e19``) saturates at
+``2**126`` in 8-bit state (:mod:`jlowbit.algorithms`, "Saturation"): that
+element's direction is about 0 (optax's is exactly 0), the rest of its block
+loses its history to the outlier's scale. Non-finite gradients are not
+filtered (as in optax): a NaN gradient element makes its block's 8-bit
+moments NaN and its direction NaN; an infinite one saturates its moments and
+makes its direction NaN or infinite. Wrap the optimizer in
 ``optax.apply_if_finite`` to skip such steps instead.
 """
-
-from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
@@ -31,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jlowbit import _impl
+from jlowbit import algorithms
+from jlowbit import update8
 from jlowbit.optax_transforms import checks
 from jlowbit.optax_transforms import state as state_lib
-from jlowbit.optax_transforms import update8
 
 # (count before the step, int32; t = step number, float32) -> hyper vector.
 HyperFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -51,54 +58,48 @@ def _scheduled(value: Any, count: jax.Array) -> Any:
 
 
 def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
-                   hyper: jax.Array, block_size: int, impl: str,
+                   hyper: jax.Array, block_size: int, impl: str | None,
                    stochastic: tuple[bool, ...] | None,
-                   key: jax.Array | None) -> list:
+                   step: jax.Array) -> list:
   """Per leaf ``(direction, ((codes, absmax) per moment))``.
 
   ``codes[i]``/``absmax[i]``: leaf i's per-moment codes and absmax;
-  ``absmax[i][0] is None`` for a float32-state leaf, whose codes are the
-  float32 moments (absmax stays ``None``). The Triton backends update all
-  8-bit leaves in few kernel launches. Stochastic rounding counts the 8-bit
-  leaves' elements in tree order, so no two share a noise counter.
+  ``absmax[i][0] is None`` for a float-state leaf, whose codes are the
+  float moments (absmax stays ``None``). The 8-bit leaves go to
+  :func:`jlowbit.update8.update_8bit` together (few kernel launches; their
+  rounding noise counts their elements in tree order).
   """
   out = [None] * len(grads)
   eightbit = [i for i in range(len(grads)) if absmax[i][0] is not None]
   for i, g in enumerate(grads):
     if absmax[i][0] is None:
-      direction, new = update8.update_fp32(algorithm, g, codes[i], hyper)
-      out[i] = direction, tuple((m, None) for m in new)
-  if impl == "xla":
-    offset = 0
-    for i in eightbit:
-      out[i] = update8.update_8bit_reference(
-          algorithm, grads[i], tuple(zip(codes[i], absmax[i])), hyper,
-          block_size=block_size, stochastic=stochastic, key=key,
-          counter_offset=offset)
-      offset += grads[i].size
-  elif eightbit:
-    from jlowbit.triton_kernels import optim8  # pylint: disable=g-import-not-at-top
-    fused = optim8.fused_update_leaves(
+      direction, new = update8.update_float(algorithm, g, codes[i], hyper)
+      out[i] = direction, tuple((m.astype(old.dtype), None)
+                                for m, old in zip(new, codes[i]))
+  if eightbit:
+    results = update8.update_8bit(
         algorithm, [grads[i] for i in eightbit],
         [tuple(zip(codes[i], absmax[i])) for i in eightbit], hyper,
-        block_size=block_size, impl=impl, stochastic=stochastic, key=key)
-    for i, result in zip(eightbit, fused):
+        block_size=block_size, stochastic=stochastic, step=step, impl=impl)
+    for i, result in zip(eightbit, results):
       out[i] = result
   return out
 
 
 def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
-                  block_size: int, min_8bit_size: int | None,
+                  block_size: int | None, min_8bit_size: int | None,
                   impl: str | None, stochastic: tuple[bool, ...] | None = None
                   ) -> optax.GradientTransformationExtraArgs:
   """The generic transformation behind every ``scale_by_*_8bit``.
 
   Args:
-    algorithm: one of :data:`jlowbit.optax_transforms.update8.ALGORITHMS`.
+    algorithm: a key of :data:`jlowbit.algorithms.ALGORITHMS`.
     state_cls: NamedTuple ``(count, *moments)`` holding the state.
     hyper_fn: builds the float32 ``hyper`` vector from ``(count, t)``.
-    block_size: elements per quantization block, 64..4096 (powers of two).
-    min_8bit_size: smallest leaf size with 8-bit state; ``None``: none.
+    block_size: elements per quantization block, 64..4096 (powers of two);
+      ``None``: :data:`~jlowbit.optax_transforms.state.DEFAULT_BLOCK_SIZE`.
+    min_8bit_size: smallest leaf size with 8-bit state; ``None``:
+      :data:`~jlowbit.optax_transforms.state.DEFAULT_MIN_8BIT_SIZE`.
     impl: ``None`` | ``"auto"`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
     stochastic: per moment, whether its 8-bit codes round stochastically
       (noise keyed by the step count: reproducible, and a resumed run
@@ -107,33 +108,34 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  checks.check_config(block_size, min_8bit_size, impl)
-  signed = update8.MOMENT_SIGNED[algorithm]
+  block_size, min_8bit_size = checks.check_config(block_size, min_8bit_size,
+                                                  impl)
+  alg = algorithms.ALGORITHMS[algorithm]
+  storage = state_lib.Storage(block_size, min_8bit_size)
 
   def init_fn(params):
     checks.check_float_leaves(params, "params")
     return state_cls(jnp.zeros([], jnp.int32), *(
-        state_lib.init_moment(params, signed=s, block_size=block_size,
-                              min_8bit_size=min_8bit_size) for s in signed))
+        state_lib.init_moment(params, signed=s, storage=storage)
+        for s in alg.signed))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
+    updates = checks.as_float_leaves(updates, "updates")
+    checks.check_state(state, state_cls, alg, updates, params, storage)
     moments = state[1:]
-    checks.check_float_leaves(updates, "updates")
-    checks.check_matches_state(updates, moments[0].codes, params)
     count = optax.safe_increment(state.count)
     hyper = hyper_fn(state.count, count.astype(jnp.float32))
-    key = update8.rounding_key(count) if stochastic and any(stochastic) else None
     grads, treedef = jax.tree.flatten(updates)
     per_leaf = lambda trees: list(zip(*(treedef.flatten_up_to(t) for t in trees)))
     out = _update_leaves(algorithm, grads, per_leaf([m.codes for m in moments]),
                          per_leaf([m.absmax for m in moments]), hyper,
-                         block_size, _impl.resolve_impl(impl), stochastic, key)
+                         block_size, impl, stochastic, count)
     pick = lambda f: treedef.unflatten([f(o) for o in out])
     new_moments = [
         state_lib.Quantized8bitMoment(pick(lambda o, i=i: o[1][i][0]),
                                       pick(lambda o, i=i: o[1][i][1]))
-        for i in range(len(signed))]
+        for i in range(len(alg.moments))]
     return pick(lambda o: o[0]), state_cls(count, *new_moments)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -147,9 +149,9 @@ def _inverse_bias_corrections(b1: Any, b2: Any, t: jax.Array) -> tuple[jax.Array
 
 _CONFIG_DOC = """
     block_size: elements per quantization block of the 8-bit state (keyword
-      only; 64, 128, ..., 4096).
+      only; 64, 128, ..., 4096); ``None``: 256.
     min_8bit_size: leaves with fewer elements keep float32 state (keyword
-      only); ``None`` keeps every leaf in float32.
+      only); ``None``: 4096; :data:`jlowbit.FLOAT32_STATE`: every leaf.
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"`` (keyword only;
       see :mod:`jlowbit._impl`)."""
 
@@ -161,7 +163,7 @@ def _config_doc(fn):
 
 @_config_doc
 def scale_by_adam_8bit(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, *,
-                       block_size: int = 256, min_8bit_size: int | None = 4096,
+                       block_size: int | None = None, min_8bit_size: int | None = None,
                        impl: str | None = None
                        ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by Adam's moments, stored 8-bit blockwise.
@@ -229,8 +231,8 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
                            alpha: Any = 5.0, eps: Any = 1e-8, *,
                            t_alpha: Any = None, t_beta3: Any = None,
                            stochastic_rounding: bool = True,
-                           block_size: int = 256,
-                           min_8bit_size: int | None = 4096,
+                           block_size: int | None = None,
+                           min_8bit_size: int | None = None,
                            impl: str | None = None
                            ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales updates by AdEMAMix's fast and slow EMAs, stored 8-bit.
@@ -291,8 +293,9 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
 
 
 @_config_doc
-def scale_by_lion_8bit(b1: Any = 0.9, b2: Any = 0.99, *, block_size: int = 256,
-                       min_8bit_size: int | None = 4096,
+def scale_by_lion_8bit(b1: Any = 0.9, b2: Any = 0.99, *,
+                       block_size: int | None = None,
+                       min_8bit_size: int | None = None,
                        impl: str | None = None
                        ) -> optax.GradientTransformationExtraArgs:
   r"""Lion's sign direction with an 8-bit momentum.
@@ -323,8 +326,9 @@ def scale_by_lion_8bit(b1: Any = 0.9, b2: Any = 0.99, *, block_size: int = 256,
 
 
 @_config_doc
-def scale_by_momentum_8bit(momentum: Any = 0.9, *, block_size: int = 256,
-                           min_8bit_size: int | None = 4096,
+def scale_by_momentum_8bit(momentum: Any = 0.9, *,
+                           block_size: int | None = None,
+                           min_8bit_size: int | None = None,
                            impl: str | None = None
                            ) -> optax.GradientTransformationExtraArgs:
   r"""Heavy-ball momentum (torch/bitsandbytes SGD) with an 8-bit buffer.
@@ -350,7 +354,7 @@ def scale_by_momentum_8bit(momentum: Any = 0.9, *, block_size: int = 256,
 
 @_config_doc
 def scale_by_rms_8bit(decay: Any = 0.99, eps: Any = 1e-8, *,
-                      block_size: int = 256, min_8bit_size: int | None = 4096,
+                      block_size: int | None = None, min_8bit_size: int | None = None,
                       impl: str | None = None
                       ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop scaling (torch semantics) with an 8-bit second moment.
@@ -377,8 +381,8 @@ def scale_by_rms_8bit(decay: Any = 0.99, eps: Any = 1e-8, *,
 
 
 @_config_doc
-def scale_by_rss_8bit(eps: Any = 1e-10, *, block_size: int = 256,
-                      min_8bit_size: int | None = 4096,
+def scale_by_rss_8bit(eps: Any = 1e-10, *, block_size: int | None = None,
+                      min_8bit_size: int | None = None,
                       impl: str | None = None
                       ) -> optax.GradientTransformationExtraArgs:
   r"""Adagrad scaling by the root of the sum of squares, stored 8-bit.

@@ -1,10 +1,10 @@
 """``@triton.jit`` helpers shared by the kernels.
 
-Each helper has a ``jax.numpy`` twin in :mod:`jlowbit._reference` that does
+Each helper has a ``jax.numpy`` twin in :mod:`jlowbit._twins` that does
 the same float32 operations in the same order, so codes agree bit for bit.
 The one exception is :func:`scaled_bucket_index`, a faster route to the
 index of the reference's :func:`scaled_tree_index` through the same
-comparisons (equal for every input: ``tests/test_search.py``).
+comparisons (equal for every input: ``tests/test_ground_search.py``).
 """
 
 import os
@@ -12,19 +12,21 @@ import os
 import triton
 import triton.language as tl
 
-from jlowbit import _reference as ref
+from jlowbit import _noise
+from jlowbit import _search
+from jlowbit import _twins
 
-BUCKET_KEY_SHIFT = tl.constexpr(ref.BUCKET_KEY_SHIFT)
-TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
+BUCKET_KEY_SHIFT = tl.constexpr(_search.BUCKET_KEY_SHIFT)
+TINY_SCALE = tl.constexpr(_twins.TINY_SCALE)
 # quasi_uniform_units: (counter * PHASE_MULTIPLIER + offset) >> UNIFORM_SHIFT,
 # 2**24 units in [0, 1).
-PHASE_MULTIPLIER = tl.constexpr(ref.PHASE_MULTIPLIER)
-UNIFORM_SHIFT = tl.constexpr(32 - ref.UNIFORM_BITS)
+PHASE_MULTIPLIER = tl.constexpr(_noise.PHASE_MULTIPLIER)
+UNIFORM_SHIFT = tl.constexpr(32 - _noise.UNIFORM_BITS)
 # Kernels run by Triton's interpreter (imported with TRITON_INTERPRET=1 in
 # the worker of jlowbit.triton_kernels.launch) take exact arithmetic where
 # compiled ones take GPU approximations with no interpreter counterpart.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-INV_TINY_SCALE = tl.constexpr(1 / ref.TINY_SCALE)
+INV_TINY_SCALE = tl.constexpr(1 / _twins.TINY_SCALE)
 
 
 @triton.jit
@@ -59,63 +61,63 @@ def unpack_nibbles(packed):
 
 
 @triton.jit
-def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCKSIZE: tl.constexpr,
+def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCK_SIZE: tl.constexpr,
                        BLOCKS: tl.constexpr, CODE_BITS: tl.constexpr,
                        STEPS: tl.constexpr, pairs_ptr=None, units=None,
                        STOCHASTIC: tl.constexpr = False):
   """Blockwise codes of a flat tile of ``BLOCKS`` whole blocks.
 
-  ``x`` is float32 ``[BLOCKS * BLOCKSIZE]`` (lanes past the data must hold
+  ``x`` is float32 ``[BLOCKS * BLOCK_SIZE]`` (lanes past the data must hold
   0); returns (int32 codes of ``x``'s shape, float32 absmax ``[BLOCKS]``):
   the rules of ``jlowbit.blockwise8.quantize_blockwise_reference`` (the
   index of :func:`scaled_tree_index` with :func:`block_scale` of each
   block's absmax). With ``STEPS > 0`` the index is found by
   :func:`scaled_bucket_index` (``search_ptr``: the sorted thresholds,
   ``buckets_ptr``: the bucket entries of
-  ``jlowbit._reference.bucket_search_table``), else by the decision tree at
+  ``jlowbit._search.bucket_search_table``), else by the decision tree at
   ``search_ptr``. The tile stays one-dimensional so that the table gathers
   keep a coalesced layout. With ``STOCHASTIC`` (bucketed search only) the
   search tables are those of the lower bracketing code
-  (``jlowbit._reference.code_search(code, floor=True)``), which then rounds
+  (``jlowbit._search.code_search(code, floor=True)``), which then rounds
   stochastically (:func:`stochastic_step`) with the noise ``units`` through
   the codebook's (code, scaled gap) pairs at ``pairs_ptr``.
   """
-  absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
+  absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCK_SIZE)))
   scale = block_scale(absmax)
   if STEPS > 0:
     factor = tiny_scale_factor(scale)  # exact_comparison_operands, per block
     scale = scale * factor
     codes = scaled_bucket_index(
-        x * broadcast_rows(factor, BLOCKS, BLOCKSIZE),
-        broadcast_rows(scale, BLOCKS, BLOCKSIZE),
-        broadcast_rows(1.0 / scale, BLOCKS, BLOCKSIZE), search_ptr, buckets_ptr,
+        x * broadcast_rows(factor, BLOCKS, BLOCK_SIZE),
+        broadcast_rows(scale, BLOCKS, BLOCK_SIZE),
+        broadcast_rows(1.0 / scale, BLOCKS, BLOCK_SIZE), search_ptr, buckets_ptr,
         STEPS)
     if STOCHASTIC:
       codes = stochastic_step(
-          x * broadcast_rows(factor, BLOCKS, BLOCKSIZE),
-          broadcast_rows(scale, BLOCKS, BLOCKSIZE), codes, pairs_ptr, units)
+          x * broadcast_rows(factor, BLOCKS, BLOCK_SIZE),
+          broadcast_rows(scale, BLOCKS, BLOCK_SIZE), codes, pairs_ptr, units)
   else:
     tl.static_assert(not STOCHASTIC, "stochastic rounding needs STEPS > 0")
-    codes = scaled_tree_index(x, broadcast_rows(scale, BLOCKS, BLOCKSIZE),
+    codes = scaled_tree_index(x, broadcast_rows(scale, BLOCKS, BLOCK_SIZE),
                               search_ptr, CODE_BITS)
   return codes, absmax
 
 
 @triton.jit
 def dequantize_flat_tile(codes_ptr, absmax_ptr, code_ptr, offsets, mask,
-                         BLOCKSIZE: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr):
   """``code[codes] * absmax[block]`` at flat int64 ``offsets`` (float32; 0
   where ``mask`` is false)."""
   codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-  absmax = tl.load(absmax_ptr + offsets // BLOCKSIZE, mask=mask, other=0.0)
+  absmax = tl.load(absmax_ptr + offsets // BLOCK_SIZE, mask=mask, other=0.0)
   return tl.load(code_ptr + codes) * absmax
 
 
 @triton.jit
-def broadcast_rows(per_block, BLOCKS: tl.constexpr, BLOCKSIZE: tl.constexpr):
-  """``[BLOCKS]`` -> flat ``[BLOCKS * BLOCKSIZE]``, each value repeated."""
-  return tl.reshape(tl.broadcast_to(per_block[:, None], (BLOCKS, BLOCKSIZE)),
-                    (BLOCKS * BLOCKSIZE,))
+def broadcast_rows(per_block, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+  """``[BLOCKS]`` -> flat ``[BLOCKS * BLOCK_SIZE]``, each value repeated."""
+  return tl.reshape(tl.broadcast_to(per_block[:, None], (BLOCKS, BLOCK_SIZE)),
+                    (BLOCKS * BLOCK_SIZE,))
 
 
 @triton.jit
@@ -132,7 +134,7 @@ def tiny_scale_factor(scale):
 
 @triton.jit
 def exact_comparison_operands(x, scale):
-  """Twin of ``jlowbit._reference.exact_comparison_operands``: ``(x, scale)``
+  """Twin of ``jlowbit._twins.exact_comparison_operands``: ``(x, scale)``
   times ``2**64`` where ``scale < 2**-64``."""
   factor = tiny_scale_factor(scale)
   return x * factor, scale * factor
@@ -142,7 +144,7 @@ def exact_comparison_operands(x, scale):
 def scaled_tree_index(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
   """Nearest-code index of ``x / scale`` via the decision tree, division-free.
 
-  Twin of ``jlowbit._reference.scaled_tree_index``: compares
+  Twin of ``jlowbit._twins.scaled_tree_index``: compares
   ``tree[node] * scale <= x`` (int32 result, ``x``'s shape; ``scale``
   broadcastable to it).
   """
@@ -177,7 +179,7 @@ def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
 
   ``x``, ``scale`` (> 0) and ``inv_scale`` (about ``1 / scale``) as after
   :func:`exact_comparison_operands`. The top 16 bits of ``r = x *
-  inv_scale`` are a key of ``jlowbit._reference.bucket_search_table``, whose
+  inv_scale`` are a key of ``jlowbit._search.bucket_search_table``, whose
   entry (one 64-bit gather) holds a lower bound ``start`` of the index and
   the threshold ``t[start]``; ``STEPS`` comparisons ``t[index] * scale <=
   x`` of the sorted thresholds ``t`` finish it, the first against the
@@ -203,7 +205,7 @@ def scaled_4bit_index(x, scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr
   of the 16 sorted levels. ``SIGN_MAGNITUDE=True`` (FP4): ``8`` when
   ``x < 0`` (a tiny negative ``x`` gives "-0"), OR-ed with ``bits[i]``, ``i``
   the index of ``|x| / scale`` through the tree of the 8 sorted magnitudes.
-  Twin of ``jlowbit._reference.scaled_4bit_index``.
+  Twin of ``jlowbit._twins.scaled_4bit_index``.
   """
   if SIGN_MAGNITUDE:
     magnitude = tl.load(bits_ptr + scaled_tree_index_top2(tl.abs(x), scale, tree_ptr, 3))
@@ -214,7 +216,7 @@ def scaled_4bit_index(x, scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr
 
 @triton.jit
 def quasi_uniform_units(counters, offset):
-  """``jlowbit._reference.quasi_uniform`` in units of ``2**-24`` (float32
+  """``jlowbit._noise.quasi_uniform`` in units of ``2**-24`` (float32
   integers in ``[0, 2**24)``): uint32 ``counters``, the step's ``offset``."""
   fixed = counters * tl.full(counters.shape, PHASE_MULTIPLIER, tl.uint32) + offset
   return (fixed >> UNIFORM_SHIFT).to(tl.float32)
@@ -222,7 +224,7 @@ def quasi_uniform_units(counters, offset):
 
 @triton.jit
 def stochastic_step(x, scale, floor, pairs_ptr, units):
-  """``jlowbit._reference.stochastic_index`` on the operands ``x``, ``scale``
+  """``jlowbit._twins.stochastic_index`` on the operands ``x``, ``scale``
   of :func:`exact_comparison_operands`: ``floor``, the lower bracketing code
   of ``x / scale``, or the next code, by the noise ``units``
   (:func:`quasi_uniform_units`). ``pairs_ptr``: float32 ``[2**k, 2]`` of

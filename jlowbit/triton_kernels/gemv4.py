@@ -2,7 +2,7 @@
 
 ``W`` is ``[N, K]`` (out, in) quantized by :func:`jlowbit.quantize_4bit`: its
 row-major flattened elements are packed two per byte with one absmax per
-``BLOCKSIZE`` elements. A program owns ``BLOCK_N`` output rows and streams
+``BLOCK_SIZE`` elements. A program owns ``BLOCK_N`` output rows and streams
 their packed bytes once, ``BLOCK_K`` columns at a time: unpack the nibbles,
 look the codes up in the 16-entry table (an L1-resident 64-byte gather),
 multiply by ``x`` and accumulate in float32. The dequantized ``W`` never
@@ -15,7 +15,7 @@ count (and Triton's interpreter cannot loop to a runtime bound).
 
 Two kernels:
 
-* :func:`gemv_4bit_kernel` (``K % BLOCKSIZE == 0``, the case of every real
+* :func:`gemv_4bit_kernel` (``K % BLOCK_SIZE == 0``, the case of every real
   layer). A step's ``[BLOCK_N, BLOCK_K]`` tile is handled as one flat vector
   (rows one after the other): Triton then gives the packed bytes, the codes,
   the table gather and ``x`` one consistent layout with 16-byte loads (a 2-D
@@ -32,10 +32,6 @@ Two kernels:
   flat index, nibble select and absmax gather.
 """
 
-from __future__ import annotations
-
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import triton
@@ -43,61 +39,6 @@ import triton.language as tl
 
 from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
-
-TARGET_PROGRAMS = 512  # below this many row blocks, default configs split K
-
-
-@dataclasses.dataclass(frozen=True)
-class GemvConfig:
-  """Tile sizes of the fused 4-bit gemv.
-
-  Attributes:
-    block_n: output rows per program (power of two).
-    block_k: input columns per loop step (power of two, >= 32; capped by
-      ``in_features / split_k``).
-    num_warps: warps per program.
-    num_stages: software-pipelining depth of the K loop.
-    split_k: independent ranges ``K`` is cut into (power of two); the
-      launcher halves it until ``in_features`` is a multiple of
-      ``split_k * blocksize``. Not used by the general (``in_features %
-      blocksize != 0``) kernel.
-  """
-  block_n: int = 4
-  block_k: int = 1024
-  num_warps: int = 4
-  num_stages: int = 1
-  split_k: int = 1
-
-  def __post_init__(self):
-    for name in ("block_n", "block_k", "num_warps", "split_k"):
-      value = getattr(self, name)
-      if value < 1 or value & (value - 1):
-        raise ValueError(f"{name}={value} must be a power of two")
-    if self.block_k < 32:
-      raise ValueError(f"block_k={self.block_k} must be >= 32")
-    if self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
-
-  @classmethod
-  def get_default(cls, out_features: int | None = None,
-                  in_features: int | None = None) -> GemvConfig:
-    """Defaults for an H100-class GPU (memory bound: 0.5 byte per weight).
-
-    4 rows x 1024 columns per step and 4 warps: 32 weights (16 packed bytes)
-    per thread per step, ~40 registers, so ~12 programs share an SM and keep
-    enough loads in flight. Layers with fewer than ``TARGET_PROGRAMS`` row
-    blocks split K (up to 4 ways) to occupy every SM; narrow inputs shrink
-    ``block_k``.
-    """
-    block_k, split_k = 1024, 1
-    if out_features is not None and in_features is not None:
-      while (split_k < 4 and cdiv(out_features, 4) * split_k < TARGET_PROGRAMS
-             and in_features >= 2 * split_k * block_k):
-        split_k *= 2
-    if in_features is not None:
-      block_k = max(32, min(block_k, triton.next_power_of_2(in_features)))
-    return cls(block_k=block_k, split_k=split_k)
-
 
 @triton.jit
 def _step_sums(packed_ptrs, x_ptrs, absmax_ptrs, quant_map_ptr,
@@ -131,16 +72,16 @@ def _step_sums(packed_ptrs, x_ptrs, absmax_ptrs, quant_map_ptr,
 
 @triton.jit
 def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N, y_ptr,
-                     K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                     K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, V: tl.constexpr,
                      EVEN_N: tl.constexpr):
-  """``K % (SPLIT_K * BLOCKSIZE) == 0``; ``y`` is ``[SPLIT_K, N]``.
+  """``K % (SPLIT_K * BLOCK_SIZE) == 0``; ``y`` is ``[SPLIT_K, N]``.
 
   ``V``: elements of ``x`` per 16-byte load (the per-thread run Triton picks
   for the flat tile); ``EVEN_N``: ``N % BLOCK_N == 0``.
   """
-  SEG: tl.constexpr = min(BLOCK_K, BLOCKSIZE)
+  SEG: tl.constexpr = min(BLOCK_K, BLOCK_SIZE)
   K_SPLIT: tl.constexpr = K // SPLIT_K
   TAIL: tl.constexpr = K_SPLIT % BLOCK_K
   half: tl.constexpr = BLOCK_K // 2
@@ -156,19 +97,19 @@ def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N, y_ptr,
   packed_ptrs = (packed_ptr + byte_rows.to(tl.int64) * (K // 2) + k_first // 2
                  + byte % half)
   x_ptrs = x_ptr + k_first + tl.arange(0, BLOCK_N * BLOCK_K) % BLOCK_K
-  absmax_ptrs = (absmax_ptr + load_rows.to(tl.int64)[:, None] * (K // BLOCKSIZE)
-                 + k_first // BLOCKSIZE
-                 + (tl.arange(0, BLOCK_K // SEG) * SEG // BLOCKSIZE)[None, :])
+  absmax_ptrs = (absmax_ptr + load_rows.to(tl.int64)[:, None] * (K // BLOCK_SIZE)
+                 + k_first // BLOCK_SIZE
+                 + (tl.arange(0, BLOCK_K // SEG) * SEG // BLOCK_SIZE)[None, :])
   acc = tl.zeros([BLOCK_N, BLOCK_K // SEG, SEG // V], tl.float32)
   for step in range(K_SPLIT // BLOCK_K):
     k0 = step * BLOCK_K
     acc += _step_sums(packed_ptrs + k0 // 2, x_ptrs + k0,
-                      absmax_ptrs + k0 // BLOCKSIZE, quant_map_ptr,
+                      absmax_ptrs + k0 // BLOCK_SIZE, quant_map_ptr,
                       BLOCK_N, BLOCK_K, SEG, V, BLOCK_K)
   if TAIL > 0:
     k0 = K_SPLIT - TAIL
     acc += _step_sums(packed_ptrs + k0 // 2, x_ptrs + k0,
-                      absmax_ptrs + k0 // BLOCKSIZE, quant_map_ptr,
+                      absmax_ptrs + k0 // BLOCK_SIZE, quant_map_ptr,
                       BLOCK_N, BLOCK_K, SEG, V, TAIL)
   y = tl.sum(tl.sum(acc, axis=2), axis=1).to(y_ptr.dtype.element_ty)
   if EVEN_N:
@@ -179,7 +120,7 @@ def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N, y_ptr,
 
 @triton.jit
 def gemv_4bit_general_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N,
-                             y_ptr, K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                             y_ptr, K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
   """Any ``K``: element ``(r, k)`` is flat index ``r * K + k`` of ``W``."""
   rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,59 +136,58 @@ def gemv_4bit_general_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N,
         tl.load(packed_ptr + flat // 2, mask=ok, other=0))
     code = tl.where(flat % 2 == 0, high, low)
     weight = (tl.load(quant_map_ptr + code)
-              * tl.load(absmax_ptr + flat // BLOCKSIZE, mask=ok, other=0.0))
+              * tl.load(absmax_ptr + flat // BLOCK_SIZE, mask=ok, other=0.0))
     x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc += tl.sum(weight * x[None, :], axis=1)
   tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def _split_k(k: int, blocksize: int, split_k: int) -> int:
-  """``split_k`` halved until ``k`` is a multiple of ``split_k * blocksize``."""
-  while split_k > 1 and k % (split_k * blocksize):
+def _split_k(k: int, block_size: int, split_k: int) -> int:
+  """``split_k`` halved until ``k`` is a multiple of ``split_k * block_size``."""
+  while split_k > 1 and k % (split_k * block_size):
     split_k //= 2
   return split_k
 
 
 def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
-              absmax: jax.Array, out_features: int, blocksize: int, impl: str,
-              config: GemvConfig | None = None) -> jax.Array:
+              absmax: jax.Array, out_features: int, block_size: int, impl: str,
+              *, block_n: int, block_k: int, num_warps: int, num_stages: int,
+              split_k: int) -> jax.Array:
   """Launches the fused gemv: ``x`` ``[K]`` times 4-bit ``W`` ``[N, K]``^T.
 
   Args:
     x: ``[K]`` float32 / bfloat16 / float16; the output has its dtype.
     packed: uint8 ``[ceil(N * K / 2)]``.
     quant_map: float32 ``[16]``.
-    absmax: float32 ``[ceil(N * K / blocksize)]``.
+    absmax: float32 ``[ceil(N * K / block_size)]``.
     out_features: ``N``.
-    blocksize: elements per absmax block.
+    block_size: elements per absmax block.
     impl: ``"triton"`` or ``"interpret"``.
-    config: tile sizes; default :meth:`GemvConfig.get_default`.
+    block_n, block_k, num_warps, num_stages, split_k: the tile sizes of
+      :class:`jlowbit.matmul4.GemvConfig`.
 
   Returns:
     ``[N]`` in ``x.dtype``.
   """
   n, k = out_features, x.shape[0]
-  config = config or GemvConfig.get_default(n, k)
-  options = dict(impl=impl, num_warps=config.num_warps,
-                 num_stages=config.num_stages, K=k, BLOCKSIZE=blocksize,
-                 BLOCK_N=config.block_n)
-  if k % blocksize:
-    block_k = max(32, min(config.block_k, triton.next_power_of_2(k)))
+  options = dict(impl=impl, num_warps=num_warps, num_stages=num_stages, K=k,
+                 BLOCK_SIZE=block_size, BLOCK_N=block_n)
+  if k % block_size:
+    block_k = max(32, min(block_k, triton.next_power_of_2(k)))
     (y,) = launch(
         __name__, "gemv_4bit_general_kernel", x, packed, quant_map, absmax, n,
         out_shape=(jax.ShapeDtypeStruct((n,), x.dtype),),
-        grid=(cdiv(n, config.block_n),), **options, BLOCK_K=block_k)
+        grid=(cdiv(n, block_n),), **options, BLOCK_K=block_k)
     return y
-  split_k = _split_k(k, blocksize, config.split_k)
+  split_k = _split_k(k, block_size, split_k)
   # The largest power of two <= K / split_k: no step is mostly padding.
-  block_k = min(config.block_k, 1 << ((k // split_k).bit_length() - 1))
+  block_k = min(block_k, 1 << ((k // split_k).bit_length() - 1))
   out_dtype = x.dtype if split_k == 1 else jnp.float32
   (y,) = launch(
       __name__, "gemv_4bit_kernel", x, packed, quant_map, absmax, n,
       out_shape=(jax.ShapeDtypeStruct((split_k, n), out_dtype),),
-      grid=(cdiv(n, config.block_n), split_k), **options, BLOCK_K=block_k,
-      SPLIT_K=split_k, V=16 // x.dtype.itemsize,
-      EVEN_N=n % config.block_n == 0)
+      grid=(cdiv(n, block_n), split_k), **options, BLOCK_K=block_k,
+      SPLIT_K=split_k, V=16 // x.dtype.itemsize, EVEN_N=n % block_n == 0)
   if split_k == 1:
     return y[0]
   return jnp.sum(y, axis=0).astype(x.dtype)

@@ -1,6 +1,6 @@
 """4-bit (NF4 / FP4) blockwise quantize / dequantize kernels and launchers.
 
-A program handles one tile of ``TILE = BLOCKS * BLOCKSIZE`` (4096) elements
+A program handles one tile of ``TILE = BLOCKS * BLOCK_SIZE`` (4096) elements
 of the row-major flattened tensor, i.e. ``TILE / 2`` packed bytes (element
 ``2i`` in the high nibble of byte ``i``, ``2i + 1`` in the low nibble): one
 read of the input, one write of the packed bytes and the absmax.
@@ -22,26 +22,26 @@ import triton.language as tl
 from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
-TILE = 4096  # elements per program; a multiple of every supported blocksize
+TILE = 4096  # elements per program; a multiple of every supported block_size
 QUANTIZE_WARPS = 4
 DEQUANTIZE_WARPS = 4
 
 
 @triton.jit
 def _quantize_tile(x_ptr, tree_ptr, bits_ptr, packed_ptr, absmax_ptr, start, n,
-                   BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr,
                    SIGN_MAGNITUDE: tl.constexpr, MASKED: tl.constexpr):
-  tile: tl.constexpr = BLOCKS * BLOCKSIZE
+  tile: tl.constexpr = BLOCKS * BLOCK_SIZE
   offsets = tl.arange(0, tile)
   byte = tl.arange(0, tile // 2)
-  blocks = start // BLOCKSIZE + tl.arange(0, BLOCKS)
+  blocks = start // BLOCK_SIZE + tl.arange(0, BLOCKS)
   if MASKED:
     mask = offsets < n - start
     x = tl.load(x_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
   else:
     x = tl.load(x_ptr + start + offsets).to(tl.float32)
-  absmax = common.row_absmax(tl.reshape(x, (BLOCKS, BLOCKSIZE)))
-  scale = common.broadcast_rows(common.block_scale(absmax), BLOCKS, BLOCKSIZE)
+  absmax = common.row_absmax(tl.reshape(x, (BLOCKS, BLOCK_SIZE)))
+  scale = common.broadcast_rows(common.block_scale(absmax), BLOCKS, BLOCK_SIZE)
   codes = common.scaled_4bit_index(x, scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE)
   if MASKED:
     codes = tl.where(mask, codes, 0)  # odd n: the last low nibble is 0
@@ -49,7 +49,7 @@ def _quantize_tile(x_ptr, tree_ptr, bits_ptr, packed_ptr, absmax_ptr, start, n,
   packed = ((high << 4) | low).to(tl.uint8)
   if MASKED:
     tl.store(packed_ptr + start // 2 + byte, packed, mask=2 * byte < n - start)
-    tl.store(absmax_ptr + blocks, absmax, mask=blocks < tl.cdiv(n, BLOCKSIZE))
+    tl.store(absmax_ptr + blocks, absmax, mask=blocks < tl.cdiv(n, BLOCK_SIZE))
   else:
     tl.store(packed_ptr + start // 2 + byte, packed)
     tl.store(absmax_ptr + blocks, absmax)
@@ -57,29 +57,29 @@ def _quantize_tile(x_ptr, tree_ptr, bits_ptr, packed_ptr, absmax_ptr, start, n,
 
 @triton.jit
 def quantize_4bit_kernel(x_ptr, tree_ptr, bits_ptr, n, packed_ptr, absmax_ptr,
-                         BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr,
                          SIGN_MAGNITUDE: tl.constexpr):
-  start = tl.program_id(0).to(tl.int64) * (BLOCKS * BLOCKSIZE)
-  if start + BLOCKS * BLOCKSIZE <= n:
+  start = tl.program_id(0).to(tl.int64) * (BLOCKS * BLOCK_SIZE)
+  if start + BLOCKS * BLOCK_SIZE <= n:
     _quantize_tile(x_ptr, tree_ptr, bits_ptr, packed_ptr, absmax_ptr, start, n,
-                   BLOCKSIZE, BLOCKS, SIGN_MAGNITUDE, False)
+                   BLOCK_SIZE, BLOCKS, SIGN_MAGNITUDE, False)
   else:
     _quantize_tile(x_ptr, tree_ptr, bits_ptr, packed_ptr, absmax_ptr, start, n,
-                   BLOCKSIZE, BLOCKS, SIGN_MAGNITUDE, True)
+                   BLOCK_SIZE, BLOCKS, SIGN_MAGNITUDE, True)
 
 
 @triton.jit
 def _dequantize_tile(packed_ptr, quant_map_ptr, absmax_ptr, out_ptr, start, n,
-                     BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr,
                      MASKED: tl.constexpr):
-  tile: tl.constexpr = BLOCKS * BLOCKSIZE
+  tile: tl.constexpr = BLOCKS * BLOCK_SIZE
   offsets = tl.arange(0, tile)
   byte = tl.arange(0, tile // 2)
-  blocks = start // BLOCKSIZE + tl.arange(0, BLOCKS)
+  blocks = start // BLOCK_SIZE + tl.arange(0, BLOCKS)
   if MASKED:
     packed = tl.load(packed_ptr + start // 2 + byte, mask=2 * byte < n - start,
                      other=0)
-    absmax = tl.load(absmax_ptr + blocks, mask=blocks < tl.cdiv(n, BLOCKSIZE),
+    absmax = tl.load(absmax_ptr + blocks, mask=blocks < tl.cdiv(n, BLOCK_SIZE),
                      other=0.0)
   else:
     packed = tl.load(packed_ptr + start // 2 + byte)
@@ -87,7 +87,7 @@ def _dequantize_tile(packed_ptr, quant_map_ptr, absmax_ptr, out_ptr, start, n,
   high, low = common.unpack_nibbles(packed)
   codes = tl.reshape(tl.join(high, low), (tile,))
   values = (tl.load(quant_map_ptr + codes)
-            * common.broadcast_rows(absmax, BLOCKS, BLOCKSIZE))
+            * common.broadcast_rows(absmax, BLOCKS, BLOCK_SIZE))
   values = values.to(out_ptr.dtype.element_ty)
   if MASKED:
     tl.store(out_ptr + start + offsets, values, mask=offsets < n - start)
@@ -97,21 +97,21 @@ def _dequantize_tile(packed_ptr, quant_map_ptr, absmax_ptr, out_ptr, start, n,
 
 @triton.jit
 def dequantize_4bit_kernel(packed_ptr, quant_map_ptr, absmax_ptr, n, out_ptr,
-                           BLOCKSIZE: tl.constexpr, BLOCKS: tl.constexpr):
-  start = tl.program_id(0).to(tl.int64) * (BLOCKS * BLOCKSIZE)
-  if start + BLOCKS * BLOCKSIZE <= n:
+                           BLOCK_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+  start = tl.program_id(0).to(tl.int64) * (BLOCKS * BLOCK_SIZE)
+  if start + BLOCKS * BLOCK_SIZE <= n:
     _dequantize_tile(packed_ptr, quant_map_ptr, absmax_ptr, out_ptr, start, n,
-                     BLOCKSIZE, BLOCKS, False)
+                     BLOCK_SIZE, BLOCKS, False)
   else:
     _dequantize_tile(packed_ptr, quant_map_ptr, absmax_ptr, out_ptr, start, n,
-                     BLOCKSIZE, BLOCKS, True)
+                     BLOCK_SIZE, BLOCKS, True)
 
 
 def quantize_4bit(x: jax.Array, tree: jax.Array, bits: jax.Array,
-                  blocksize: int, sign_magnitude: bool, impl: str):
+                  block_size: int, sign_magnitude: bool, impl: str):
   """Launches the quantize kernel on flat ``x``; returns (packed, absmax).
 
-  ``tree``: float32 decision tree (``jlowbit._reference.decision_tree``) of
+  ``tree``: float32 decision tree (``jlowbit._search.decision_tree``) of
   the 16 NF4 levels or the 8 FP4 magnitudes; ``bits``: int32 code of each
   FP4 magnitude (unused for NF4).
   """
@@ -119,18 +119,18 @@ def quantize_4bit(x: jax.Array, tree: jax.Array, bits: jax.Array,
   return launch(
       __name__, "quantize_4bit_kernel", x, tree, bits, n,
       out_shape=(jax.ShapeDtypeStruct((cdiv(n, 2),), jnp.uint8),
-                 jax.ShapeDtypeStruct((cdiv(n, blocksize),), jnp.float32)),
+                 jax.ShapeDtypeStruct((cdiv(n, block_size),), jnp.float32)),
       grid=(cdiv(n, TILE),), impl=impl, num_warps=QUANTIZE_WARPS,
-      BLOCKSIZE=blocksize, BLOCKS=TILE // blocksize,
+      BLOCK_SIZE=block_size, BLOCKS=TILE // block_size,
       SIGN_MAGNITUDE=sign_magnitude)
 
 
 def dequantize_4bit(packed: jax.Array, quant_map: jax.Array, absmax: jax.Array,
-                    n: int, blocksize: int, dtype, impl: str) -> jax.Array:
+                    n: int, block_size: int, dtype, impl: str) -> jax.Array:
   """Launches the dequantize kernel; returns ``dtype[n]``."""
   (out,) = launch(
       __name__, "dequantize_4bit_kernel", packed, quant_map, absmax, n,
       out_shape=(jax.ShapeDtypeStruct((n,), dtype),),
       grid=(cdiv(n, TILE),), impl=impl, num_warps=DEQUANTIZE_WARPS,
-      BLOCKSIZE=blocksize, BLOCKS=TILE // blocksize)
+      BLOCK_SIZE=block_size, BLOCKS=TILE // block_size)
   return out

@@ -11,8 +11,8 @@ from conftest import ALL_IMPLS, FLOAT_DTYPES, KERNEL_IMPLS
 import jlowbit
 
 TRITON = [pytest.param("triton", id="triton", marks=pytest.mark.gpu)]
-# (out_features, in_features, blocksize, quant_type, nested, x dtype);
-# in_features not a multiple of blocksize (or odd) takes the general kernel.
+# (out_features, in_features, block_size, quant_type, nested, x dtype);
+# in_features not a multiple of block_size (or odd) takes the general kernel.
 CASES = [
     (3, 64, 64, "nf4", False, "float32"),
     (3, 64, 64, "nf4", False, "bfloat16"),
@@ -31,10 +31,10 @@ def _normal(shape, dtype="float32", seed=0):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
-def _weight(out_features, in_features, blocksize=64, quant_type="nf4",
+def _weight(out_features, in_features, block_size=64, quant_type="nf4",
             nested=False, seed=1):
   w = _normal((out_features, in_features), "bfloat16", seed)
-  return jlowbit.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+  return jlowbit.quantize_4bit(w, block_size=block_size, quant_type=quant_type,
                                compress_statistics=nested, impl="xla")
 
 
@@ -71,18 +71,17 @@ def test_gemv_row_vector_keeps_its_shape(impl):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
-@pytest.mark.parametrize("blocksize", [32, 256])
+@pytest.mark.parametrize("block_size", [32, 256])
 @pytest.mark.parametrize("block_n, block_k, split_k",
                          [(1, 32, 1), (4, 64, 2), (8, 512, 4)])
-def test_gemv_tile_configs(impl, blocksize, block_n, block_k, split_k):
-  from jlowbit.triton_kernels.gemv4 import GemvConfig  # pylint: disable=g-import-not-at-top
-  config = GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
-  # in_features 256: whole steps; 288: a ragged last step (blocksize 32) or
-  # the general kernel (blocksize 256). 9 rows leave a partial row block,
+def test_gemv_tile_configs(impl, block_size, block_n, block_k, split_k):
+  config = jlowbit.GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k)
+  # in_features 256: whole steps; 288: a ragged last step (block_size 32) or
+  # the general kernel (block_size 256). 9 rows leave a partial row block,
   # 8 rows fill every one (block_n <= 8).
   for (out_features, in_features), dtype in itertools.product(
       ((9, 256), (8, 288)), ("float32", "bfloat16")):
-    w4 = _weight(out_features, in_features, blocksize)
+    w4 = _weight(out_features, in_features, block_size)
     x = _normal((in_features,), dtype, seed=4)
     _assert_close_to_dense(jlowbit.gemv_4bit(x, w4, impl=impl, config=config),
                            x, w4)
@@ -90,33 +89,33 @@ def test_gemv_tile_configs(impl, blocksize, block_n, block_k, split_k):
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_gemv_split_k_matches_unsplit(impl):
-  from jlowbit.triton_kernels.gemv4 import GemvConfig  # pylint: disable=g-import-not-at-top
   w4 = _weight(6, 1024, 64)
   x = _normal((1024,), "float32", seed=12)
-  whole = jlowbit.gemv_4bit(x, w4, impl=impl, config=GemvConfig(block_k=256))
+  whole = jlowbit.gemv_4bit(x, w4, impl=impl,
+                            config=jlowbit.GemvConfig(block_k=256))
   split = jlowbit.gemv_4bit(x, w4, impl=impl,
-                            config=GemvConfig(block_k=256, split_k=4))
+                            config=jlowbit.GemvConfig(block_k=256, split_k=4))
   np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
   _assert_close_to_dense(split, x, w4)
 
 
 def test_gemv_config_defaults_and_errors():
-  from jlowbit.triton_kernels.gemv4 import GemvConfig  # pylint: disable=g-import-not-at-top
-  default = GemvConfig.get_default()
-  assert default == GemvConfig(block_n=4, block_k=1024, num_warps=4, split_k=1)
-  assert GemvConfig.get_default(4096, 4096) == default
-  assert GemvConfig.get_default(1024, 8192) == GemvConfig(split_k=2)
-  assert GemvConfig.get_default(256, 8192) == GemvConfig(split_k=4)
-  small = GemvConfig.get_default(3, 40)
+  default = jlowbit.GemvConfig.get_default()
+  assert default == jlowbit.GemvConfig(block_n=4, block_k=1024, num_warps=4,
+                                       split_k=1)
+  assert jlowbit.GemvConfig.get_default(4096, 4096) == default
+  assert jlowbit.GemvConfig.get_default(1024, 8192) == jlowbit.GemvConfig(split_k=2)
+  assert jlowbit.GemvConfig.get_default(256, 8192) == jlowbit.GemvConfig(split_k=4)
+  small = jlowbit.GemvConfig.get_default(3, 40)
   assert (small.block_n, small.block_k, small.split_k) == (4, 64, 1)
   with pytest.raises(ValueError, match=r"block_n=3 must be a power of two"):
-    GemvConfig(block_n=3)
+    jlowbit.GemvConfig(block_n=3)
   with pytest.raises(ValueError, match=r"block_k=16 must be >= 32"):
-    GemvConfig(block_k=16)
+    jlowbit.GemvConfig(block_k=16)
   with pytest.raises(ValueError, match=r"split_k=3 must be a power of two"):
-    GemvConfig(split_k=3)
+    jlowbit.GemvConfig(split_k=3)
   with pytest.raises(ValueError, match=r"num_stages=0 must be >= 1"):
-    GemvConfig(num_stages=0)
+    jlowbit.GemvConfig(num_stages=0)
 
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
@@ -134,7 +133,7 @@ def test_matmul_batch_shapes(impl, dtype, batch):
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_grad_matches_dense(impl, rows):
-  w4 = _weight(9, 96, blocksize=32, nested=True)
+  w4 = _weight(9, 96, block_size=32, nested=True)
   w = jlowbit.dequantize_4bit(w4, jnp.float32, impl="xla")
   x = _normal((rows, 96), seed=6)
   weights = _normal((rows, 9), seed=7)
@@ -205,7 +204,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("impl", TRITON)
-@pytest.mark.parametrize("shape, blocksize, nested", [
+@pytest.mark.parametrize("shape, block_size, nested", [
     ((4096, 4096), 64, False),
     ((11008, 4096), 64, True),
     ((4096, 11008), 128, False),
@@ -213,8 +212,8 @@ def test_errors():
     ((4099, 4160), 4096, True),
 ], ids=str)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_gemv_large_gpu(impl, shape, blocksize, nested, dtype):
-  w4 = _weight(*shape, blocksize=blocksize, nested=nested)
+def test_gemv_large_gpu(impl, shape, block_size, nested, dtype):
+  w4 = _weight(*shape, block_size=block_size, nested=nested)
   x = _normal((shape[1],), dtype, seed=10)
   _assert_close_to_dense(jlowbit.gemv_4bit(x, w4, impl=impl), x, w4)
   rows = _normal((5, shape[1]), dtype, seed=11)

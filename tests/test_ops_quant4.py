@@ -18,10 +18,10 @@ def _normal(shape, dtype="float32", seed=0):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
-def _numpy_codes(x, quant_type, blocksize):
+def _numpy_codes(x, quant_type, block_size):
   """Independent float64 nearest-value 4-bit coder (no packing)."""
   flat = np.asarray(x, np.float32).reshape(-1)
-  blocks = np.pad(flat, (0, (-flat.size) % blocksize)).reshape(-1, blocksize)
+  blocks = np.pad(flat, (0, (-flat.size) % block_size)).reshape(-1, block_size)
   absmax = np.abs(blocks).max(axis=1)
   v = (blocks * (np.float32(1) / np.where(absmax > 0, absmax, 1))[:, None])
   v = v.astype(np.float64)
@@ -39,12 +39,12 @@ def _unpack(packed, n):
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-@pytest.mark.parametrize("blocksize", [32, 64, 1024])
-def test_reference_matches_numpy_nearest(quant_type, blocksize):
+@pytest.mark.parametrize("block_size", [32, 64, 1024])
+def test_reference_matches_numpy_nearest(quant_type, block_size):
   x = _normal((5001,), seed=1)
-  w4 = jlowbit.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
+  w4 = jlowbit.quantize_4bit(x, block_size=block_size, quant_type=quant_type,
                              impl="xla")
-  codes, absmax = _numpy_codes(x, quant_type, blocksize)
+  codes, absmax = _numpy_codes(x, quant_type, block_size)
   np.testing.assert_array_equal(w4.absmax, absmax)
   # float32 vs float64 distances may disagree only on exact float32 ties.
   assert np.mean(_unpack(w4.packed, x.size) != codes) < 1e-3
@@ -53,7 +53,7 @@ def test_reference_matches_numpy_nearest(quant_type, blocksize):
 def test_nibble_order_hand_checked():
   # nf4: -1 -> 0, 1 -> 15, 0 -> 7, 0.5 -> 12 (0.4407 is nearer than 0.5626).
   x = jnp.array([-1.0, 1.0, 0.0, 0.5, 1.0])
-  w4 = jlowbit.quantize_4bit(x, blocksize=64, impl="xla")
+  w4 = jlowbit.quantize_4bit(x, block_size=64, impl="xla")
   np.testing.assert_array_equal(w4.packed, [0x0F, 0x7C, 0xF0])
   np.testing.assert_array_equal(w4.absmax, [1.0])
 
@@ -62,7 +62,7 @@ def test_nibble_order_hand_checked():
 def test_fp4_sign_magnitude_and_negative_zero(impl):
   # 1.0 is FP4 pattern 0b011; -1e-6 is "-0" (0b1000); 0.0 and -0.0 are 0b0000.
   x = jnp.array([1.0, -1e-6, 0.0, -0.0, -1.0, 0.5])
-  w4 = jlowbit.quantize_4bit(x, blocksize=64, quant_type="fp4", impl=impl)
+  w4 = jlowbit.quantize_4bit(x, block_size=64, quant_type="fp4", impl=impl)
   np.testing.assert_array_equal(w4.packed, [0x38, 0x00, 0xB5])
   y = jlowbit.dequantize_4bit(w4, impl=impl)
   np.testing.assert_array_equal(y, [1.0, 0.0, 0.0, 0.0, -1.0, 0.5])
@@ -72,7 +72,7 @@ def test_fp4_sign_magnitude_and_negative_zero(impl):
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_levels_are_exact(impl, quant_type):
   levels = jnp.asarray(quant4.default_quant_map(quant_type)) * 3.0
-  w4 = jlowbit.quantize_4bit(levels, blocksize=32, quant_type=quant_type,
+  w4 = jlowbit.quantize_4bit(levels, block_size=32, quant_type=quant_type,
                              impl=impl)
   np.testing.assert_array_equal(jlowbit.dequantize_4bit(w4, impl=impl), levels)
   if quant_type == "nf4":
@@ -83,7 +83,7 @@ def test_levels_are_exact(impl, quant_type):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_shapes(impl, shape):
   x = _normal(shape, "bfloat16")
-  w4 = jlowbit.quantize_4bit(x, blocksize=32, impl=impl)
+  w4 = jlowbit.quantize_4bit(x, block_size=32, impl=impl)
   n = x.size
   assert w4.shape == shape and w4.dtype == "bfloat16"
   assert w4.packed.shape == (-(-n // 2),) and w4.packed.dtype == jnp.uint8
@@ -114,16 +114,16 @@ def _assert_same_quantized(got, want):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
-@pytest.mark.parametrize("dtype, blocksize", [
+@pytest.mark.parametrize("dtype, block_size", [
     ("float32", 32), ("bfloat16", 64), ("float16", 256), ("float32", 4096),
     ("bfloat16", 4096)])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_kernel_matches_xla(impl, dtype, blocksize, quant_type):
-  n = 3 * blocksize + 37 if impl == "interpret" else 1_000_003
-  x = _normal((n,), dtype, seed=blocksize)
-  want = jlowbit.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
+def test_kernel_matches_xla(impl, dtype, block_size, quant_type):
+  n = 3 * block_size + 37 if impl == "interpret" else 1_000_003
+  x = _normal((n,), dtype, seed=block_size)
+  want = jlowbit.quantize_4bit(x, block_size=block_size, quant_type=quant_type,
                                impl="xla")
-  got = jlowbit.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
+  got = jlowbit.quantize_4bit(x, block_size=block_size, quant_type=quant_type,
                               impl=impl)
   _assert_same_quantized(got, want)
   for out_dtype in FLOAT_DTYPES:
@@ -133,13 +133,13 @@ def test_kernel_matches_xla(impl, dtype, blocksize, quant_type):
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("n", [2 * 4096, 2 * 4096 + 1, 4096 + 38])
-@pytest.mark.parametrize("dtype, blocksize, quant_type", [
+@pytest.mark.parametrize("dtype, block_size, quant_type", [
     ("bfloat16", 64, "nf4"), ("float32", 4096, "fp4"), ("float16", 32, "fp4")])
-def test_kernel_full_and_partial_tiles(impl, n, dtype, blocksize, quant_type):
+def test_kernel_full_and_partial_tiles(impl, n, dtype, block_size, quant_type):
   # Kernels work in tiles of 4096 elements: whole tiles take the unmasked
   # path, the last partial one (odd or even length) the masked path.
   x = _normal((n,), dtype, seed=n)
-  kwargs = dict(blocksize=blocksize, quant_type=quant_type)
+  kwargs = dict(block_size=block_size, quant_type=quant_type)
   want = jlowbit.quantize_4bit(x, **kwargs, impl="xla")
   got = jlowbit.quantize_4bit(x, **kwargs, impl=impl)
   _assert_same_quantized(got, want)
@@ -155,7 +155,7 @@ def test_kernel_matches_xla_nested(impl, quant_type, shape):
   if impl == "triton":
     shape = (4099, 1023)
   x = _normal(shape, "float16", seed=3)
-  kwargs = dict(blocksize=32, quant_type=quant_type, compress_statistics=True)
+  kwargs = dict(block_size=32, quant_type=quant_type, compress_statistics=True)
   want = jlowbit.quantize_4bit(x, **kwargs, impl="xla")
   got = jlowbit.quantize_4bit(x, **kwargs, impl=impl)
   _assert_same_quantized(got, want)
@@ -172,16 +172,19 @@ def test_nested_statistics(quant_type):
   blocks = plain.absmax.shape[0]
   assert nested.nested and not plain.nested
   np.testing.assert_array_equal(nested.packed, plain.packed)
-  assert nested.absmax.dtype == jnp.uint8 and nested.absmax.shape == (blocks,)
-  assert nested.nested_absmax.shape == (-(-blocks // 256),)
-  assert nested.nested_absmax.dtype == jnp.float32
-  np.testing.assert_array_equal(nested.nested_quant_map, codebooks.dynamic(True))
+  assert isinstance(nested.absmax, jlowbit.Quantized8bit)
+  assert nested.absmax.block_size == 256 and nested.absmax.dtype == "float32"
+  codes = nested.absmax.codes
+  assert codes.dtype == jnp.uint8 and codes.shape == (blocks,)
+  assert nested.absmax.absmax.shape == (-(-blocks // 256),)
+  assert nested.absmax.absmax.dtype == jnp.float32
+  np.testing.assert_array_equal(nested.absmax.code, codebooks.dynamic(True))
   assert nested.offset.shape == () and nested.offset.dtype == jnp.float32
   np.testing.assert_allclose(nested.offset, jnp.mean(plain.absmax), rtol=1e-6)
-  # absmax = dynamic[code] * nested_absmax + offset (float32).
+  # absmax = dynamic[codes] * (its absmax) + offset (float32).
   restored = quant4.absmax_float32(nested, impl="xla")
-  manual = (codebooks.dynamic(True)[np.asarray(nested.absmax)]
-            * np.repeat(np.asarray(nested.nested_absmax), 256)[:blocks]
+  manual = (codebooks.dynamic(True)[np.asarray(codes)]
+            * np.repeat(np.asarray(nested.absmax.absmax), 256)[:blocks]
             + np.float32(nested.offset))
   np.testing.assert_array_equal(restored, manual)
   np.testing.assert_allclose(restored, plain.absmax, rtol=0.02)
@@ -193,7 +196,7 @@ def test_nested_statistics(quant_type):
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_zero_blocks_give_zeros(impl):
   x = jnp.zeros((300,)).at[200:].set(1.5)
-  w4 = jlowbit.quantize_4bit(x, blocksize=64, quant_type="fp4", impl=impl)
+  w4 = jlowbit.quantize_4bit(x, block_size=64, quant_type="fp4", impl=impl)
   y = jlowbit.dequantize_4bit(w4, impl=impl)
   assert not jnp.isnan(y).any()
   np.testing.assert_array_equal(y[:192], 0.0)
@@ -203,7 +206,7 @@ def test_zero_blocks_give_zeros(impl):
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_non_finite_poisons_its_block_only(impl):
   x = _normal((256,)).at[10].set(jnp.nan).at[130].set(jnp.inf)
-  w4 = jlowbit.quantize_4bit(x, blocksize=64, impl=impl)
+  w4 = jlowbit.quantize_4bit(x, block_size=64, impl=impl)
   assert jnp.isnan(w4.absmax[0]) and jnp.isinf(w4.absmax[2])
   y = jlowbit.dequantize_4bit(w4, impl=impl)
   assert jnp.isnan(y[:64]).all()
@@ -215,7 +218,7 @@ def test_non_finite_poisons_its_block_only(impl):
 @pytest.mark.parametrize("nested", [False, True])
 def test_jit_matches_eager(impl, nested):
   x = _normal((777,), seed=4)
-  kwargs = dict(blocksize=32, compress_statistics=nested, impl=impl)
+  kwargs = dict(block_size=32, compress_statistics=nested, impl=impl)
 
   @jax.jit
   def round_trip(x):
@@ -271,9 +274,9 @@ def test_quant_storage_only_changes_the_view(storage):
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(x=jnp.arange(10)), TypeError, r"x.dtype=int32 .*float32, bfloat16, float16"),
     (dict(x=[1.0, 2.0]), TypeError, r"x must be a jax.Array or numpy.ndarray"),
-    (dict(x=jnp.ones(10), blocksize=48), ValueError, r"blocksize=48 .*32, 64"),
-    (dict(x=jnp.ones(10), blocksize=16), ValueError, r"blocksize=16"),
-    (dict(x=jnp.ones(10), blocksize=8192), ValueError, r"blocksize=8192"),
+    (dict(x=jnp.ones(10), block_size=48), ValueError, r"block_size=48 .*32, 64"),
+    (dict(x=jnp.ones(10), block_size=16), ValueError, r"block_size=16"),
+    (dict(x=jnp.ones(10), block_size=8192), ValueError, r"block_size=8192"),
     (dict(x=jnp.ones(10), quant_type="int4"), ValueError,
      r"quant_type='int4' .*'nf4', 'fp4'"),
     (dict(x=jnp.ones(10), quant_storage=jnp.int32), TypeError,
@@ -291,7 +294,7 @@ def test_quantize_errors(kwargs, exc, match):
 
 
 def test_dequantize_errors():
-  w4 = jlowbit.quantize_4bit(jnp.ones(100), blocksize=64)
+  w4 = jlowbit.quantize_4bit(jnp.ones(100), block_size=64)
   with pytest.raises(TypeError, match=r"dtype=int8 .*float32"):
     jlowbit.dequantize_4bit(w4, jnp.int8)
   with pytest.raises(TypeError, match=r"w4 must be a Quantized4bit"):

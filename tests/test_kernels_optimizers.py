@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import KERNEL_IMPLS
 
-from jlowbit.optax_transforms import update8
-from test_optimizers import BLOCKS
+from jlowbit.algorithms import ALGORITHMS
+from test_optax_numerics import BLOCKS
 
 # impl -> leaf shapes: a few thousand elements in the interpreter, larger
 # awkward sizes on the GPU. ``(7,)`` stays float32 (min_8bit_size=64).
@@ -36,7 +36,7 @@ def _check_close(actual, expected, rtol, atol):
 
 @pytest.mark.parametrize("dtype,block_size", [("float32", 64),
                                               ("bfloat16", 256)])
-@pytest.mark.parametrize("algorithm", update8.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_kernel_step_equals_xla(impl, algorithm, dtype, block_size):
   block, kwargs = BLOCKS[algorithm]

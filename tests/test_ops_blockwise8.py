@@ -7,6 +7,7 @@ import pytest
 from conftest import ALL_IMPLS, FLOAT_DTYPES, KERNEL_IMPLS, assert_same_cast
 
 import jlowbit
+import jlowbit._search
 from jlowbit import codebooks
 
 SHAPES = [(), (1,), (0,), (3, 0), (255,), (1000,), (7, 300), (2, 3, 129)]
@@ -16,25 +17,25 @@ def _normal(shape, dtype="float32", seed=0):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
-def _numpy_quantize(x, code, blocksize):
+def _numpy_quantize(x, code, block_size):
   """Independent float64 nearest-code quantizer for the reference math."""
   flat = np.asarray(x, np.float32).reshape(-1)
-  pad = (-flat.size) % blocksize
-  blocks = np.pad(flat, (0, pad)).reshape(-1, blocksize)
+  pad = (-flat.size) % block_size
+  blocks = np.pad(flat, (0, pad)).reshape(-1, block_size)
   absmax = np.abs(blocks).max(axis=1)
   scaled = blocks / np.where(absmax > 0, absmax, 1)[:, None]
   dist = np.abs(scaled[..., None].astype(np.float64) - np.asarray(code, np.float64))
   return dist.argmin(-1).reshape(-1)[:flat.size], absmax
 
 
-@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+@pytest.mark.parametrize("block_size", [64, 256, 4096])
 @pytest.mark.parametrize("signed", [True, False])
-def test_reference_matches_numpy_nearest(blocksize, signed):
+def test_reference_matches_numpy_nearest(block_size, signed):
   x = _normal((5000,), seed=1)
   x = x if signed else jnp.abs(x)
   code = codebooks.dynamic(signed)
-  q = jlowbit.quantize_blockwise(x, code, blocksize=blocksize, impl="xla")
-  codes, absmax = _numpy_quantize(x, code, blocksize)
+  q = jlowbit.quantize_blockwise(x, code, block_size=block_size, impl="xla")
+  codes, absmax = _numpy_quantize(x, code, block_size)
   np.testing.assert_array_equal(q.absmax, absmax)
   # float32 vs float64 distances may disagree only on exact float32 ties.
   assert np.mean(np.asarray(q.codes) != codes) < 1e-3
@@ -44,7 +45,7 @@ def test_reference_matches_numpy_nearest(blocksize, signed):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_round_trip_shapes(impl, shape):
   x = _normal(shape)
-  q = jlowbit.quantize_blockwise(x, blocksize=64, impl=impl)
+  q = jlowbit.quantize_blockwise(x, block_size=64, impl=impl)
   assert q.codes.shape == shape and q.codes.dtype == jnp.uint8
   assert q.absmax.shape == (-(-x.size // 64),) and q.absmax.dtype == jnp.float32
   y = jlowbit.dequantize_blockwise(q, impl=impl)
@@ -55,15 +56,15 @@ def test_round_trip_shapes(impl, shape):
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("blocksize", [64, 128, 512, 4096])
+@pytest.mark.parametrize("block_size", [64, 128, 512, 4096])
 @pytest.mark.parametrize("signed", [True, False])
-def test_kernel_matches_xla(impl, dtype, blocksize, signed):
-  n = 3 * blocksize + 37 if impl == "interpret" else 1_000_003
-  x = _normal((n,), dtype, seed=blocksize)
+def test_kernel_matches_xla(impl, dtype, block_size, signed):
+  n = 3 * block_size + 37 if impl == "interpret" else 1_000_003
+  x = _normal((n,), dtype, seed=block_size)
   x = x if signed else jnp.abs(x)
   code = codebooks.dynamic(signed)
-  want = jlowbit.quantize_blockwise(x, code, blocksize=blocksize, impl="xla")
-  got = jlowbit.quantize_blockwise(x, code, blocksize=blocksize, impl=impl)
+  want = jlowbit.quantize_blockwise(x, code, block_size=block_size, impl="xla")
+  got = jlowbit.quantize_blockwise(x, code, block_size=block_size, impl=impl)
   np.testing.assert_array_equal(got.codes, want.codes)
   np.testing.assert_array_equal(got.absmax, want.absmax)
   for out_dtype in FLOAT_DTYPES:
@@ -84,11 +85,11 @@ OTHER_CODES = {
 @pytest.mark.parametrize("name", sorted(OTHER_CODES))
 def test_kernel_matches_xla_other_codebooks(impl, name):
   code = OTHER_CODES[name]
-  assert (jlowbit._reference.code_search(code)[2] > 0) == (name == "linear")
+  assert (jlowbit._search.code_search(code)[2] > 0) == (name == "linear")
   x = _normal((3 * 256 + 37,), seed=4)
   x = x if name == "linear" else 0.98 + 0.02 * jax.nn.sigmoid(x)
-  want = jlowbit.quantize_blockwise(x, code, blocksize=256, impl="xla")
-  got = jlowbit.quantize_blockwise(x, code, blocksize=256, impl=impl)
+  want = jlowbit.quantize_blockwise(x, code, block_size=256, impl="xla")
+  got = jlowbit.quantize_blockwise(x, code, block_size=256, impl=impl)
   np.testing.assert_array_equal(got.codes, want.codes)
   np.testing.assert_array_equal(got.absmax, want.absmax)
 
@@ -100,7 +101,7 @@ def test_kernel_matches_xla_at_extremes(impl, signed):
   threshold, and blocks holding +-inf or NaN: the same codes as the
   reference (normal floats only: XLA on CPU flushes subnormals)."""
   code = codebooks.dynamic(signed)
-  thresholds = jlowbit._reference.decision_thresholds(code)
+  thresholds = jlowbit._search.decision_thresholds(code)
   unit = np.concatenate([code, thresholds, np.nextafter(thresholds, np.float32(-2)),
                          np.nextafter(thresholds, np.float32(2))])[:768]
   blocks = [unit[i:i + 256] * np.float32(s) for i, s in
@@ -110,8 +111,8 @@ def test_kernel_matches_xla_at_extremes(impl, signed):
   nan_block = np.resize(unit, 256).astype(np.float32)
   nan_block[5] = np.nan
   x = jnp.asarray(np.concatenate(blocks + [special, -special, nan_block]))
-  want = jlowbit.quantize_blockwise(x, code, blocksize=256, impl="xla")
-  got = jlowbit.quantize_blockwise(x, code, blocksize=256, impl=impl)
+  want = jlowbit.quantize_blockwise(x, code, block_size=256, impl="xla")
+  got = jlowbit.quantize_blockwise(x, code, block_size=256, impl=impl)
   np.testing.assert_array_equal(got.codes, want.codes)
   np.testing.assert_array_equal(got.absmax, want.absmax)
 
@@ -120,8 +121,8 @@ def test_kernel_matches_xla_at_extremes(impl, signed):
 @pytest.mark.parametrize("shape", [(5, 7, 300), (4097,), (64,)])
 def test_kernel_matches_xla_shapes(impl, shape):
   x = _normal(shape, "bfloat16", seed=3)
-  want = jlowbit.quantize_blockwise(x, blocksize=256, impl="xla")
-  got = jlowbit.quantize_blockwise(x, blocksize=256, impl=impl)
+  want = jlowbit.quantize_blockwise(x, block_size=256, impl="xla")
+  got = jlowbit.quantize_blockwise(x, block_size=256, impl=impl)
   np.testing.assert_array_equal(got.codes, want.codes)
   np.testing.assert_array_equal(got.absmax, want.absmax)
 
@@ -129,7 +130,7 @@ def test_kernel_matches_xla_shapes(impl, shape):
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_zero_blocks_give_zeros(impl):
   x = jnp.zeros((300,)).at[200:].set(1.5)
-  q = jlowbit.quantize_blockwise(x, blocksize=64, impl=impl)
+  q = jlowbit.quantize_blockwise(x, block_size=64, impl=impl)
   y = jlowbit.dequantize_blockwise(q, impl=impl)
   assert not jnp.isnan(y).any()
   np.testing.assert_array_equal(y[:192], 0.0)
@@ -139,7 +140,7 @@ def test_zero_blocks_give_zeros(impl):
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 def test_non_finite_poisons_its_block_only(impl):
   x = _normal((256,)).at[10].set(jnp.nan).at[130].set(jnp.inf)
-  q = jlowbit.quantize_blockwise(x, blocksize=64, impl=impl)
+  q = jlowbit.quantize_blockwise(x, block_size=64, impl=impl)
   assert jnp.isnan(q.absmax[0]) and jnp.isinf(q.absmax[2])
   y = jlowbit.dequantize_blockwise(q, impl=impl)
   assert jnp.isnan(y[:64]).all()
@@ -149,7 +150,7 @@ def test_non_finite_poisons_its_block_only(impl):
 
 def test_error_bound_normal_data():
   x = _normal((1 << 20,), seed=7)
-  q = jlowbit.quantize_blockwise(x, blocksize=4096, impl="xla")
+  q = jlowbit.quantize_blockwise(x, block_size=4096, impl="xla")
   err = float(jnp.mean(jnp.abs(jlowbit.dequantize_blockwise(q, impl="xla") - x)))
   assert err < 0.011
 
@@ -158,7 +159,7 @@ def test_unsigned_code_for_non_negative_data_is_finer():
   x = jnp.abs(_normal((1 << 16,), seed=8))
   errors = []
   for signed in (True, False):
-    q = jlowbit.quantize_blockwise(x, codebooks.dynamic(signed), blocksize=256, impl="xla")
+    q = jlowbit.quantize_blockwise(x, codebooks.dynamic(signed), block_size=256, impl="xla")
     errors.append(float(jnp.mean(jnp.abs(jlowbit.dequantize_blockwise(q) - x))))
   assert errors[1] < errors[0]
 
@@ -169,18 +170,18 @@ def test_jit_matches_eager(impl):
 
   @jax.jit
   def round_trip(x):
-    q = jlowbit.quantize_blockwise(x, blocksize=128, impl=impl)
+    q = jlowbit.quantize_blockwise(x, block_size=128, impl=impl)
     return q, jlowbit.dequantize_blockwise(q, impl=impl)
 
   q_jit, y_jit = round_trip(x)
-  q = jlowbit.quantize_blockwise(x, blocksize=128, impl=impl)
+  q = jlowbit.quantize_blockwise(x, block_size=128, impl=impl)
   np.testing.assert_array_equal(q_jit.codes, q.codes)
   np.testing.assert_array_equal(y_jit, jlowbit.dequantize_blockwise(q, impl=impl))
 
 
 def test_pytree_and_save_restore(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  q = jlowbit.quantize_blockwise(_normal((3, 100)), blocksize=64)
+  q = jlowbit.quantize_blockwise(_normal((3, 100)), block_size=64)
   leaves, treedef = jax.tree_util.tree_flatten(q)
   assert [l.dtype for l in leaves] == [jnp.uint8, jnp.float32, jnp.float32]
   ckpt = ocp.StandardCheckpointer()
@@ -197,7 +198,7 @@ def test_pytree_and_save_restore(tmp_path):
 def test_custom_codebook_linear():
   code = jnp.linspace(-1.0, 1.0, 256)
   x = _normal((1000,), seed=5)
-  q = jlowbit.quantize_blockwise(x, code, blocksize=256)
+  q = jlowbit.quantize_blockwise(x, code, block_size=256)
   y = jlowbit.dequantize_blockwise(q)
   assert float(jnp.max(jnp.abs(y - x) / jnp.repeat(q.absmax, 256)[:1000])) <= 1 / 255 + 1e-6
 
@@ -205,8 +206,8 @@ def test_custom_codebook_linear():
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(x=jnp.arange(10)), TypeError, r"x.dtype=int32 .*float32, bfloat16, float16"),
     (dict(x=[1.0, 2.0]), TypeError, r"x must be a jax.Array or numpy.ndarray, got list"),
-    (dict(x=jnp.ones(10), blocksize=100), ValueError, r"blocksize=100 .*64, 128"),
-    (dict(x=jnp.ones(10), blocksize=8192), ValueError, r"blocksize=8192"),
+    (dict(x=jnp.ones(10), block_size=100), ValueError, r"block_size=100 .*64, 128"),
+    (dict(x=jnp.ones(10), block_size=8192), ValueError, r"block_size=8192"),
     (dict(x=jnp.ones(10), code=jnp.ones(16)), ValueError, r"code.shape=\(16,\)"),
     (dict(x=jnp.ones(10), code=jnp.ones(256)), ValueError, r"code must be sorted"),
     (dict(x=jnp.ones(10), impl="cuda"), ValueError, r"impl='cuda' .*'xla'"),
@@ -218,7 +219,7 @@ def test_quantize_errors(kwargs, exc, match):
 
 
 def test_dequantize_errors():
-  q = jlowbit.quantize_blockwise(jnp.ones(10), blocksize=64)
+  q = jlowbit.quantize_blockwise(jnp.ones(10), block_size=64)
   with pytest.raises(TypeError, match=r"dtype=int8 .*float32"):
     jlowbit.dequantize_blockwise(q, jnp.int8)
   with pytest.raises(TypeError, match=r"q must be a Quantized8bit"):

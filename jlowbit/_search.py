@@ -1,62 +1,19 @@
-"""Pure ``jax.numpy`` building blocks shared by the reference (``xla``) ops.
+r"""Host-side search tables of the codebooks (numpy, computed once, cached).
 
-Each mirrors a ``@triton.jit`` helper of :mod:`jlowbit.triton_kernels.common`
-operation for operation, so the two backends round to identical codes.
+Quantizing to the nearest code of a sorted codebook is a count of decision
+thresholds: ``index = count(t <= x / scale)``. Every backend compares
+``t * scale <= x`` (a correctly rounded product: no division), so all of them
+find the same index. This module computes those thresholds exactly
+(:func:`decision_thresholds`), lays them out for a branch-free tree descent
+(:func:`decision_tree`) and for the kernels' bucketed search
+(:func:`bucket_search_table`), and caches them per codebook
+(:func:`code_tree`, :func:`code_search`).
 """
-
-from __future__ import annotations
 
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-
-def nearest_code_index(v: jax.Array, code: jax.Array) -> jax.Array:
-  """Index of the nearest entry of sorted ``code`` to each ``v`` (ties: lower).
-
-  A branch-free binary search (``log2(len(code))`` steps) finds the number of
-  codes ``<= v``; the nearer of the two neighbours wins. NaN maps to index 0.
-
-  Args:
-    v: float32 values, any shape.
-    code: float32 ``[2**k]``, strictly increasing.
-
-  Returns:
-    int32 indices, the shape of ``v``.
-  """
-  size = code.shape[0]
-  bits = size.bit_length() - 1
-  pos = jnp.zeros(v.shape, jnp.int32)
-  for i in range(bits):
-    candidate = pos + (1 << (bits - 1 - i))
-    pos = jnp.where(code[candidate - 1] <= v, candidate, pos)
-  lo = jnp.clip(pos - 1, 0, size - 2)
-  hi = lo + 1
-  return jnp.where(code[hi] - v < v - code[lo], hi, lo)
-
-
-def blocked(x: jax.Array, blocksize: int) -> jax.Array:
-  """Flattens ``x`` to float32 ``[blocks, blocksize]``, zero-padding the tail."""
-  flat = x.reshape(-1).astype(jnp.float32)
-  pad = (-flat.size) % blocksize
-  return jnp.pad(flat, (0, pad)).reshape(-1, blocksize)
-
-
-def block_absmax(blocks: jax.Array) -> jax.Array:
-  """``max |x|`` of each row of ``blocks``; NaN anywhere in a row gives NaN.
-
-  (XLA's CPU reduce-max drops NaN on its vectorized path, hence the select.)
-  """
-  absmax = jnp.max(jnp.abs(blocks), axis=1)
-  return jnp.where(jnp.isnan(blocks).any(axis=1), jnp.float32(jnp.nan), absmax)
-
-
-def unpack_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(high, low) int32 nibbles of uint8 ``packed``: elements ``2i``, ``2i + 1``."""
-  packed = packed.astype(jnp.int32)
-  return packed >> 4, packed & 15
 
 
 def _float_key(x: np.ndarray) -> np.ndarray:
@@ -72,13 +29,13 @@ def _key_float(key: np.ndarray) -> np.ndarray:
 
 
 def decision_thresholds(code: np.ndarray) -> np.ndarray:
-  """Exact decision thresholds of :func:`nearest_code_index` for ``code``.
+  """Exact decision thresholds of the nearest-code search for ``code``.
 
   ``t[j - 1]`` is the smallest float32 ``v`` whose nearest code (float32
   arithmetic, ties to the lower index) has index ``>= j``, found by bisection
   over float32 bit patterns in ``(code[j - 1], code[j]]``. The index is
-  monotone in ``v``, so ``nearest_code_index(v) == count(t <= v)`` for every
-  float32 ``v`` (NaN: 0).
+  monotone in ``v``, so the nearest code's index is ``count(t <= v)`` for
+  every float32 ``v`` (NaN: 0; ``tests/oracles.py`` checks it).
 
   Args:
     code: float32 ``[2**k]``, strictly increasing (host values).
@@ -200,78 +157,13 @@ def bucket_search_table(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray,
   # the nonzero t (+inf) or the negative t (-inf): the count, no comparison.
   # (A codebook with an exact-zero threshold *and* steps > 1 would still add
   # one for +inf in the later steps; the shipped codebooks have neither pair:
-  # tests/test_search.py.)
+  # tests/test_ground_search.py.)
   starts[plus_inf] = np.sum(thresholds != 0)
   starts[minus_inf] = np.sum(thresholds < 0)
   padded = np.concatenate([thresholds, [np.nan]]).astype(np.float32)
   first = np.where(plus_inf | minus_inf, np.float32(np.nan), padded[starts])
   buckets = np.stack([first.view(np.uint32), starts.astype(np.uint32)], -1)
   return padded, buckets, steps
-
-
-def tree_code_index(v: jax.Array, tree: jax.Array) -> jax.Array:
-  """:func:`nearest_code_index` through a :func:`decision_tree` (same result).
-
-  Branch-free descent: ``node = 2 node + (tree[node] <= v)`` for ``k``
-  levels from the root ``1``; ``node - 2**k`` is the number of thresholds
-  ``<= v``, i.e. the nearest code's index. NaN maps to 0.
-
-  Args:
-    v: float32 values, any shape.
-    tree: float32 ``[2**k]`` from :func:`decision_tree`.
-
-  Returns:
-    int32 indices, the shape of ``v``.
-  """
-  size = tree.shape[0]
-  node = jnp.ones(v.shape, jnp.int32)
-  for _ in range(size.bit_length() - 1):
-    node = 2 * node + (tree[node] <= v).astype(jnp.int32)
-  return node - size
-
-
-def scaled_tree_index(x: jax.Array, scale: jax.Array, tree: jax.Array) -> jax.Array:
-  """Nearest-code index of ``x / scale`` without dividing (int32, ``x``'s shape).
-
-  Descends the :func:`decision_tree` comparing ``tree[node] * scale <= x``:
-  a correctly rounded product and a comparison, which every backend (XLA on
-  CPU or GPU, Triton compiled or interpreted) evaluates identically, whereas
-  XLA on GPU computes ``x / scale`` approximately. NaN maps to 0.
-
-  Args:
-    x: float32 values, any shape.
-    scale: float32 positive block scale, broadcastable to ``x``.
-    tree: float32 ``[2**k]`` from :func:`decision_tree`.
-  """
-  x, scale = exact_comparison_operands(x, scale)
-  size = tree.shape[0]
-  # The root is one scalar: comparing against it directly (rather than
-  # gathering tree[ones]) keeps XLA from constant-folding a huge gather.
-  node = 2 + (tree[1] * scale <= x).astype(jnp.int32)
-  for _ in range(size.bit_length() - 2):
-    node = 2 * node + (tree[node] * scale <= x).astype(jnp.int32)
-  return node - size
-
-
-TINY_SCALE = 2.0 ** -64
-
-
-def exact_comparison_operands(x: jax.Array, scale: jax.Array):
-  """``(x, scale)``, both times ``2**64`` where ``scale < 2**-64`` (exact).
-
-  A threshold times a scale then stays a normal float (for thresholds of
-  magnitude ``>= 2**-41``, :func:`bucket_search_table`), so the comparison
-  ``t * scale <= x`` never loses its precision to underflow, and the
-  kernels' bucketed search (which reasons in relative error) finds the same
-  index for tiny blocks too (``v`` moments of unused parameters decay there).
-  """
-  factor = jnp.where(scale < TINY_SCALE, jnp.float32(2.0 ** 64), jnp.float32(1))
-  return x * factor, scale * factor
-
-
-def block_scale(absmax: jax.Array) -> jax.Array:
-  """``absmax`` with 0 replaced by 1, so an all-zero block stays zero."""
-  return jnp.where(absmax > 0, absmax, jnp.float32(1))
 
 
 def _thresholds(data: bytes, floor: bool) -> np.ndarray:
@@ -331,91 +223,8 @@ def code_search(code, floor: bool = False) -> tuple[np.ndarray, np.ndarray, int]
   return _search_from_bytes(_concrete_bytes(code), floor)
 
 
-def scaled_4bit_index(x: jax.Array, scale: jax.Array, tree: jax.Array,
-                      bits: jax.Array, sign_magnitude: bool) -> jax.Array:
-  """4-bit code of ``x / scale``, division-free (int32, ``x``'s shape).
-
-  NF4 (``sign_magnitude=False``): :func:`scaled_tree_index` with the
-  :func:`decision_tree` of the 16 sorted levels. FP4: sign bit ``8`` for
-  ``x < 0`` OR-ed with ``bits`` of the index of ``|x| / scale`` through the
-  tree of the 8 sorted non-negative levels.
-  """
-  if not sign_magnitude:
-    return scaled_tree_index(x, scale, tree)
-  magnitude = bits[scaled_tree_index(jnp.abs(x), scale, tree)]
-  return jnp.where(x < 0, magnitude | 8, magnitude)
-
-
-# Noise of element i at step t: frac(i / g + t / phi) in 32-bit fixed point,
-# truncated to 24 bits; g the plastic number (phases spread evenly over the
-# elements, as in the R2 sequence of Roberts, 2018) and phi the golden ratio
-# (the evenest Weyl sequence over steps).
-PHASE_MULTIPLIER = 3242174889  # round(2**32 / g)
-WEYL_STEP = 2654435769  # round(2**32 / phi), odd: period 2**32 steps
-UNIFORM_BITS = 24
-
-
-def weyl_offset(step: jax.Array) -> jax.Array:
-  """uint32 ``step * WEYL_STEP mod 2**32``: how far every element's noise
-  has advanced at step ``step`` (units of ``2**-32``)."""
-  return jnp.asarray(step).astype(jnp.uint32) * jnp.uint32(WEYL_STEP)
-
-
-def quasi_uniform(counters: jax.Array, offset: jax.Array) -> jax.Array:
-  """Low-discrepancy noise in ``[0, 1)`` (float32, 24 bits) of elements
-  ``counters`` (uint32) at a step's ``offset`` (:func:`weyl_offset`).
-
-  Element ``i`` at step ``t`` draws ``frac(i / g + t / phi)`` (``g`` the
-  plastic number, ``phi`` the golden ratio): over steps each element's
-  noise is a golden-ratio Weyl sequence, uniform and as evenly spread as a
-  sequence can be, so stochastic rounding of a slowly moving value rounds
-  up at the right rate with far less accumulated error than independent
-  draws (``tests/test_stochastic_rounding.py``); over the elements of one
-  step the phases are evenly spread too. Integer arithmetic only
-  (``(i * PHASE_MULTIPLIER + offset) mod 2**32``, top 24 bits): every
-  backend draws the same numbers.
-  """
-  fixed = counters * jnp.uint32(PHASE_MULTIPLIER) + offset
-  return (fixed >> (32 - UNIFORM_BITS)).astype(jnp.float32) * jnp.float32(2.0 ** -UNIFORM_BITS)
-
-
 def code_gaps(code: np.ndarray) -> np.ndarray:
   """Distances to the next code (float32 ``[2**k]``, host): ``code[i + 1] -
   code[i]``, NaN at the last code."""
   code = np.asarray(code, np.float32)
   return np.concatenate([np.diff(code), [np.nan]]).astype(np.float32)
-
-
-def stochastic_index(x: jax.Array, scale: jax.Array, floor: jax.Array,
-                     code: jax.Array, gaps: jax.Array,
-                     uniform: jax.Array) -> jax.Array:
-  """Stochastic rounding of ``x / scale`` between its two bracketing codes.
-
-  ``floor`` is the index of the lower bracketing code, the highest with
-  ``code[floor] * scale <= x`` (0 when none, and for NaN:
-  :func:`scaled_tree_index` through the :func:`threshold_tree` of the
-  :func:`floor_thresholds`). The result is ``floor + 1`` when ``x`` lies
-  above the point ``code[floor] + uniform * gaps[floor]``, else ``floor``:
-  with probability ``(x / scale - code[floor]) / gaps[floor]`` for uniform
-  noise, which keeps the dequantized value's expectation exact. The point
-  sits at the fraction ``uniform`` of the bracket, so a low-discrepancy
-  ``uniform`` (:func:`quasi_uniform`) spreads a slowly moving value's
-  round-ups evenly over steps. Exact codes never move; values below the
-  first code, at the last code (a NaN gap) and NaN keep ``floor``.
-  Comparisons are division-free, on the operands of
-  :func:`exact_comparison_operands`, like the nearest search.
-
-  Args:
-    x: float32 values.
-    scale: float32 positive block scale, broadcastable to ``x``.
-    floor: int32 lower bracketing code indices of ``x / scale``.
-    code: float32 ``[2**k]`` sorted codebook.
-    gaps: float32 ``[2**k]`` from :func:`code_gaps`.
-    uniform: float32 in ``[0, 1)``, ``x``'s shape.
-
-  Returns:
-    int32 indices, ``x``'s shape.
-  """
-  x, scale = exact_comparison_operands(x, scale)
-  point = code[floor] + uniform * gaps[floor]
-  return floor + (point * scale < x).astype(jnp.int32)

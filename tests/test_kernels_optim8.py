@@ -1,4 +1,5 @@
-"""Fused 8-bit optimizer kernels (``jlowbit.triton_kernels.optim8``).
+"""Fused 8-bit optimizer kernels (``jlowbit.triton_kernels.optim8``),
+launched through the functional op ``jlowbit.update8.update_8bit``.
 
 Each kernel is checked against a pure-jnp implementation of the optimizer
 contract written here (dequantize with ``dequantize_blockwise_reference``,
@@ -15,16 +16,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import oracles
 from conftest import FLOAT_DTYPES, KERNEL_IMPLS, assert_same_cast
 
-from jlowbit import _reference as ref
+from jlowbit import _search
 from jlowbit import codebooks
-from jlowbit.optax_transforms import update8
+from jlowbit import update8
 from jlowbit.blockwise8 import (dequantize_blockwise_reference,
                                 quantize_blockwise_reference)
 
 pytest.importorskip("triton")
 from jlowbit.triton_kernels import optim8  # noqa: E402
+
+
+def fused_leaves(algorithm, grads, moments, hyper, *, block_size, impl, **kwargs):
+  return update8.update_8bit(algorithm, grads, moments, hyper,
+                             block_size=block_size, impl=impl, **kwargs)
+
+
+def fused(algorithm, grad, moments, hyper, *, block_size, impl, **kwargs):
+  return fused_leaves(algorithm, [grad], [moments], hyper,
+                      block_size=block_size, impl=impl, **kwargs)[0]
 
 ALGORITHMS = ["adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad"]
 SIGNED = {"adam": (True, False), "ademamix": (True, True, False), "lion": (True,),
@@ -117,7 +129,7 @@ def _inputs(algorithm, shape, dtype, block_size, seed=0):
 
 def _assert_direction(got, want, impl, algorithm):
   assert got.dtype == want.dtype and got.shape == want.shape
-  if impl == "interpret" and optim8.writes_direction(algorithm, got.dtype):
+  if impl == "interpret" and update8.writes_direction(algorithm, got.dtype):
     assert_same_cast(got, want, impl)
     return
   # One ulp of the gradient's dtype: FMA contraction, XLA's GPU division and
@@ -155,7 +167,7 @@ def _assert_moments(got, want, impl):
 def test_matches_contract_reference(impl, case, dtype, algorithm):
   shape, block_size = (INTERPRET_CASES if impl == "interpret" else GPU_CASES)[case]
   grad, moments, hyper = _inputs(algorithm, shape, dtype, block_size, seed=case)
-  d, new = optim8.fused_update(algorithm, grad, moments, hyper,
+  d, new = fused(algorithm, grad, moments, hyper,
                                block_size=block_size, impl=impl)
   want_d, want_new = contract_reference(algorithm, grad, moments, hyper, block_size)
   _assert_direction(d, want_d, impl, algorithm)
@@ -167,7 +179,7 @@ def test_matches_contract_reference(impl, case, dtype, algorithm):
 def test_matches_library_reference(impl, algorithm):
   shape, block_size = ((5, 300), 256) if impl == "interpret" else ((4099, 1001), 256)
   grad, moments, hyper = _inputs(algorithm, shape, "bfloat16", block_size, seed=7)
-  d, new = optim8.fused_update(algorithm, grad, moments, hyper,
+  d, new = fused(algorithm, grad, moments, hyper,
                                block_size=block_size, impl=impl)
   want_d, want_new = update8.update_8bit_reference(algorithm, grad, moments, hyper,
                                                    block_size=block_size)
@@ -196,7 +208,7 @@ def _leaves(algorithm, cases, block_size):
 def test_many_leaves_match_contract_reference(impl, block_size, algorithm):
   cases = INTERPRET_LEAVES if impl == "interpret" else GPU_LEAVES
   grads, moments, hyper = _leaves(algorithm, cases, block_size)
-  out = optim8.fused_update_leaves(algorithm, grads, moments, hyper,
+  out = fused_leaves(algorithm, grads, moments, hyper,
                                    block_size=block_size, impl=impl)
   assert len(out) == len(grads)
   for grad, leaf_moments, (d, new) in zip(grads, moments, out):
@@ -211,18 +223,16 @@ def test_many_leaves_match_contract_reference(impl, block_size, algorithm):
 def test_stochastic_rounding_matches_library_reference(impl, block_size):
   """AdEMAMix's slow EMA rounded stochastically: the kernel draws the
   reference's noise (counters running across the leaves of a launch)."""
-  update8 = pytest.importorskip("jlowbit.optax_transforms.update8")
   cases = INTERPRET_LEAVES if impl == "interpret" else GPU_LEAVES
   grads, moments, hyper = _leaves("ademamix", cases, block_size)
-  stochastic, key = (False, True, False), update8.rounding_key(jnp.int32(11))
-  out = optim8.fused_update_leaves("ademamix", grads, moments, hyper,
-                                   block_size=block_size, impl=impl,
-                                   stochastic=stochastic, key=key)
+  stochastic, step = (False, True, False), jnp.int32(11)
+  out = fused_leaves("ademamix", grads, moments, hyper, block_size=block_size,
+                     impl=impl, stochastic=stochastic, step=step)
   offset, moved = 0, 0
   for grad, leaf_moments, (d, new) in zip(grads, moments, out):
     want_d, want_new = update8.update_8bit_reference(
         "ademamix", grad, leaf_moments, hyper, block_size=block_size,
-        stochastic=stochastic, key=key, counter_offset=offset)
+        stochastic=stochastic, step=step, counter_offset=offset)
     offset += grad.size
     _assert_direction(d, want_d, impl, "ademamix")
     _assert_moments(new, want_new, impl)
@@ -258,12 +268,12 @@ def test_generated_kernel_dispatches_by_binary_search():
   assert "uniform" not in source.split("def lion_update_kernel")[0].split("):", 1)[1]
   kernel = optim8.update_kernel("lion", layout, (False,), True)
   assert optim8.update_kernel("lion", layout, (False,), True) is kernel
-  assert "_noise(" in optim8._kernel_source("lion", layout, (True,), True)
+  assert "_tile_noise(" in optim8._kernel_source("lion", layout, (True,), True)
 
 
 def test_kernel_writes_the_direction_or_leaves_it_to_xla():
   written = {(a, d) for a in ALGORITHMS for d in ("float32", "bfloat16", "float16")
-             if optim8.writes_direction(a, jnp.dtype(d))}
+             if update8.writes_direction(a, jnp.dtype(d))}
   assert written == {("lion", "float32"), ("adam", "bfloat16"), ("adam", "float16"),
                      *(("ademamix", d) for d in ("float32", "bfloat16", "float16"))}
   layout = ((0, 100, 0), (4, 50, 1600))
@@ -272,7 +282,7 @@ def test_kernel_writes_the_direction_or_leaves_it_to_xla():
   assert "_store_direction(d_ptr" in optim8._kernel_source("lion", layout, (False,), True)
   for algorithm, dtype in (("momentum", "bfloat16"), ("adam", "float32")):
     grad, moments, hyper = _inputs(algorithm, (3, 300), dtype, 128, seed=4)
-    direction = optim8.fused_update(algorithm, grad, moments, hyper,
+    direction = fused(algorithm, grad, moments, hyper,
                                     block_size=128, impl="interpret")[0]
     want = update8.direction_8bit_reference(algorithm, grad, moments, hyper,
                                             block_size=128)
@@ -284,7 +294,7 @@ def test_kernel_writes_the_direction_or_leaves_it_to_xla():
 def test_momentum_first_step_takes_the_gradient(impl):
   grad, moments, _ = _inputs("momentum", (777,), "float32", 64, seed=3)
   hyper = jnp.asarray([0.9, 1.0], jnp.float32)
-  d, new = optim8.fused_update("momentum", grad, moments, hyper, block_size=64,
+  d, new = fused("momentum", grad, moments, hyper, block_size=64,
                                impl=impl)
   np.testing.assert_array_equal(d, grad)
   want = contract_reference("momentum", grad, moments, hyper, 64)[1]
@@ -294,7 +304,7 @@ def test_momentum_first_step_takes_the_gradient(impl):
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_scalar_leaf(impl):
   grad, moments, hyper = _inputs("adam", (), "float16", 64, seed=5)
-  d, new = optim8.fused_update("adam", grad, moments, hyper, block_size=64,
+  d, new = fused("adam", grad, moments, hyper, block_size=64,
                                impl=impl)
   want_d, want_new = contract_reference("adam", grad, moments, hyper, 64)
   _assert_direction(d, want_d, impl, "adam")
@@ -306,7 +316,7 @@ def test_chained_jitted_steps_with_donated_state(impl):
   n = 3000 if impl == "interpret" else 1 << 20
   _, moments, hyper = _inputs("adam", (n,), "float32", 256)
   step = jax.jit(
-      lambda g, state, h: optim8.fused_update("adam", g, state, h, block_size=256,
+      lambda g, state, h: fused("adam", g, state, h, block_size=256,
                                               impl=impl),
       donate_argnums=1)
   for t in range(1, 4):
@@ -328,7 +338,7 @@ def test_new_hyperparameters_do_not_retrace(impl):
   @jax.jit
   def step(grad, moments, hyper):
     traces.append(None)
-    return optim8.fused_update("ademamix", grad, moments, hyper, block_size=256,
+    return fused("ademamix", grad, moments, hyper, block_size=256,
                                impl=impl)
 
   d1, _ = step(grad, moments, hyper)
@@ -344,7 +354,7 @@ def test_new_hyperparameters_do_not_retrace(impl):
 def test_nan_gradient_poisons_only_its_block(impl):
   grad, moments, hyper = _inputs("adam", (1000,), "float32", 256)
   grad = grad.at[300].set(jnp.nan)
-  d, new = optim8.fused_update("adam", grad, moments, hyper, block_size=256,
+  d, new = fused("adam", grad, moments, hyper, block_size=256,
                                impl=impl)
   want_d, want_new = contract_reference("adam", grad, moments, hyper, 256)
   _assert_direction(d, want_d, impl, "adam")
@@ -361,7 +371,7 @@ def test_empty_leaf_does_not_launch(monkeypatch, shape, algorithm):
 
   monkeypatch.setattr(optim8, "launch", no_launch)
   grad, moments, hyper = _inputs(algorithm, shape, "bfloat16", 64)
-  d, new = optim8.fused_update(algorithm, grad, moments, hyper, block_size=64,
+  d, new = fused(algorithm, grad, moments, hyper, block_size=64,
                                impl="interpret")
   assert d.shape == shape and d.dtype == jnp.bfloat16
   assert all(c is old_c and a is old_a for (c, a), (old_c, old_a) in zip(new, moments))
@@ -370,26 +380,28 @@ def test_empty_leaf_does_not_launch(monkeypatch, shape, algorithm):
 def _call(algorithm="adam", grad=None, moments=None, hyper=None, block_size=256,
           impl="interpret"):
   g, m, h = _inputs("adam", (300,), "float32", 256)
-  return optim8.fused_update(
+  return fused(
       algorithm, g if grad is None else grad, m if moments is None else moments,
       h if hyper is None else hyper, block_size=block_size, impl=impl)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(algorithm="adamw"), ValueError, r"algorithm='adamw' .*'adam', 'ademamix'"),
-    (dict(impl="xla"), ValueError, r"impl='xla' .*'triton', 'interpret'"),
+    (dict(impl="cuda"), ValueError, r"impl='cuda' .*'triton', 'xla', 'interpret'"),
     (dict(block_size=100), ValueError, r"block_size=100 .*64, 128"),
-    (dict(grad=jnp.ones(300, jnp.int32)), TypeError, r"grad.dtype=int32"),
-    (dict(moments=()), ValueError, r"moments must be 2 .*\('m', 'v'\)"),
+    (dict(block_size=256.0), TypeError, r"block_size=256.0 must be an int"),
+    (dict(grad=jnp.ones(300, jnp.int32)), TypeError, r"grads\[0\].dtype=int32"),
+    (dict(moments=()), ValueError, r"moments of grads\[0\] must be 2 .*\('mu', 'nu'\)"),
     (dict(moments=((jnp.zeros(300, jnp.uint8),), (jnp.zeros(300, jnp.uint8),))),
-     ValueError, r"moment 'm' must be a \(codes, absmax\) pair"),
+     ValueError, r"moment 'mu' of grads\[0\] must be a \(codes, absmax\) pair"),
     (dict(moments=((jnp.zeros(300, jnp.int8), jnp.ones(2)),) * 2), ValueError,
-     r"m codes must be uint8 of grad.shape=\(300,\), got int8\(300,\)"),
+     r"mu of grads\[0\] codes must be uint8 of the gradient's shape \(300,\), "
+     r"got int8\(300,\)"),
     (dict(moments=((jnp.zeros(300, jnp.uint8), jnp.ones(3)),) * 2), ValueError,
-     r"m absmax must be float32\(2,\)"),
-    (dict(hyper=jnp.ones(4)), ValueError, r"hyper for algorithm='adam' must be "
-     r"float32\[5\] \[b1, b2, eps, inv_bc1, inv_sqrt_bc2\], got float32\(4,\)"),
-    (dict(hyper=jnp.ones(5, jnp.bfloat16)), ValueError, r"got bfloat16\(5,\)"),
+     r"mu of grads\[0\] absmax is float32\(3,\), but block_size=256 needs "
+     r"float32\(2,\)"),
+    (dict(hyper=jnp.ones(4)), ValueError, r"hyper.shape=\(4,\) does not match "
+     r"algorithm='adam': expected \(5,\) = \[b1, b2, eps, inv_bc1, inv_sqrt_bc2\]"),
 ])
 def test_errors_name_the_argument(kwargs, exc, match):
   with pytest.raises(exc, match=match):
@@ -401,7 +413,7 @@ def test_errors_name_the_argument(kwargs, exc, match):
     np.linspace(-1, 1, 256, dtype=np.float32),
 ], ids=["signed", "unsigned", "nf4", "linear"])
 def test_decision_tree_equals_nearest_code_index(code):
-  thresholds = ref.decision_thresholds(code)
+  thresholds = _search.decision_thresholds(code)
   assert np.all(np.diff(thresholds) > 0)
   assert np.all((thresholds > code[:-1]) & (thresholds <= code[1:]))
   near = np.concatenate([code, thresholds])
@@ -409,23 +421,23 @@ def test_decision_tree_equals_nearest_code_index(code):
       near, np.nextafter(near, np.float32(-2)), np.nextafter(near, np.float32(2)),
       np.random.default_rng(0).uniform(-1.1, 1.1, 20_000),
       [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf, np.nan]]).astype(np.float32)
-  got = ref.tree_code_index(jnp.asarray(v), jnp.asarray(ref.decision_tree(code)))
-  want = ref.nearest_code_index(jnp.asarray(v), jnp.asarray(code))
+  got = oracles.tree_code_index(jnp.asarray(v), jnp.asarray(_search.decision_tree(code)))
+  want = oracles.nearest_code_index(jnp.asarray(v), jnp.asarray(code))
   np.testing.assert_array_equal(got, want)
 
 
 def test_qmaps_layout():
   maps, buckets = optim8.qmaps(), optim8.bucket_entries()
   assert maps.shape == (2, optim8.QMAP_ROWS, 256) and maps.dtype == np.float32
-  assert buckets.shape == (2, 2, ref.BUCKET_KEYS, 2) and buckets.dtype == np.uint32
+  assert buckets.shape == (2, 2, _search.BUCKET_KEYS, 2) and buckets.dtype == np.uint32
   for i, signed in enumerate((True, False)):
     code = codebooks.dynamic(signed)
     np.testing.assert_array_equal(maps[i, 0], code)
     pairs = maps[i, 1:3].reshape(256, 2)
     np.testing.assert_array_equal(pairs[:, 0], code)
     np.testing.assert_array_equal(  # in the kernels' noise units, 2**-24
-        pairs[:, 1], ref.code_gaps(code) * 2.0**-24)
+        pairs[:, 1], _search.code_gaps(code) * 2.0**-24)
     for search, floor in enumerate((False, True)):
-      thresholds, code_buckets, _ = ref.code_search(code, floor)
+      thresholds, code_buckets, _ = _search.code_search(code, floor)
       np.testing.assert_array_equal(maps[i, 3 + search], thresholds)
       np.testing.assert_array_equal(buckets[i, search], code_buckets)

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jlowbit as lowbit
-from test_optimizers import inner_state
+from test_optax_numerics import inner_state
 
 # (alias name, kwargs) as optax's _OPTIMIZERS_UNDER_TEST, learning rates
 # chosen so both 8-bit and 32-bit state solve both problems in 10k steps.
@@ -136,8 +136,26 @@ def test_inject_hyperparams_gives_identical_results(name, kwargs):
   assert not np.allclose(u_half["w"], u_inj["w"])
 
 
-def test_inject_hyperparams_needs_static_args():
-  injected = optax.inject_hyperparams(lowbit.adamw_8bit)(learning_rate=1e-3)
+@pytest.mark.parametrize("name,kwargs", OPTIMIZERS, ids=IDS)
+def test_inject_hyperparams_with_default_config_needs_no_static_args(name, kwargs):
+  """Regression: with block_size and min_8bit_size left at their defaults,
+  optax.inject_hyperparams used to turn them into arrays and raise."""
+  factory = getattr(lowbit, f"{name}_8bit")
+  injected = optax.inject_hyperparams(factory)(**kwargs, impl="xla")
+  plain = factory(**kwargs, impl="xla")
+  params = jax.tree.map(lambda p: p.astype(jnp.float32), _tree())
+  state, s_plain = jax.jit(injected.init)(params), plain.init(params)
+  grads = _grads(params, 0)
+  updates, state = jax.jit(injected.update)(grads, state, params)
+  want, _ = plain.update(grads, s_plain, params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-9), updates, want)
+  assert "block_size" not in state.hyperparams
+
+
+def test_inject_hyperparams_with_explicit_ints_needs_static_args():
+  injected = optax.inject_hyperparams(lowbit.adamw_8bit)(learning_rate=1e-3,
+                                                         block_size=64)
   with pytest.raises(TypeError, match="static_args=jlowbit.STATIC_ARGS"):
     jax.jit(injected.init)(_tree())
 

@@ -66,7 +66,7 @@ def test_codebooks_match_bitsandbytes():
     ("fp4", True, "int8", (3, 33)),
 ])
 def test_round_trip_byte_for_byte(quant_type, nested, storage, shape):
-  w4 = jlowbit.quantize_4bit(_normal(shape, "bfloat16"), blocksize=32,
+  w4 = jlowbit.quantize_4bit(_normal(shape, "bfloat16"), block_size=32,
                              quant_type=quant_type, compress_statistics=nested,
                              quant_storage=storage)
   d = jlowbit.to_bnb(w4)
@@ -86,7 +86,7 @@ def test_round_trip_byte_for_byte(quant_type, nested, storage, shape):
 
 
 def test_quant_state_json():
-  w4 = jlowbit.quantize_4bit(_normal((3, 128), "bfloat16"), blocksize=64,
+  w4 = jlowbit.quantize_4bit(_normal((3, 128), "bfloat16"), block_size=64,
                              compress_statistics=True)
   d = jlowbit.to_bnb(w4)
   text = d["quant_state.bitsandbytes__nf4"].tobytes().decode("utf-8")
@@ -137,7 +137,7 @@ def test_hand_built_nested_fp4_dict():
           '"float32", "nested_offset": 1.25}'),
   }
   w4 = jlowbit.from_bnb(state)
-  assert w4.nested and w4.nested_blocksize == 256 and w4.dtype == "float16"
+  assert w4.nested and w4.absmax.block_size == 256 and w4.dtype == "float16"
   absmax = dynamic[absmax_codes] * np.float32(0.5) + np.float32(1.25)
   expected = (BNB_FP4[codes] * np.repeat(absmax, 64)).reshape(3, 64)
   y = jlowbit.dequantize_4bit(w4)

@@ -11,11 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import oracles
+
 import jlowbit as lowbit
-from jlowbit import _reference as ref
+from jlowbit import _noise
+from jlowbit import _search
+from jlowbit import _twins
 from jlowbit import blockwise8
 from jlowbit import codebooks
-from jlowbit.optax_transforms import update8
+from jlowbit import update8
 
 CODE = codebooks.dynamic(True)
 
@@ -28,9 +32,9 @@ def test_quasi_uniform_is_a_plastic_phase_plus_golden_steps():
   g, phi = 1.32471795724474602596, (1 + 5**0.5) / 2
   for t in (0, 1, 7, 100_000):
     i = [0, 1, 2, 1000, 99_999, 123_456_789, 2**32 - 1]
-    got = np.asarray(ref.quasi_uniform(jnp.asarray(i, jnp.uint32),
-                                       ref.weyl_offset(jnp.int32(t))))
-    fixed = [((k * ref.PHASE_MULTIPLIER + t * ref.WEYL_STEP) % 2**32 >> 8) / 2**24
+    got = np.asarray(_noise.quasi_uniform(jnp.asarray(i, jnp.uint32),
+                                       _noise.weyl_offset(jnp.int32(t))))
+    fixed = [((k * _noise.PHASE_MULTIPLIER + t * _noise.WEYL_STEP) % 2**32 >> 8) / 2**24
              for k in i]
     np.testing.assert_array_equal(got, np.float32(fixed))
     if t < 1000:
@@ -40,8 +44,8 @@ def test_quasi_uniform_is_a_plastic_phase_plus_golden_steps():
 
 
 def test_quasi_uniform_is_uniform_over_elements():
-  u = np.asarray(ref.quasi_uniform(jnp.arange(1 << 16, dtype=jnp.uint32),
-                                   ref.weyl_offset(jnp.int32(5))))
+  u = np.asarray(_noise.quasi_uniform(jnp.arange(1 << 16, dtype=jnp.uint32),
+                                   _noise.weyl_offset(jnp.int32(5))))
   assert u.dtype == np.float32 and u.min() >= 0 and u.max() < 1
   counts = np.histogram(u, bins=16, range=(0, 1))[0]
   np.testing.assert_allclose(counts, (1 << 16) / 16, rtol=0.05)
@@ -51,8 +55,8 @@ def test_quasi_uniform_spreads_each_element_evenly_over_steps():
   """Each element's noise over N steps leaves no gap wider than ~3/N in
   [0, 1) (three-gap theorem; independent draws would leave ~ln(N)/N)."""
   steps = 1024
-  offsets = ref.weyl_offset(jnp.arange(steps))
-  u = jax.vmap(lambda o: ref.quasi_uniform(jnp.arange(8, dtype=jnp.uint32), o))(offsets)
+  offsets = _noise.weyl_offset(jnp.arange(steps))
+  u = jax.vmap(lambda o: _noise.quasi_uniform(jnp.arange(8, dtype=jnp.uint32), o))(offsets)
   for element in np.asarray(u).T:
     spread = np.sort(element)
     assert np.diff(np.append(spread, spread[0] + 1)).max() < 3.0 / steps
@@ -66,10 +70,10 @@ def _values(n=4096, seed=0):
 
 def _stochastic(x, uniform, scale=1.0):
   x, scale = jnp.asarray(x), jnp.float32(scale)
-  floor = ref.scaled_tree_index(x, scale,
-                                jnp.asarray(ref.code_tree(CODE, floor=True)))
-  return np.asarray(ref.stochastic_index(
-      x, scale, floor, jnp.asarray(CODE), jnp.asarray(ref.code_gaps(CODE)),
+  floor = _twins.scaled_tree_index(x, scale,
+                                jnp.asarray(_search.code_tree(CODE, floor=True)))
+  return np.asarray(_twins.stochastic_index(
+      x, scale, floor, jnp.asarray(CODE), jnp.asarray(_search.code_gaps(CODE)),
       jnp.asarray(uniform, jnp.float32)))
 
 
@@ -101,22 +105,22 @@ def test_is_unbiased_over_steps():
   """Averaged over 1024 steps of quasi-uniform noise the dequantized value
   is the value itself, to a small fraction of a code step."""
   v = _values(2048, seed=1)
-  offsets = ref.weyl_offset(jnp.arange(1024))
+  offsets = _noise.weyl_offset(jnp.arange(1024))
   counters = jnp.arange(v.size, dtype=jnp.uint32)
-  noise = jax.vmap(lambda o: ref.quasi_uniform(counters, o))(offsets)
+  noise = jax.vmap(lambda o: _noise.quasi_uniform(counters, o))(offsets)
   codes = np.stack([_stochastic(v, u) for u in np.asarray(noise)])
   mean = CODE[codes].astype(np.float64).mean(axis=0)
   lo, hi = _bracket(v)
   inside = v >= CODE[0]
   step = (CODE[hi] - CODE[lo])[inside]
   assert np.all(np.abs(mean - v)[inside] <= 0.01 * step)
-  nearest = CODE[np.asarray(ref.nearest_code_index(jnp.asarray(v), jnp.asarray(CODE)))]
+  nearest = CODE[np.asarray(oracles.nearest_code_index(jnp.asarray(v), jnp.asarray(CODE)))]
   assert np.mean(np.abs(nearest - v)) > 10 * np.mean(np.abs(mean - v))
 
 
 def test_blockwise_quantization_with_noise_stays_within_one_code():
   x = jax.random.normal(jax.random.key(0), (3000,))
-  uniform = ref.quasi_uniform(jnp.arange(3000, dtype=jnp.uint32), jnp.uint32(7))
+  uniform = _noise.quasi_uniform(jnp.arange(3000, dtype=jnp.uint32), jnp.uint32(7))
   nearest, absmax = blockwise8.quantize_blockwise_reference(x, CODE, 256)
   codes, absmax_sr = blockwise8.quantize_blockwise_reference(x, CODE, 256, uniform)
   np.testing.assert_array_equal(absmax, absmax_sr)
@@ -144,8 +148,7 @@ def _slow_ema(stochastic, steps=300, b3=0.999):
   def step(moments, count):
     return update8.update_8bit_reference(
         "ademamix", g, moments, hyper, block_size=block_size,
-        stochastic=(False, stochastic, False),
-        key=update8.rounding_key(count))[1]
+        stochastic=(False, stochastic, False), step=count)[1]
 
   for t in range(1, steps + 1):
     moments = step(moments, jnp.int32(t))
@@ -163,18 +166,17 @@ def test_stochastic_rounding_tracks_a_slow_ema_that_nearest_rounding_freezes():
   assert error < 0.05 * np.mean(np.abs(exact))  # about half a code step
 
 
-def test_rounding_key_needs_a_key_and_one_flag_per_moment():
+def test_stochastic_rounding_needs_the_step_and_one_flag_per_moment():
   grad = jnp.ones((300,))
   moments = tuple(blockwise8.quantize_blockwise_reference(grad, codebooks.dynamic(s), 256)
                   for s in (True, True, False))
   hyper = jnp.ones((7,), jnp.float32)
-  with pytest.raises(ValueError, match="key"):
+  with pytest.raises(ValueError, match="needs the step number"):
     update8.update_8bit_reference("ademamix", grad, moments, hyper,
                                   block_size=256, stochastic=(False, True, False))
-  with pytest.raises(ValueError, match="one flag per moment"):
+  with pytest.raises(ValueError, match="one bool per moment"):
     update8.update_8bit_reference("ademamix", grad, moments, hyper,
-                                  block_size=256, stochastic=(True,),
-                                  key=update8.rounding_key(1))
+                                  block_size=256, stochastic=(True,), step=1)
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])

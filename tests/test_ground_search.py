@@ -2,7 +2,7 @@
 
 ``emulated_bucket_index`` does in numpy float32 exactly what
 ``jlowbit.triton_kernels.common.scaled_bucket_index`` does; it must equal
-``tree_index``, the result of ``jlowbit._reference.scaled_tree_index`` (the
+``tree_index``, the result of ``jlowbit._twins.scaled_tree_index`` (the
 reference's search), for every input, including values one ulp around each scaled threshold, every float
 class, and a ``1 / scale`` a few ulps off (the kernels may divide
 approximately).
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlowbit import _reference as ref
+from jlowbit import _search
+from jlowbit import _twins
 from jlowbit import codebooks
 
 CODES = {
@@ -33,7 +34,7 @@ def emulated_bucket_index(x, scale, thresholds, buckets, steps, inv_ulps=0):
       inv_scale = np.nextafter(inv_scale, np.float32(np.sign(inv_ulps) * np.inf))
     r = x * inv_scale
     r = np.where(r == r, r, x)
-    entry = buckets[r.view(np.uint32) >> ref.BUCKET_KEY_SHIFT]
+    entry = buckets[r.view(np.uint32) >> _search.BUCKET_KEY_SHIFT]
     first_threshold = entry[..., 0].view(np.float32)
     index = entry[..., 1].astype(np.int32) + (first_threshold * scale <= x)
     for _ in range(steps - 1):
@@ -41,15 +42,15 @@ def emulated_bucket_index(x, scale, thresholds, buckets, steps, inv_ulps=0):
   return index
 
 
-SEARCHES = {"nearest": ref.decision_thresholds, "floor": ref.floor_thresholds}
+SEARCHES = {"nearest": _search.decision_thresholds, "floor": _search.floor_thresholds}
 
 
 def tree_index(x, scale, thresholds):
   """What ``scaled_tree_index`` computes, in numpy (no flushing of subnormals,
   as on a GPU; XLA on CPU flushes them): ``count(t * scale <= x)`` after
-  :func:`jlowbit._reference.exact_comparison_operands`."""
+  :func:`jlowbit._twins.exact_comparison_operands`."""
   x, scale = np.float32(x), np.float32(scale)
-  if scale < ref.TINY_SCALE:
+  if scale < _twins.TINY_SCALE:
     x, scale = x * np.float32(2.0 ** 64), scale * np.float32(2.0 ** 64)
   with np.errstate(invalid="ignore", over="ignore"):
     return np.sum(thresholds[None, :] * scale <= x[:, None], axis=1)
@@ -59,18 +60,18 @@ def test_tree_index_oracle_is_the_reference():
   code = CODES["signed"]
   x = np.random.default_rng(1).uniform(-1, 1, 4096).astype(np.float32)
   for scale in (np.float32(0.5), np.float32(3e-20)):
-    want = ref.scaled_tree_index(jnp.asarray(x * scale), jnp.float32(scale),
-                                 jnp.asarray(ref.decision_tree(code)))
+    want = _twins.scaled_tree_index(jnp.asarray(x * scale), jnp.float32(scale),
+                                 jnp.asarray(_search.decision_tree(code)))
     np.testing.assert_array_equal(
-        tree_index(x * scale, scale, ref.decision_thresholds(code)), want)
-    floor = ref.scaled_tree_index(jnp.asarray(x * scale), jnp.float32(scale),
-                                  jnp.asarray(ref.code_tree(code, floor=True)))
+        tree_index(x * scale, scale, _search.decision_thresholds(code)), want)
+    floor = _twins.scaled_tree_index(jnp.asarray(x * scale), jnp.float32(scale),
+                                  jnp.asarray(_search.code_tree(code, floor=True)))
     np.testing.assert_array_equal(
-        tree_index(x * scale, scale, ref.floor_thresholds(code)), floor)
+        tree_index(x * scale, scale, _search.floor_thresholds(code)), floor)
 
 
 def _probes(code, scale):
-  thresholds = ref.decision_thresholds(code).astype(np.float32)
+  thresholds = _search.decision_thresholds(code).astype(np.float32)
   rng = np.random.default_rng(0)
   with np.errstate(over="ignore", invalid="ignore"):
     probes = [np.concatenate([thresholds, code]) * scale]
@@ -89,7 +90,7 @@ def _probes(code, scale):
 @pytest.mark.parametrize("name", sorted(CODES))
 @pytest.mark.parametrize("search", sorted(SEARCHES))
 def test_one_or_two_comparisons_suffice(name, search):
-  *_, steps = ref.bucket_search_table(SEARCHES[search](CODES[name]))
+  *_, steps = _search.bucket_search_table(SEARCHES[search](CODES[name]))
   assert steps == (2 if (name, search) == ("unsigned", "floor") else 1)
 
 
@@ -100,7 +101,7 @@ def test_one_or_two_comparisons_suffice(name, search):
 @pytest.mark.parametrize("search", sorted(SEARCHES))
 def test_bucket_index_equals_tree_index(name, scale, inv_ulps, search):
   code = CODES[name]
-  thresholds, buckets, steps = ref.bucket_search_table(SEARCHES[search](code))
+  thresholds, buckets, steps = _search.bucket_search_table(SEARCHES[search](code))
   scale = np.float32(scale)
   x = _probes(code, scale)
   if np.isfinite(scale):  # +-inf lie in blocks of scale inf only
@@ -110,14 +111,14 @@ def test_bucket_index_equals_tree_index(name, scale, inv_ulps, search):
 
 
 def test_table_layout():
-  thresholds, buckets, _ = ref.bucket_search_table(
-      ref.decision_thresholds(CODES["signed"]))
+  thresholds, buckets, _ = _search.bucket_search_table(
+      _search.decision_thresholds(CODES["signed"]))
   assert thresholds.dtype == np.float32 and thresholds.shape == (256,)
   assert np.isnan(thresholds[-1])
-  np.testing.assert_array_equal(thresholds[:-1], ref.decision_thresholds(CODES["signed"]))
-  assert buckets.dtype == np.uint32 and buckets.shape == (ref.BUCKET_KEYS, 2)
+  np.testing.assert_array_equal(thresholds[:-1], _search.decision_thresholds(CODES["signed"]))
+  assert buckets.dtype == np.uint32 and buckets.shape == (_search.BUCKET_KEYS, 2)
   starts = buckets[:, 1]
-  key = lambda v: int(np.float32(v).view(np.uint32) >> ref.BUCKET_KEY_SHIFT)
+  key = lambda v: int(np.float32(v).view(np.uint32) >> _search.BUCKET_KEY_SHIFT)
   first = buckets[:, 0].view(np.float32)
   infinite = [key(np.inf), key(-np.inf)]
   np.testing.assert_array_equal(np.delete(first, infinite),

@@ -1,7 +1,7 @@
 """8-bit optimizers: numerics against 32-bit state and the SPEC formulas.
 
 The shared tables here (``ALGOS``, ``dequantize``, ``inner_state``) are also
-imported by the other ``test_optimizers_*`` files.
+imported by the other optimizer test files.
 """
 
 import inspect
@@ -16,7 +16,8 @@ import pytest
 import jlowbit as lowbit
 from jlowbit import blockwise8
 from jlowbit import codebooks
-from jlowbit.optax_transforms import update8
+from jlowbit import update8
+from jlowbit.algorithms import ALGORITHMS
 
 # name -> (algorithm, 8-bit alias, 32-bit alias, kwargs of the 50-step tests).
 ALGOS = {
@@ -62,7 +63,7 @@ def dequantized_moments(chain_state, algorithm):
   """``{field: float32 moment tree}`` of an alias' state."""
   inner = inner_state(chain_state)
   return {f: dequantize(getattr(inner, f), s)
-          for f, s in zip(inner._fields[1:], update8.MOMENT_SIGNED[algorithm])}
+          for f, s in zip(inner._fields[1:], ALGORITHMS[algorithm].signed)}
 
 
 def _grads(dtype, steps=STEPS, shape=SHAPE):
@@ -222,14 +223,14 @@ def _known_state(algorithm, shape, rng):
   """Random moments (first moments signed, second non-negative) as numpy."""
   return tuple(
       (rng.standard_normal(shape) if s else rng.random(shape) ** 4 * 1e-3)
-      .astype(np.float32) for s in update8.MOMENT_SIGNED[algorithm])
+      .astype(np.float32) for s in ALGORITHMS[algorithm].signed)
 
 
 @pytest.mark.parametrize("t", [1, 7])
-@pytest.mark.parametrize("algorithm", update8.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_one_step_matches_spec_formula(algorithm, t):
   block, kwargs = BLOCKS[algorithm]
-  signed = update8.MOMENT_SIGNED[algorithm]
+  signed = ALGORITHMS[algorithm].signed
   rng = np.random.default_rng(0)
   shape, block_size = (5, 300), 128
   g = (rng.standard_normal(shape) * 0.1).astype(np.float32)
@@ -264,7 +265,7 @@ def test_one_step_matches_spec_formula(algorithm, t):
       assert diff.max() <= 1 and np.count_nonzero(diff) <= 3
 
   # The float32 state path runs the same formula on the unquantized state.
-  tx32 = block(**kwargs, min_8bit_size=None)
+  tx32 = block(**kwargs, min_8bit_size=lowbit.FLOAT32_STATE)
   state32 = tx32.init(g)._replace(count=jnp.int32(t - 1), **{
       f: lowbit.Quantized8bitMoment(jnp.asarray(m), None)
       for f, m in zip(state._fields[1:], old)})
@@ -302,7 +303,7 @@ def test_ademamix_schedules_reach_the_update():
   g = jnp.asarray(np.random.default_rng(0).standard_normal((7, 11)),
                   jnp.float32)
   tx = lowbit.scale_by_ademamix_8bit(t_alpha=100, t_beta3=300,
-                                     min_8bit_size=None)
+                                     min_8bit_size=lowbit.FLOAT32_STATE)
   rng = np.random.default_rng(1)
   m1, m2, nu = _known_state("ademamix", g.shape, rng)
   fp32 = lambda m: lowbit.Quantized8bitMoment(jnp.asarray(m), None)
@@ -364,7 +365,9 @@ def test_bitsandbytes_defaults():
   defaults = lambda f: {k: p.default for k, p in
                         inspect.signature(f).parameters.items()
                         if p.default is not inspect.Parameter.empty}
-  common = dict(block_size=256, min_8bit_size=4096, impl=None)
+  # None: bitsandbytes' 256 and 4096 (test_min_8bit_size_decides_storage),
+  # spelled None so that optax.inject_hyperparams leaves them static.
+  common = dict(block_size=None, min_8bit_size=None, impl=None)
   assert defaults(lowbit.adamw_8bit) == dict(
       b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, mask=None, **common)
   assert defaults(lowbit.ademamix_8bit) == dict(
@@ -415,11 +418,11 @@ def test_32bit_twin_state_is_float32_everywhere():
   assert state.mu.codes["w"].shape == (128, 64) and state.mu.absmax["w"] is None
 
 
-@pytest.mark.parametrize("algorithm", update8.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_initial_8bit_state_is_quantized_zeros(algorithm):
   block, _ = BLOCKS[algorithm]
   state = block(min_8bit_size=1).init(jnp.zeros((300,)))
-  for f, s in zip(state._fields[1:], update8.MOMENT_SIGNED[algorithm]):
+  for f, s in zip(state._fields[1:], ALGORITHMS[algorithm].signed):
     codes, absmax = blockwise8.quantize_blockwise_reference(
         jnp.zeros((300,)), codebooks.dynamic(s), 256)
     np.testing.assert_array_equal(getattr(state, f).codes, codes)
@@ -427,13 +430,13 @@ def test_initial_8bit_state_is_quantized_zeros(algorithm):
 
 
 @pytest.mark.parametrize("shape", [(1,), (255,), (257,), (3, 7, 11)])
-@pytest.mark.parametrize("algorithm", update8.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_update_8bit_reference_shapes(algorithm, shape):
   block_size = 64
   blocks = -(-math.prod(shape) // block_size)
   moments = tuple((jnp.full(shape, 7, jnp.uint8), jnp.ones((blocks,)))
-                  for _ in update8.MOMENT_SIGNED[algorithm])
-  hyper = jnp.full((len(update8.HYPER_NAMES[algorithm]),), 0.5)
+                  for _ in ALGORITHMS[algorithm].signed)
+  hyper = jnp.full((len(ALGORITHMS[algorithm].hyper),), 0.5)
   d, new = update8.update_8bit_reference(
       algorithm, jnp.ones(shape, jnp.bfloat16), moments, hyper,
       block_size=block_size)
