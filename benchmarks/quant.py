@@ -78,15 +78,15 @@ def bench_bnb_quant(n: int, dtype_name: str, copies: int) -> list[dict]:
   xs = [(torch.randn(n, device="cuda", dtype=dtype),) for _ in range(copies)]
   itemsize = xs[0][0].element_size()
   absmax_bytes = 4 * math.ceil(n / 4096)
-  t_q = time_torch(lambda x: F.quantize_blockwise(x, block_size=4096), xs)
-  qs = [F.quantize_blockwise(x, block_size=4096) for (x,) in xs]
+  t_q = time_torch(lambda x: F.quantize_blockwise(x, blocksize=4096), xs)
+  qs = [F.quantize_blockwise(x, blocksize=4096) for (x,) in xs]
   t_d = time_torch(lambda q: F.dequantize_blockwise(q[0], q[1]), [(q,) for q in qs])
   tag = dict(block_size=4096, impl="bitsandbytes")
   rows = [_row("quantize_blockwise", n, dtype_name, t_q, n * itemsize + n + absmax_bytes, tag),
           _row("dequantize_blockwise", n, dtype_name, t_d, n + absmax_bytes + n * itemsize, tag)]
   packed = n // 2 + 4 * math.ceil(n / 64)
-  t_q4 = time_torch(lambda x: F.quantize_4bit(x, block_size=64, quant_type="nf4"), xs)
-  q4 = [F.quantize_4bit(x, block_size=64, quant_type="nf4") for (x,) in xs]
+  t_q4 = time_torch(lambda x: F.quantize_4bit(x, blocksize=64, quant_type="nf4"), xs)
+  q4 = [F.quantize_4bit(x, blocksize=64, quant_type="nf4") for (x,) in xs]
   t_d4 = time_torch(lambda q: F.dequantize_4bit(q[0], q[1]), [(q,) for q in q4])
   tag = dict(block_size=64, impl="bitsandbytes nf4")
   rows += [_row("quantize_4bit", n, dtype_name, t_q4, n * itemsize + packed, tag),
@@ -118,7 +118,7 @@ def _bnb_gemv(out_features: int, in_features: int, copies: int) -> dict:
   weights = [torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) * 0.02
              for _ in range(copies)]
   x = torch.randn(1, 1, in_features, device="cuda", dtype=torch.bfloat16)
-  q = [F.quantize_4bit(w, block_size=64, quant_type="nf4") for w in weights]
+  q = [F.quantize_4bit(w, blocksize=64, quant_type="nf4") for w in weights]
   t_bnb = time_torch(lambda p, s: bnb.matmul_4bit(x, p.t(), quant_state=s), q)
   t_torch = time_torch(lambda w: x @ w.t(), [(w,) for w in weights])
   return dict(bnb_nf4_us=t_bnb * 1e6, torch_dense_us=t_torch * 1e6)
