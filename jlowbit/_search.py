@@ -10,6 +10,7 @@ find the same index. This module computes those thresholds exactly
 (:func:`code_tree`, :func:`code_search`).
 """
 
+import fractions
 import functools
 
 import jax
@@ -228,3 +229,53 @@ def code_gaps(code: np.ndarray) -> np.ndarray:
   code[i]``, NaN at the last code."""
   code = np.asarray(code, np.float32)
   return np.concatenate([np.diff(code), [np.nan]]).astype(np.float32)
+
+
+# bitsandbytes' 4-bit quantizers (csrc/kernels.cu, dQuantizeNF4 and
+# dQuantizeFP4) take r = x * (1 / absmax) and count the thresholds t with
+# r > t, written there as these float literals (FP4: of |r|).
+BNB_NF4_THRESHOLDS = (
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906",
+    "-0.33967943489551544", "-0.23460740596055984", "-0.13791173323988914",
+    "-0.045525018125772476", "0.03979014977812767", "0.1202552504837513",
+    "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011")
+BNB_FP4_THRESHOLDS = ("0.00260417", "0.0859375", "0.20833333", "0.29166667",
+                      "0.4166667", "0.583333", "0.8333333")
+
+
+def float32_literal(text: str) -> np.float32:
+  """The float32 nearest to the decimal ``text`` (ties to even), as a C
+  compiler reads the literal ``<text>f``.
+
+  ``np.float32(float(text))`` rounds twice (to float64, then float32) and
+  differs for decimals next to a float32 midpoint, e.g. four of bitsandbytes'
+  NF4 thresholds.
+  """
+  exact = fractions.Fraction(text)
+  guess = np.float32(float(exact))
+  candidates = [np.nextafter(guess, np.float32(-np.inf)), guess,
+                np.nextafter(guess, np.float32(np.inf))]
+  return min(candidates, key=lambda c: (abs(fractions.Fraction(float(c)) - exact),
+                                        int(c.view(np.uint32)) & 1))
+
+
+@functools.cache
+def _bnb_4bit_tree(quant_type: str) -> np.ndarray:
+  texts = BNB_FP4_THRESHOLDS if quant_type == "fp4" else BNB_NF4_THRESHOLDS
+  above = np.float32([float32_literal(t) for t in texts])
+  # count(r > t) == count(next_up(t) <= r): the tree's comparison.
+  tree = threshold_tree(np.nextafter(above, np.float32(np.inf)))
+  tree.setflags(write=False)
+  return tree
+
+
+def bnb_4bit_tree(quant_type: str) -> np.ndarray:
+  """The :func:`threshold_tree` of bitsandbytes' 4-bit decision: descending
+  it with ``tree[node] <= r`` counts bitsandbytes' thresholds ``t < r``.
+
+  Returns:
+    float32 ``[16]`` (NF4: the index is the code) or ``[8]`` (FP4: the index
+    of the magnitude, :func:`jlowbit.codebooks.fp4_magnitudes`).
+  """
+  return _bnb_4bit_tree(quant_type)

@@ -76,19 +76,81 @@ def block_scale(absmax: jax.Array) -> jax.Array:
   return jnp.where(absmax > 0, absmax, jnp.float32(1))
 
 
-def scaled_4bit_index(x: jax.Array, scale: jax.Array, tree: jax.Array,
-                      bits: jax.Array, sign_magnitude: bool) -> jax.Array:
-  """4-bit code of ``x / scale``, division-free (int32, ``x``'s shape).
+# Blocks whose absmax lies outside [2**-126, 2**126] take the reciprocal
+# bitsandbytes' flush-to-zero arithmetic gives them: inf below (0 included),
+# 0 above.
+RECIPROCAL_MIN_SCALE = 2.0 ** -126
+RECIPROCAL_MAX_SCALE = 2.0 ** 126
 
-  NF4 (``sign_magnitude=False``): :func:`scaled_tree_index` with the
-  :func:`jlowbit._search.decision_tree` of the 16 sorted levels. FP4: sign bit ``8`` for
-  ``x < 0`` OR-ed with ``bits`` of the index of ``|x| / scale`` through the
-  tree of the 8 sorted non-negative levels.
+
+def reciprocal(scale: jax.Array) -> jax.Array:
+  """``1 / scale`` correctly rounded to float32 on every backend.
+
+  XLA's float32 division on a GPU is approximate (it misses the correctly
+  rounded quotient on about 13% of inputs), so the quotient is rebuilt
+  exactly with integers: for ``scale = m * 2**e`` (``m`` its 24-bit
+  mantissa) the reciprocal's mantissa is ``q = round(T / m)``, ``T = 2**47``
+  (``2**46`` for ``m = 2**23``); an estimate ``q0`` from float division is
+  corrected by the exact remainder ``T - m * q0`` (computed modulo ``2**32``,
+  where it fits). ``scale`` below ``2**-126`` (subnormal or 0) gives inf,
+  above ``2**126`` gives 0 (the reciprocal would be subnormal), NaN gives NaN:
+  what bitsandbytes' flush-to-zero reciprocal gives.
+
+  Args:
+    scale: float32, non-negative or NaN.
+
+  Returns:
+    float32, ``scale``'s shape.
   """
+  bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
+  mantissa = (bits & 0x7FFFFF) | 0x800000
+  exponent = (bits >> 23).astype(jnp.int32)
+  power = mantissa == 0x800000  # T = 2**46 keeps q below 2**24
+  target = jnp.where(power, jnp.float32(2.0 ** 46), jnp.float32(2.0 ** 47))
+  q = (target / mantissa.astype(jnp.float32)).astype(jnp.int32)
+  for _ in range(2):  # |q0 - T / m| <= a few units; one step fixes it
+    remainder = jax.lax.bitcast_convert_type(
+        jnp.uint32(0) - mantissa * q.astype(jnp.uint32), jnp.int32)
+    q = q + jnp.floor_divide(2 * remainder + mantissa.astype(jnp.int32),
+                             2 * mantissa.astype(jnp.int32))
+  result_exponent = jnp.where(power, 254, 253) - exponent
+  result = jax.lax.bitcast_convert_type(
+      (result_exponent.astype(jnp.uint32) << 23) | (q.astype(jnp.uint32) & 0x7FFFFF),
+      jnp.float32)
+  result = jnp.where(scale < RECIPROCAL_MIN_SCALE, jnp.float32(jnp.inf), result)
+  result = jnp.where(scale > RECIPROCAL_MAX_SCALE, jnp.float32(0), result)
+  return jnp.where(jnp.isnan(scale), jnp.float32(jnp.nan), result)
+
+
+def tree_index(v: jax.Array, tree: jax.Array) -> jax.Array:
+  """``count(t <= v)`` over the thresholds of a ``threshold_tree``
+  (:func:`jlowbit._search.threshold_tree`; int32, ``v``'s shape).
+
+  Branch-free descent ``node = 2 node + (tree[node] <= v)`` for ``k`` levels
+  from the root 1; ``node - 2**k`` is the count. NaN gives 0.
+  """
+  size = tree.shape[0]
+  node = 2 + (tree[1] <= v).astype(jnp.int32)
+  for _ in range(size.bit_length() - 2):
+    node = 2 * node + (tree[node] <= v).astype(jnp.int32)
+  return node - size
+
+
+def bnb_4bit_index(x: jax.Array, inv_scale: jax.Array, tree: jax.Array,
+                   bits: jax.Array, sign_magnitude: bool) -> jax.Array:
+  """bitsandbytes' 4-bit code of ``r = x * inv_scale`` (int32, ``x``'s shape).
+
+  ``inv_scale`` is the block's :func:`reciprocal` of its absmax, ``tree``
+  the :func:`jlowbit._search.bnb_4bit_tree`. NF4 (``sign_magnitude=False``):
+  the number of bitsandbytes' thresholds below ``r``. FP4: sign bit ``8``
+  when ``r < 0``, OR-ed with ``bits`` of the number of thresholds below
+  ``|r|``. NaN (an all-zero block: ``0 * inf``) gives 0, as in bitsandbytes.
+  """
+  r = x * inv_scale
   if not sign_magnitude:
-    return scaled_tree_index(x, scale, tree)
-  magnitude = bits[scaled_tree_index(jnp.abs(x), scale, tree)]
-  return jnp.where(x < 0, magnitude | 8, magnitude)
+    return tree_index(r, tree)
+  magnitude = bits[tree_index(jnp.abs(r), tree)]
+  return jnp.where(r < 0, magnitude | 8, magnitude)
 
 
 def stochastic_index(x: jax.Array, scale: jax.Array, floor: jax.Array,

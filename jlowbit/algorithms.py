@@ -36,15 +36,17 @@ one (:func:`jlowbit.codebooks.dynamic`). The Triton kernels implement each
 (``jlowbit.triton_kernels.optim8``); adding an algorithm means one entry
 here and one kernel body there.
 
-**Saturation.** Stored moments are clamped to ``[-MOMENT_LIMIT,
-MOMENT_LIMIT]`` before they are requantized (NaN stays NaN). A finite
-gradient whose square overflows float32 (``|g| > 1.8e19``) makes ``v``
-infinite; unclamped, the block's absmax would be infinite and every other
-moment of the block would dequantize to ``0 * inf = NaN`` on the next step.
-Clamped, the element keeps the largest storable moment, its block stays
-finite (its other elements lose their history to the outlier's scale, as
-with any outlier in blockwise quantization) and no NaN appears. The bound
-``2**126`` keeps ``1 / absmax`` a normal float32 for the kernels' search.
+**Overflow.** Finite gradients never give NaN or infinite moments. The
+algorithms that square the gradient (Adam, AdEMAMix, RMSprop, Adagrad) first
+clamp it to ``[-GRADIENT_LIMIT, GRADIENT_LIMIT]`` (``2**63``), so that
+``g**2`` stays finite: unclamped, a gradient element above ``1.8e19`` makes
+``v`` infinite, which freezes that parameter for good in float32 state
+(``m / inf = 0``, as in optax) and turns its whole 8-bit block into NaN
+(``0 * inf``). Adam's and AdEMAMix's directions are invariant to the
+gradient's scale, so the clamp leaves their first step unchanged. Stored
+8-bit moments that still grow past ``MOMENT_LIMIT`` (``2**126``: Adagrad's
+sum, a momentum buffer) saturate there before requantization (NaN stays
+NaN), which keeps ``1 / absmax`` a normal float32 for the kernels' search.
 """
 
 import dataclasses
@@ -53,7 +55,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-# Largest magnitude a stored 8-bit moment takes (see "Saturation" above).
+# Gradients are clamped to this magnitude where they are squared, and stored
+# 8-bit moments to MOMENT_LIMIT (see "Overflow" above).
+GRADIENT_LIMIT = 2.0 ** 63
 MOMENT_LIMIT = 2.0 ** 126
 
 Moments = tuple[jax.Array, ...]
@@ -61,9 +65,14 @@ Math = Callable[[jax.Array, Moments, tuple[jax.Array, ...]],
                 tuple[jax.Array, Moments]]
 
 
+def _clamped(g):
+  return jnp.clip(g, -GRADIENT_LIMIT, GRADIENT_LIMIT)
+
+
 def adam_math(g, moments, h):
   m, v = moments
   b1, b2, eps, inv_bc1, inv_sqrt_bc2 = h
+  g = _clamped(g)
   m = b1 * m + (1 - b1) * g
   v = b2 * v + (1 - b2) * g * g
   return (m * inv_bc1) / (jnp.sqrt(v) * inv_sqrt_bc2 + eps), (m, v)
@@ -72,6 +81,7 @@ def adam_math(g, moments, h):
 def ademamix_math(g, moments, h):
   m1, m2, nu = moments
   b1, b2, b3, alpha, eps, inv_bc1, inv_sqrt_bc2 = h
+  g = _clamped(g)
   m1 = b1 * m1 + (1 - b1) * g
   m2 = b3 * m2 + (1 - b3) * g
   nu = b2 * nu + (1 - b2) * g * g
@@ -96,6 +106,7 @@ def momentum_math(g, moments, h):
 def rmsprop_math(g, moments, h):
   (v,) = moments
   decay, eps = h
+  g = _clamped(g)
   v = decay * v + (1 - decay) * g * g
   return g / (jnp.sqrt(v) + eps), (v,)
 
@@ -103,6 +114,7 @@ def rmsprop_math(g, moments, h):
 def adagrad_math(g, moments, h):
   (v,) = moments
   (eps,) = h
+  g = _clamped(g)
   v = v + g * g
   return g / (jnp.sqrt(v) + eps), (v,)
 

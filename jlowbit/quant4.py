@@ -5,22 +5,29 @@ The row-major flattened tensor is cut into blocks of ``block_size`` elements
 
 .. math::
   a_b = \max_{i \in b} |x_i|, \qquad
-  v_i = x_i / a_b, \qquad
+  r_i = x_i \cdot \mathrm{fl}(1 / a_b), \qquad
   \hat x_i = \mathrm{quant\_map}_{c_i} \, a_b
 
-with :math:`a_b = 0` treated as 1 (an all-zero block gives zeros, never
-NaN). The 4-bit code :math:`c_i` is
+exactly as bitsandbytes computes it (so the codes are bitsandbytes' own),
+with :math:`\mathrm{fl}(1 / a_b)` the correctly rounded float32 reciprocal
+and :math:`r_i` a correctly rounded float32 product. The 4-bit code
+:math:`c_i` counts bitsandbytes' decision thresholds :math:`t_k` (the float
+literals of its ``dQuantizeNF4`` / ``dQuantizeFP4``, about the midpoints
+between neighbouring levels) with :math:`r_i > t_k`:
 
-* NF4: the index of the nearest of the 16 sorted NF4 levels to :math:`v_i`
-  (ties to the lower index);
-* FP4 (sign-magnitude E2M1): bit 3 set when :math:`x_i < 0` (so a tiny
+* NF4: the count over the 15 thresholds is the index into the 16 sorted
+  levels;
+* FP4 (sign-magnitude E2M1): bit 3 set when :math:`r_i < 0` (so a tiny
   negative value encodes as ``0b1000``, "-0"), bits 0-2 the pattern of the
-  nearest of the 8 non-negative FP4 values to :math:`|v_i|`.
+  level picked by the count over the 7 magnitude thresholds of :math:`|r_i|`.
 
-As for 8-bit (:mod:`jlowbit.blockwise8`), the nearest level is found
-without dividing: the exact float32 decision thresholds :math:`t_k` between
-neighbouring levels are compared as :math:`t_k a_b \le x_i` (a correctly
-rounded product), which XLA on CPU/GPU and Triton evaluate identically.
+An all-zero block has :math:`1 / a_b = \infty` and :math:`r_i` NaN: code 0
+(NF4's -1.0, FP4's +0), which dequantizes to zeros, as in bitsandbytes.
+bitsandbytes' CUDA kernels take the reciprocal with the GPU's approximate
+``rcp`` (``--use_fast_math``), which is a float32 ulp off the correctly
+rounded one for some absmax values; where that ulp moves :math:`r_i` across a
+threshold the codes differ (2 of 20,000 elements in
+``tests/test_parity_bnb_4bit.py``, block size 64).
 
 Two codes share a byte: element ``2i`` in the high nibble, ``2i + 1`` in the
 low nibble; for odd sizes the last low nibble is 0. This is bitsandbytes'
@@ -34,7 +41,9 @@ held as the weight's ``absmax``; dequantization restores
 ``absmax = dequantize_blockwise(absmax) + offset``.
 
 Non-finite input: a block holding NaN gets ``absmax = NaN`` and dequantizes
-to NaN; ``±inf`` gives ``absmax = inf`` and non-finite values.
+to NaN; ``±inf`` gives ``absmax = inf`` and non-finite values. Blocks whose
+absmax lies outside ``[2**-126, 2**126]`` take bitsandbytes' flushed
+reciprocal (:func:`jlowbit._twins.reciprocal`).
 """
 
 import functools
@@ -100,17 +109,17 @@ class Quantized4bit:
 
 
 def search_tables(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
-  """The decision tree the quantizer descends and the code of each leaf.
+  """The threshold tree the quantizer descends and the code of each leaf.
 
   Returns:
-    NF4: (``decision_tree(nf4)`` float32[16], identity int32[16]); FP4: the
-    tree of the 8 sorted non-negative FP4 values (float32[8]) and their
-    3-bit patterns (int32[8]). See :func:`jlowbit._search.decision_tree`.
+    NF4: (:func:`jlowbit._search.bnb_4bit_tree` float32[16], identity
+    int32[16]); FP4: the tree of the 7 magnitude thresholds (float32[8]) and
+    the 3-bit pattern of each magnitude (int32[8]).
   """
+  tree = _search.bnb_4bit_tree(quant_type)
   if quant_type == "fp4":
-    magnitudes, bits = codebooks.fp4_magnitudes()
-    return _search.code_tree(magnitudes), bits
-  return _search.code_tree(codebooks.nf4()), np.arange(16, dtype=np.int32)
+    return tree, codebooks.fp4_magnitudes()[1]
+  return tree, np.arange(16, dtype=np.int32)
 
 
 def default_quant_map(quant_type: str) -> np.ndarray:
@@ -134,8 +143,8 @@ def quantize_4bit_reference(x: jax.Array, tree: jax.Array, bits: jax.Array,
   """
   blocks = _twins.blocked(x, block_size)
   absmax = _twins.block_absmax(blocks)
-  scale = _twins.block_scale(absmax)[:, None]
-  codes = _twins.scaled_4bit_index(blocks, scale, tree, bits, sign_magnitude)
+  inv_scale = _twins.reciprocal(absmax)[:, None]
+  codes = _twins.bnb_4bit_index(blocks, inv_scale, tree, bits, sign_magnitude)
   return pack_nibbles(codes.reshape(-1)[:x.size]), absmax
 
 

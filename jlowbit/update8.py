@@ -6,7 +6,7 @@ each leaf's 8-bit moments (``code[codes] * absmax``), does the algorithm's
 float32 math with the gradient, and requantizes the new moments blockwise
 (``absmax`` = max |moment| per block, nearest code, ties to the lower index;
 or stochastic rounding for the moments flagged so), after saturating them at
-``+-MOMENT_LIMIT`` (:mod:`jlowbit.algorithms`, "Saturation"). It returns the
+``+-MOMENT_LIMIT`` (:mod:`jlowbit.algorithms`, "Overflow"). It returns the
 update *direction* (no learning rate, no weight decay) and the new moments.
 
 * ``impl="xla"``: :func:`update_8bit_reference`, leaf by leaf, in

@@ -1,4 +1,10 @@
-"""Codebooks are bit-identical to bitsandbytes 0.50.2 (shared/codebooks.json)."""
+"""Codebooks are bit-identical to bitsandbytes 0.50.2.
+
+``tests/data/bnb_codebooks.json`` holds bitsandbytes' own values
+(``create_dynamic_map(signed=True/False)``, ``get_4bit_type("nf4"/"fp4")``
+of bitsandbytes 0.50.2, as float32), kept with the tests so that every
+clone runs this comparison.
+"""
 
 import json
 import pathlib
@@ -8,13 +14,11 @@ import pytest
 
 from jlowbit import codebooks
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "codebooks.json"
+REFERENCE = pathlib.Path(__file__).parent / "data" / "bnb_codebooks.json"
 
 
 def _expected():
-  if not SHARED.exists():
-    pytest.skip("shared/codebooks.json is not beside this checkout")
-  return json.loads(SHARED.read_text())
+  return json.loads(REFERENCE.read_text())
 
 
 @pytest.mark.parametrize("name, values", [

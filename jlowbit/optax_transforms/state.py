@@ -142,8 +142,8 @@ class Storage(NamedTuple):
 
   def float_dtype(self, dtype) -> jnp.dtype:
     """The dtype of a float-state moment of a ``dtype`` parameter: float32,
-    or float64 for float64."""
-    return jnp.promote_types(jnp.float32, dtype)
+    or float64 for float64 (with ``jax_enable_x64``)."""
+    return jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, dtype))
 
 
 def zero_code_index(signed: bool) -> int:

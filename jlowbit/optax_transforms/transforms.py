@@ -20,15 +20,14 @@ static: their defaults (``None``) work under ``optax.inject_hyperparams`` as
 they are; explicitly passed integers need
 ``static_args=jlowbit.STATIC_ARGS`` there (a clear error says so).
 
-Non-finite values: finite gradients never give NaN. A moment that overflows
-float32 (``v`` from a gradient element above ``1.8e19``) saturates at
-``2**126`` in 8-bit state (:mod:`jlowbit.algorithms`, "Saturation"): that
-element's direction is about 0 (optax's is exactly 0), the rest of its block
-loses its history to the outlier's scale. Non-finite gradients are not
-filtered (as in optax): a NaN gradient element makes its block's 8-bit
-moments NaN and its direction NaN; an infinite one saturates its moments and
-makes its direction NaN or infinite. Wrap the optimizer in
-``optax.apply_if_finite`` to skip such steps instead.
+Non-finite values: finite gradients never give NaN (:mod:`jlowbit.algorithms`,
+"Overflow"): where an algorithm squares the gradient it clamps it to
+``+-2**63`` first (optax instead keeps ``v = inf`` and freezes the
+parameter), and stored 8-bit moments saturate at ``2**126``. Non-finite
+gradients are not filtered (as in optax): a NaN gradient element makes its
+direction NaN and its block's 8-bit moments NaN; an infinite one makes its
+direction NaN or infinite. Wrap the optimizer in ``optax.apply_if_finite``
+to skip such steps instead.
 """
 
 from collections.abc import Callable

@@ -27,6 +27,8 @@ UNIFORM_SHIFT = tl.constexpr(32 - _noise.UNIFORM_BITS)
 # compiled ones take GPU approximations with no interpreter counterpart.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 INV_TINY_SCALE = tl.constexpr(1 / _twins.TINY_SCALE)
+RECIPROCAL_MIN_SCALE = tl.constexpr(_twins.RECIPROCAL_MIN_SCALE)
+RECIPROCAL_MAX_SCALE = tl.constexpr(_twins.RECIPROCAL_MAX_SCALE)
 
 
 @triton.jit
@@ -156,23 +158,6 @@ def scaled_tree_index(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
 
 
 @triton.jit
-def scaled_tree_index_top2(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
-  """:func:`scaled_tree_index` (same comparisons, same result), ``CODE_BITS >= 2``.
-
-  The first two levels pick their threshold among the three scalars
-  ``tree[1..3]`` (loaded once) with a select instead of a per-element
-  gather: about 15% fewer instructions per element for 4-bit codes.
-  """
-  x, scale = exact_comparison_operands(x, scale)
-  root = tl.load(tree_ptr + 1) * scale <= x
-  second = tl.where(root, tl.load(tree_ptr + 3), tl.load(tree_ptr + 2))
-  node = 4 + 2 * root.to(tl.int32) + (second * scale <= x).to(tl.int32)
-  for _ in tl.static_range(CODE_BITS - 2):
-    node = 2 * node + (tl.load(tree_ptr + node) * scale <= x).to(tl.int32)
-  return node - (1 << CODE_BITS)
-
-
-@triton.jit
 def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
                         STEPS: tl.constexpr):
   """:func:`scaled_tree_index`'s index in ``STEPS`` gathers instead of 8.
@@ -198,20 +183,42 @@ def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
 
 
 @triton.jit
-def scaled_4bit_index(x, scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr):
-  """4-bit code of ``x / scale``, division-free (int32, ``x``'s shape).
+def reciprocal(scale):
+  """``jlowbit._twins.reciprocal``: the correctly rounded ``1 / scale``
+  (``div.rn``), inf below ``2**-126``, 0 above ``2**126``, NaN for NaN."""
+  inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+  inverse = tl.where(scale < RECIPROCAL_MIN_SCALE, float("inf"), inverse)
+  return tl.where(scale > RECIPROCAL_MAX_SCALE, 0.0, inverse)
 
-  ``SIGN_MAGNITUDE=False`` (NF4): :func:`scaled_tree_index` through the tree
-  of the 16 sorted levels. ``SIGN_MAGNITUDE=True`` (FP4): ``8`` when
-  ``x < 0`` (a tiny negative ``x`` gives "-0"), OR-ed with ``bits[i]``, ``i``
-  the index of ``|x| / scale`` through the tree of the 8 sorted magnitudes.
-  Twin of ``jlowbit._twins.scaled_4bit_index``.
+
+@triton.jit
+def tree_index(v, tree_ptr, CODE_BITS: tl.constexpr):
+  """``jlowbit._twins.tree_index`` (``CODE_BITS >= 2``): ``count(t <= v)``.
+
+  The first two levels pick their threshold among the three scalars
+  ``tree[1..3]`` (loaded once) with a select instead of a per-element
+  gather: about 15% fewer instructions per element for 4-bit codes.
   """
+  root = tl.load(tree_ptr + 1) <= v
+  second = tl.where(root, tl.load(tree_ptr + 3), tl.load(tree_ptr + 2))
+  node = 4 + 2 * root.to(tl.int32) + (second <= v).to(tl.int32)
+  for _ in tl.static_range(CODE_BITS - 2):
+    node = 2 * node + (tl.load(tree_ptr + node) <= v).to(tl.int32)
+  return node - (1 << CODE_BITS)
+
+
+@triton.jit
+def bnb_4bit_index(x, inv_scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE: tl.constexpr):
+  """Twin of ``jlowbit._twins.bnb_4bit_index``: bitsandbytes' 4-bit code of
+  ``r = x * inv_scale`` (int32, ``x``'s shape). NF4: the count of the
+  thresholds below ``r`` (``tree_ptr``: ``jlowbit._search.bnb_4bit_tree``);
+  FP4: ``8`` when ``r < 0``, OR-ed with ``bits`` of the count below ``|r|``."""
+  r = x * inv_scale
   if SIGN_MAGNITUDE:
-    magnitude = tl.load(bits_ptr + scaled_tree_index_top2(tl.abs(x), scale, tree_ptr, 3))
-    return tl.where(x < 0, magnitude | 8, magnitude)
+    magnitude = tl.load(bits_ptr + tree_index(tl.abs(r), tree_ptr, 3))
+    return tl.where(r < 0, magnitude | 8, magnitude)
   else:
-    return scaled_tree_index_top2(x, scale, tree_ptr, 4)
+    return tree_index(r, tree_ptr, 4)
 
 
 @triton.jit

@@ -29,8 +29,8 @@ When 16 divides every leaf size of a launch the kernel is told so
 Hyperparameters are one float32 vector ``hyper`` the kernel ``tl.load``\ s
 (never ``tl.constexpr``: new values never recompile), laid out and used as
 :mod:`jlowbit.algorithms` describes: each algorithm's ``<name>_math`` here is
-the ``@triton.jit`` twin of the ``jax.numpy`` math there. Moments saturate at
-``+-algorithms.MOMENT_LIMIT`` before requantization.
+the ``@triton.jit`` twin of the ``jax.numpy`` math there (gradient clamp and moment saturation
+included).
 
 First moments use the signed dynamic codebook, second moments (``v``,
 ``nu``) the unsigned one. Both reach the kernels in one float32
@@ -92,6 +92,14 @@ QMAP_ROWS = 5  # per codebook in qmaps(): codes, (code, gap) pairs, 2 searches
 # parameters, with room for Triton's own.
 MAX_KERNEL_POINTERS = 384
 MOMENT_LIMIT = tl.constexpr(algorithms.MOMENT_LIMIT)
+GRADIENT_LIMIT = tl.constexpr(algorithms.GRADIENT_LIMIT)
+
+
+@triton.jit
+def _clamped(g):
+  """``jnp.clip(g, -GRADIENT_LIMIT, GRADIENT_LIMIT)`` (NaN stays NaN)."""
+  g = tl.minimum(g, GRADIENT_LIMIT, propagate_nan=tl.PropagateNan.ALL)
+  return tl.maximum(g, -GRADIENT_LIMIT, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -118,6 +126,7 @@ def adam_math(g, m, v, hyper_ptr):
   eps = tl.load(hyper_ptr + 2)
   inv_bc1 = tl.load(hyper_ptr + 3)
   inv_sqrt_bc2 = tl.load(hyper_ptr + 4)
+  g = _clamped(g)
   m = _ema(m, g, b1)
   v = b2 * v + (1.0 - b2) * g * g
   return _normalized(m * inv_bc1, v, inv_sqrt_bc2, eps), m, v
@@ -132,6 +141,7 @@ def ademamix_math(g, m1, m2, nu, hyper_ptr):
   eps = tl.load(hyper_ptr + 4)
   inv_bc1 = tl.load(hyper_ptr + 5)
   inv_sqrt_bc2 = tl.load(hyper_ptr + 6)
+  g = _clamped(g)
   m1 = _ema(m1, g, b1)
   m2 = _ema(m2, g, b3)
   nu = b2 * nu + (1.0 - b2) * g * g
@@ -158,6 +168,7 @@ def momentum_math(g, m, hyper_ptr):
 def rmsprop_math(g, v, hyper_ptr):
   decay = tl.load(hyper_ptr)
   eps = tl.load(hyper_ptr + 1)
+  g = _clamped(g)
   v = decay * v + (1.0 - decay) * g * g
   return common.fast_divide(g, tl.sqrt(v) + eps), v
 
@@ -165,6 +176,7 @@ def rmsprop_math(g, v, hyper_ptr):
 @triton.jit
 def adagrad_math(g, v, hyper_ptr):
   eps = tl.load(hyper_ptr)
+  g = _clamped(g)
   v = v + g * g
   return common.fast_divide(g, tl.sqrt(v) + eps), v
 

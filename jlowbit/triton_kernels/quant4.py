@@ -41,8 +41,8 @@ def _quantize_tile(x_ptr, tree_ptr, bits_ptr, packed_ptr, absmax_ptr, start, n,
   else:
     x = tl.load(x_ptr + start + offsets).to(tl.float32)
   absmax = common.row_absmax(tl.reshape(x, (BLOCKS, BLOCK_SIZE)))
-  scale = common.broadcast_rows(common.block_scale(absmax), BLOCKS, BLOCK_SIZE)
-  codes = common.scaled_4bit_index(x, scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE)
+  inv_scale = common.broadcast_rows(common.reciprocal(absmax), BLOCKS, BLOCK_SIZE)
+  codes = common.bnb_4bit_index(x, inv_scale, tree_ptr, bits_ptr, SIGN_MAGNITUDE)
   if MASKED:
     codes = tl.where(mask, codes, 0)  # odd n: the last low nibble is 0
   high, low = tl.split(tl.reshape(codes, (tile // 2, 2)))
@@ -111,9 +111,9 @@ def quantize_4bit(x: jax.Array, tree: jax.Array, bits: jax.Array,
                   block_size: int, sign_magnitude: bool, impl: str):
   """Launches the quantize kernel on flat ``x``; returns (packed, absmax).
 
-  ``tree``: float32 decision tree (``jlowbit._search.decision_tree``) of
-  the 16 NF4 levels or the 8 FP4 magnitudes; ``bits``: int32 code of each
-  FP4 magnitude (unused for NF4).
+  ``tree``: float32 threshold tree (``jlowbit._search.bnb_4bit_tree``) of
+  the NF4 codes or the FP4 magnitudes; ``bits``: int32 code of each FP4
+  magnitude (unused for NF4).
   """
   n = x.size
   return launch(
