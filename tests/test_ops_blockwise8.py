@@ -208,6 +208,10 @@ def test_custom_codebook_linear():
     (dict(x=[1.0, 2.0]), TypeError, r"x must be a jax.Array or numpy.ndarray, got list"),
     (dict(x=jnp.ones(10), block_size=100), ValueError, r"block_size=100 .*64, 128"),
     (dict(x=jnp.ones(10), block_size=8192), ValueError, r"block_size=8192"),
+    # Regression: floats used to pass and fail deep inside (pad_width).
+    (dict(x=jnp.ones(10), block_size=256.0), TypeError,
+     r"block_size=256.0 must be an int; allowed values: 64, 128"),
+    (dict(x=jnp.ones(10), block_size=True), TypeError, r"block_size=True must be an int"),
     (dict(x=jnp.ones(10), code=jnp.ones(16)), ValueError, r"code.shape=\(16,\)"),
     (dict(x=jnp.ones(10), code=jnp.ones(256)), ValueError, r"code must be sorted"),
     (dict(x=jnp.ones(10), impl="cuda"), ValueError, r"impl='cuda' .*'xla'"),
@@ -216,6 +220,13 @@ def test_quantize_errors(kwargs, exc, match):
   x = kwargs.pop("x")
   with pytest.raises(exc, match=match):
     jlowbit.quantize_blockwise(x, **kwargs)
+
+
+def test_numpy_integer_block_size_and_float64_numpy_input_are_accepted():
+  x = np.linspace(-1, 1, 300)  # float64: converted as JAX converts it
+  q = jlowbit.quantize_blockwise(x, block_size=np.int64(256))
+  assert q.block_size == 256 and type(q.block_size) is int
+  assert q.dtype == "float32" and q.codes.shape == (300,)
 
 
 def test_dequantize_errors():

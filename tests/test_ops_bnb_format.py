@@ -229,6 +229,40 @@ def test_from_bnb_errors(make_state, exc, match):
     jlowbit.from_bnb(make_state())
 
 
+def _with_raw_json(state, raw):
+  return {**state, "quant_state.bitsandbytes__nf4": np.frombuffer(raw, np.uint8).copy()}
+
+
+# Regression: these leaked JSONDecodeError / UnicodeDecodeError / TypeError,
+# or (shapes) were accepted.
+@pytest.mark.parametrize("make_state, match", [
+    (lambda: _with_raw_json(_state(), b"not json"),
+     r"quant_state.bitsandbytes__nf4 is not valid JSON"),
+    (lambda: _with_raw_json(_state(), b'{"quant_type": "nf4", "blocksize'),
+     r"quant_state.bitsandbytes__nf4 is not valid JSON"),
+    (lambda: _with_raw_json(_state(), b"\xff\xfe{}"),
+     r"quant_state.bitsandbytes__nf4 is not UTF-8 text"),
+    (lambda: _with_raw_json(_state(), b'["nf4", 64]'),
+     r"quant_state.bitsandbytes__nf4 must hold a JSON object, got list"),
+    (lambda: _with_json(_state(), shape=[-32, -64]),
+     r"\['shape'\]=\[-32, -64\] must be a list of non-negative integers"),
+    (lambda: _with_json(_state(), shape=[32.7, 64]),
+     r"\['shape'\]=\[32.7, 64\] must be a list of non-negative integers"),
+    (lambda: _with_json(_state(), shape="3x64"),
+     r"\['shape'\]='3x64' must be a list"),
+    (lambda: _with_json(_state(), blocksize=64.0),
+     r"\['blocksize'\]=64.0 must be an integer"),
+    (lambda: _with_json(_state(True), nested_offset="1.5"),
+     r"\['nested_offset'\]='1.5' must be a number"),
+    (lambda: _with_json(_state(True), nested_blocksize=100),
+     r"\['nested_blocksize'\]=100 is not supported"),
+])
+def test_from_bnb_malformed_quant_state(make_state, match):
+  with pytest.raises(ValueError, match=match):
+    jlowbit.from_bnb(make_state())
+
+
+
 def test_truncated_bitsandbytes_storage_is_rejected():
   # bitsandbytes allocates (n + 1) // (2 * itemsize) storage elements, which
   # drops the tail when that does not divide: 5 elements in bfloat16 -> 1.

@@ -275,6 +275,9 @@ def test_quant_storage_only_changes_the_view(storage):
     (dict(x=jnp.arange(10)), TypeError, r"x.dtype=int32 .*float32, bfloat16, float16"),
     (dict(x=[1.0, 2.0]), TypeError, r"x must be a jax.Array or numpy.ndarray"),
     (dict(x=jnp.ones(10), block_size=48), ValueError, r"block_size=48 .*32, 64"),
+    # Regression: floats used to pass and fail deep inside (pad_width).
+    (dict(x=jnp.ones(10), block_size=64.0), TypeError,
+     r"block_size=64.0 must be an int; allowed values: 32, 64"),
     (dict(x=jnp.ones(10), block_size=16), ValueError, r"block_size=16"),
     (dict(x=jnp.ones(10), block_size=8192), ValueError, r"block_size=8192"),
     (dict(x=jnp.ones(10), quant_type="int4"), ValueError,

@@ -79,7 +79,7 @@ def test_huge_gradient_is_clamped_and_adam_stays_scale_invariant(min_8bit_size):
   spike, state = tx.update(g.at[5].set(1e25), tx.init(g))
   if min_8bit_size == 0:  # (1 - b2) g**2 of the clamped g
     np.testing.assert_allclose(state.nu.absmax[0],
-                               algorithms.GRADIENT_LIMIT ** 2 * 1e-3, rtol=1e-6)
+                               algorithms.GRADIENT_LIMIT ** 2 * 1e-3, rtol=1e-4)
     assert float(state.nu.absmax[1]) < 1  # the other block is untouched
   moderate, _ = tx.update(g.at[5].set(1e15), tx.init(g))
   np.testing.assert_allclose(spike[5], moderate[5], rtol=1e-6)

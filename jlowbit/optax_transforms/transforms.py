@@ -30,6 +30,7 @@ direction NaN or infinite. Wrap the optimizer in ``optax.apply_if_finite``
 to skip such steps instead.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -42,13 +43,14 @@ from jlowbit import update8
 from jlowbit.optax_transforms import checks
 from jlowbit.optax_transforms import state as state_lib
 
-# (count before the step, int32; t = step number, float32) -> hyper vector.
+# (count before the step, int32; t = step number, float) -> hyper vector.
+# The vector is in t's dtype: float32, or float64 for float64 float-state leaves.
 HyperFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _f32(*values: Any) -> jax.Array:
-  """Stacks scalars (floats, arrays or tracers) into a float32 vector."""
-  return jnp.stack([jnp.asarray(v, jnp.float32).reshape(()) for v in values])
+def _hyper(t: jax.Array, *values: Any) -> jax.Array:
+  """Stacks scalars (floats, arrays or tracers) into a vector of ``t``'s dtype."""
+  return jnp.stack([jnp.asarray(v, t.dtype).reshape(()) for v in values])
 
 
 def _scheduled(value: Any, count: jax.Array) -> Any:
@@ -57,12 +59,15 @@ def _scheduled(value: Any, count: jax.Array) -> Any:
 
 
 def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
-                   hyper: jax.Array, block_size: int, impl: str | None,
+                   hyper: Callable[[Any], jax.Array], block_size: int,
+                   impl: str | None,
                    stochastic: tuple[bool, ...] | None,
                    step: jax.Array) -> list:
   """Per leaf ``(direction, ((codes, absmax) per moment))``.
 
-  ``codes[i]``/``absmax[i]``: leaf i's per-moment codes and absmax;
+  ``hyper(dtype)``: the hyper vector in ``dtype`` (float32; float64 for
+  float64 moments). ``codes[i]``/``absmax[i]``: leaf i's per-moment codes
+  and absmax;
   ``absmax[i][0] is None`` for a float-state leaf, whose codes are the
   float moments (absmax stays ``None``). The 8-bit leaves go to
   :func:`jlowbit.update8.update_8bit` together (few kernel launches; their
@@ -72,13 +77,15 @@ def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
   eightbit = [i for i in range(len(grads)) if absmax[i][0] is not None]
   for i, g in enumerate(grads):
     if absmax[i][0] is None:
-      direction, new = update8.update_float(algorithm, g, codes[i], hyper)
+      direction, new = update8.update_float(
+          algorithm, g, codes[i], hyper(codes[i][0].dtype))
       out[i] = direction, tuple((m.astype(old.dtype), None)
                                 for m, old in zip(new, codes[i]))
   if eightbit:
     results = update8.update_8bit(
         algorithm, [grads[i] for i in eightbit],
-        [tuple(zip(codes[i], absmax[i])) for i in eightbit], hyper,
+        [tuple(zip(codes[i], absmax[i])) for i in eightbit],
+        hyper(jnp.float32),
         block_size=block_size, stochastic=stochastic, step=step, impl=impl)
     for i, result in zip(eightbit, results):
       out[i] = result
@@ -94,7 +101,7 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
   Args:
     algorithm: a key of :data:`jlowbit.algorithms.ALGORITHMS`.
     state_cls: NamedTuple ``(count, *moments)`` holding the state.
-    hyper_fn: builds the float32 ``hyper`` vector from ``(count, t)``.
+    hyper_fn: builds the ``hyper`` vector from ``(count, t)`` in ``t``'s dtype.
     block_size: elements per quantization block, 64..4096 (powers of two);
       ``None``: :data:`~jlowbit.optax_transforms.state.DEFAULT_BLOCK_SIZE`.
     min_8bit_size: smallest leaf size with 8-bit state; ``None``:
@@ -124,8 +131,9 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
     checks.check_state(state, state_cls, alg, updates, params, storage)
     moments = state[1:]
     count = optax.safe_increment(state.count)
-    hyper = hyper_fn(state.count, count.astype(jnp.float32))
     grads, treedef = jax.tree.flatten(updates)
+    hyper = functools.cache(
+        lambda dtype: hyper_fn(state.count, count.astype(dtype)))
     per_leaf = lambda trees: list(zip(*(treedef.flatten_up_to(t) for t in trees)))
     out = _update_leaves(algorithm, grads, per_leaf([m.codes for m in moments]),
                          per_leaf([m.absmax for m in moments]), hyper,
@@ -141,9 +149,9 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
 
 
 def _inverse_bias_corrections(b1: Any, b2: Any, t: jax.Array) -> tuple[jax.Array, ...]:
-  """``(1 / (1 - b1**t), 1 / sqrt(1 - b2**t))`` in float32."""
-  return (1 / (1 - jnp.asarray(b1, jnp.float32) ** t),
-          1 / jnp.sqrt(1 - jnp.asarray(b2, jnp.float32) ** t))
+  """``(1 / (1 - b1**t), 1 / sqrt(1 - b2**t))`` in ``t``'s dtype."""
+  return (1 / (1 - jnp.asarray(b1, t.dtype) ** t),
+          1 / jnp.sqrt(1 - jnp.asarray(b2, t.dtype) ** t))
 
 
 _CONFIG_DOC = """
@@ -193,7 +201,7 @@ def scale_by_adam_8bit(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, *,
   """
   def hyper(count, t):
     del count
-    return _f32(b1, b2, eps, *_inverse_bias_corrections(b1, b2, t))
+    return _hyper(t, b1, b2, eps, *_inverse_bias_corrections(b1, b2, t))
   return scale_by_8bit("adam", state_lib.ScaleByAdam8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
                        impl=impl)
@@ -211,16 +219,16 @@ def ademamix_schedules(b1: Any, b3: Any, alpha: Any, t: jax.Array,
   each applied only when its horizon (``t_alpha``, ``t_beta3``) is not None.
 
   Returns:
-    ``(b3_t, alpha_t)`` as float32 scalars.
+    ``(b3_t, alpha_t)`` as scalars of ``t``'s dtype.
   """
-  b3 = jnp.asarray(b3, jnp.float32)
-  alpha = jnp.asarray(alpha, jnp.float32)
+  b3 = jnp.asarray(b3, t.dtype)
+  alpha = jnp.asarray(alpha, t.dtype)
   if t_alpha is not None:
-    alpha = jnp.minimum(t * alpha / jnp.asarray(t_alpha, jnp.float32), alpha)
+    alpha = jnp.minimum(t * alpha / jnp.asarray(t_alpha, t.dtype), alpha)
   if t_beta3 is not None:
-    ln_b1 = jnp.log(jnp.asarray(b1, jnp.float32))
+    ln_b1 = jnp.log(jnp.asarray(b1, t.dtype))
     ln_b3 = jnp.log(b3)
-    s = t / jnp.asarray(t_beta3, jnp.float32)
+    s = t / jnp.asarray(t_beta3, t.dtype)
     b3 = jnp.minimum(jnp.exp(ln_b1 * ln_b3 / ((1 - s) * ln_b3 + s * ln_b1)), b3)
   return b3, alpha
 
@@ -285,7 +293,8 @@ def scale_by_ademamix_8bit(b1: Any = 0.9, b2: Any = 0.999, b3: Any = 0.9999,
     b3_t, alpha_t = ademamix_schedules(
         b1, _scheduled(b3, count), _scheduled(alpha, count), t, t_alpha,
         t_beta3)
-    return _f32(b1, b2, b3_t, alpha_t, eps, *_inverse_bias_corrections(b1, b2, t))
+    return _hyper(t, b1, b2, b3_t, alpha_t, eps,
+                  *_inverse_bias_corrections(b1, b2, t))
   return scale_by_8bit("ademamix", state_lib.ScaleByAdemamix8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
                        impl=impl, stochastic=(False, stochastic_rounding, False))
@@ -317,8 +326,8 @@ def scale_by_lion_8bit(b1: Any = 0.9, b2: Any = 0.99, *,
     <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
   def hyper(count, t):
-    del count, t
-    return _f32(b1, b2)
+    del count
+    return _hyper(t, b1, b2)
   return scale_by_8bit("lion", state_lib.ScaleByLion8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
                        impl=impl)
@@ -345,7 +354,7 @@ def scale_by_momentum_8bit(momentum: Any = 0.9, *,
   """
   def hyper(count, t):
     del count
-    return _f32(momentum, (t == 1).astype(jnp.float32))
+    return _hyper(t, momentum, (t == 1).astype(jnp.float32))
   return scale_by_8bit("momentum", state_lib.ScaleByMomentum8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
                        impl=impl)
@@ -372,8 +381,8 @@ def scale_by_rms_8bit(decay: Any = 0.99, eps: Any = 1e-8, *,
     :class:`~jlowbit.optax_transforms.state.ScaleByRms8bitState`.
   """
   def hyper(count, t):
-    del count, t
-    return _f32(decay, eps)
+    del count
+    return _hyper(t, decay, eps)
   return scale_by_8bit("rmsprop", state_lib.ScaleByRms8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
                        impl=impl)
@@ -398,8 +407,8 @@ def scale_by_rss_8bit(eps: Any = 1e-10, *, block_size: int | None = None,
     :class:`~jlowbit.optax_transforms.state.ScaleByRss8bitState`.
   """
   def hyper(count, t):
-    del count, t
-    return _f32(eps)
+    del count
+    return _hyper(t, eps)
   return scale_by_8bit("adagrad", state_lib.ScaleByRss8bitState, hyper,
                        block_size=block_size, min_8bit_size=min_8bit_size,
                        impl=impl)
