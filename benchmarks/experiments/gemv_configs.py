@@ -37,7 +37,7 @@ from timing import hbm_tbps, table, time_jax  # noqa: E402  pylint: disable=g-im
 import jlowbit  # noqa: E402  pylint: disable=g-import-not-at-top
 from jlowbit import quant4  # noqa: E402  pylint: disable=g-import-not-at-top
 from jlowbit.triton_kernels import quant4 as quant4_kernels  # noqa: E402  pylint: disable=g-import-not-at-top
-from jlowbit.triton_kernels.gemv4 import GemvConfig  # noqa: E402  pylint: disable=g-import-not-at-top
+from jlowbit.matmul4 import GemvConfig  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SHAPES = ["4096x4096", "11008x4096", "8192x8192", "28672x8192"]
 CONFIGS = [  # (label, config); "default" is GemvConfig.get_default(N, K)
