@@ -83,6 +83,12 @@ RECIPROCAL_MIN_SCALE = 2.0 ** -126
 RECIPROCAL_MAX_SCALE = 2.0 ** 126
 
 
+def _quotient_estimate(target: jax.Array, mantissa: jax.Array) -> jax.Array:
+  """``T / m`` to within a few units (int32): float division, which XLA
+  computes approximately on a GPU."""
+  return (target / mantissa.astype(jnp.float32)).astype(jnp.int32)
+
+
 def reciprocal(scale: jax.Array) -> jax.Array:
   """``1 / scale`` correctly rounded to float32 on every backend.
 
@@ -107,7 +113,7 @@ def reciprocal(scale: jax.Array) -> jax.Array:
   exponent = (bits >> 23).astype(jnp.int32)
   power = mantissa == 0x800000  # T = 2**46 keeps q below 2**24
   target = jnp.where(power, jnp.float32(2.0 ** 46), jnp.float32(2.0 ** 47))
-  q = (target / mantissa.astype(jnp.float32)).astype(jnp.int32)
+  q = _quotient_estimate(target, mantissa)
   for _ in range(2):  # |q0 - T / m| <= a few units; one step fixes it
     remainder = jax.lax.bitcast_convert_type(
         jnp.uint32(0) - mantissa * q.astype(jnp.uint32), jnp.int32)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import ALL_IMPLS
 
 import jlowbit as lowbit
 
@@ -38,7 +39,7 @@ def test_32bit_twins_do_float64_math_like_optax(name):
                    updates, want)
 
 
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize("name", NAMES)
 def test_8bit_optimizers_take_float64_params(name, impl):
   with jax.enable_x64(True):
