@@ -7,119 +7,113 @@ calling convention of ``jax_triton.triton_call``. A generated kernel is named
 by its factory: ``kernel_args=(...)`` makes the kernel
 ``module.kernel_name(*kernel_args)``.
 
-With ``impl="interpret"`` the kernel runs in a helper process that imported
-Triton with ``TRITON_INTERPRET=1``, on numpy buffers sent from
+With ``impl="interpret"`` the kernel runs in a worker process that imported
+Triton with ``TRITON_INTERPRET=1``
+(:mod:`jlowbit.triton_kernels.interpreter_worker`), on numpy buffers sent from
 ``jax.pure_callback``; unaliased outputs start filled with a poison pattern so
-that tests catch elements a kernel forgets to write.
+that tests catch elements a kernel forgets to write. The worker is a fresh
+``python -c`` that finds modules on this process's ``sys.path`` and never
+imports ``__main__``, so scripts without a main guard, stdin and notebooks
+work alike. It starts on first use, serves one request at a time, stops at
+exit, and is replaced after it dies.
 """
 
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
-import functools
-import importlib
-import multiprocessing
+import contextlib
 import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Sequence
+
 import jax
 import numpy as np
 
-_POISON_BYTE = 0xA5
+from jlowbit.triton_kernels import interpreter_worker
 
 
-class _HostStorage:
-  """Storage view Triton's interpreter copies to and from."""
-
-  def __init__(self, array: np.ndarray):
-    self.array = array
-
-  def data_ptr(self) -> int:
-    return self.array.ctypes.data
-
-  def cpu(self) -> "_HostStorage":
-    return self
-
-  def copy_(self, other: "_HostStorage") -> None:
-    if other.array is not self.array:
-      self.array[...] = other.array
-
-
-class HostTensor:
-  """The few torch.Tensor methods Triton's interpreter uses, over numpy."""
-
-  def __init__(self, array: np.ndarray):
-    self.array = np.ascontiguousarray(array)
-    self.dtype = "torch." + str(self.array.dtype)
-
-  def data_ptr(self) -> int:
-    return self.array.ctypes.data
-
-  def untyped_storage(self) -> _HostStorage:
-    return _HostStorage(self.array)
-
-  def new_empty(self, *unused_args, **unused_kwargs) -> "HostTensor":
-    return HostTensor(self.array)
-
-  def set_(self, storage: _HostStorage, *unused_args) -> "HostTensor":
-    self.array = storage.array
-    return self
-
-  def storage_offset(self) -> int:
-    return 0
-
-  def size(self) -> tuple[int, ...]:
-    return self.array.shape
-
-  def stride(self) -> tuple[int, ...]:
-    return tuple(s // self.array.itemsize for s in self.array.strides)
-
-  def copy_(self, other: "HostTensor") -> None:
-    self.array[...] = other.array
-
-
-def _init_interpreter_worker() -> None:
-  os.environ["TRITON_INTERPRET"] = "1"
-
-
-@functools.cache
-def _interpreter_pool() -> concurrent.futures.ProcessPoolExecutor:
-  """One worker process whose Triton was imported with TRITON_INTERPRET=1.
+class _Worker:
+  """A worker process whose Triton was imported with TRITON_INTERPRET=1.
 
   Triton decides at decoration time whether a ``@triton.jit`` function
   (its own ``tl.zeros`` and friends included) is compiled or interpreted, so
   interpreted kernels live in a process of their own.
   """
-  pool = concurrent.futures.ProcessPoolExecutor(
-      max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-      initializer=_init_interpreter_worker)
-  atexit.register(pool.shutdown)
-  return pool
+
+  def __init__(self):
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(sys.path))
+    self.process = subprocess.Popen(
+        [sys.executable, "-c", interpreter_worker.MAIN],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+  def call(self, request: bytes) -> bytes:
+    interpreter_worker.write_message(self.process.stdin, request)
+    return interpreter_worker.read_message(self.process.stdout)
+
+  def stop(self, timeout: float) -> str:
+    """Closes its stdin, kills it after ``timeout`` seconds; how it ended."""
+    with contextlib.suppress(OSError):  # a dead worker's pipe is broken
+      self.process.stdin.close()
+    try:
+      self.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+    self.process.stdout.close()
+    status = self.process.wait()
+    if status < 0:
+      return f"was killed by signal {-status} ({signal.strsignal(-status)})"
+    return f"exited with status {status} (see stderr)"
 
 
-def _poisoned(shape: Sequence[int], dtype) -> np.ndarray:
-  out = np.empty(shape, dtype)
-  out.reshape(-1).view(np.uint8)[...] = _POISON_BYTE
-  return out
+_worker: _Worker | None = None
+_worker_lock = threading.Lock()
 
 
-def _kernel(module_name: str, kernel_name: str, kernel_args: tuple | None):
-  """``module.kernel_name``, or the kernel its factory makes of ``kernel_args``."""
-  found = getattr(importlib.import_module(module_name), kernel_name)
-  return found if kernel_args is None else found(*kernel_args)
+@atexit.register
+def _stop_worker() -> None:
+  if _worker is not None:
+    _worker.stop(timeout=5)
 
 
-def _run_interpreted(module_name, kernel_name, kernel_args, args, arrays,
-                     out_shapes, grid, input_output_aliases, constexprs):
-  """Runs in the worker: the interpreted kernel over numpy buffers."""
-  kernel = _kernel(module_name, kernel_name, kernel_args)
-  outs = [_poisoned(shape, dtype) for shape, dtype in out_shapes]
-  for array_index, out_index in input_output_aliases.items():
-    outs[out_index][...] = arrays[array_index]
-  arrays = iter(arrays)
-  call_args = [a if _is_scalar(a) else HostTensor(next(arrays)) for a in args]
-  kernel[grid](*call_args, *[HostTensor(o) for o in outs], **constexprs)
-  return tuple(outs)
+def _run_interpreted(*request) -> tuple[np.ndarray, ...]:
+  """``interpreter_worker.run(*request)`` in the worker; starts it if needed.
+
+  Raises what the kernel raised, with the worker's traceback as a note, or
+  ``RuntimeError`` where the worker died (the next call starts a new one).
+  """
+  global _worker
+  message = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+  with _worker_lock:
+    if _worker is None:
+      _worker = _Worker()
+    worker = _worker
+    try:
+      reply = worker.call(message)
+    except BaseException as failure:
+      # Dead, or interrupted halfway through a request: never reused.
+      _worker = None
+      ended = worker.stop(timeout=1)
+      if isinstance(failure, (OSError, EOFError)):
+        raise RuntimeError(
+            f"the Triton interpreter worker (pid {worker.process.pid}) "
+            f"{ended}; the next call starts a new one") from failure
+      raise
+  succeeded, result = pickle.loads(reply)
+  if succeeded:
+    return result
+  pickled, summary, worker_traceback = result
+  try:  # None where it did not pickle; its class may not import here
+    error = pickle.loads(pickled)
+  except Exception:  # pylint: disable=broad-except
+    error = RuntimeError(summary)
+  error.add_note("Traceback in the Triton interpreter worker:\n"
+                 + worker_traceback)
+  raise error
 
 
 def _interpret_call(module_name: str, kernel_name: str, kernel_args, args,
@@ -129,11 +123,9 @@ def _interpret_call(module_name: str, kernel_name: str, kernel_args, args,
   shapes = [(tuple(s.shape), np.dtype(s.dtype)) for s in out_shapes]
 
   def host(*arrays):
-    future = _interpreter_pool().submit(
-        _run_interpreted, module_name, kernel_name, kernel_args, scalar_args,
-        [np.asarray(a) for a in arrays], shapes, grid, input_output_aliases,
-        constexprs)
-    return future.result()
+    return _run_interpreted(module_name, kernel_name, kernel_args, scalar_args,
+                            [np.asarray(a) for a in arrays], shapes, grid,
+                            input_output_aliases, constexprs)
 
   result_shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shapes)
   return jax.pure_callback(host, result_shapes, *array_args,
@@ -183,7 +175,7 @@ def launch(module_name: str, kernel_name: str, *args,
   if impl != "triton":
     raise ValueError(f"impl={impl!r}: launch() runs 'triton' or 'interpret'")
   import jax_triton  # pylint: disable=g-import-not-at-top
-  kernel = _kernel(module_name, kernel_name, kernel_args)
+  kernel = interpreter_worker.find_kernel(module_name, kernel_name, kernel_args)
   return tuple(jax_triton.triton_call(
       *args, kernel=kernel, out_shape=out_shape, grid=grid,
       num_warps=num_warps, num_stages=num_stages,
