@@ -30,8 +30,8 @@ import numpy as np
 import jlowbit
 
 x = jnp.asarray(np.random.default_rng(0).standard_normal(3000), jnp.float32)
-got = jlowbit.quantize_blockwise(x, blocksize=256, impl="interpret")
-want = jlowbit.quantize_blockwise(x, blocksize=256, impl="xla")
+got = jlowbit.quantize_blockwise(x, block_size=256, impl="interpret")
+want = jlowbit.quantize_blockwise(x, block_size=256, impl="xla")
 np.testing.assert_array_equal(got.codes, want.codes)
 np.testing.assert_array_equal(got.absmax, want.absmax)
 print("interpret == xla")
@@ -91,8 +91,8 @@ except Exception as e:
 
 def _quantize_matches_xla():
   x = jnp.linspace(-3.0, 5.0, 3000, dtype=jnp.float32)
-  got = jlowbit.quantize_blockwise(x, blocksize=256, impl="interpret")
-  want = jlowbit.quantize_blockwise(x, blocksize=256, impl="xla")
+  got = jlowbit.quantize_blockwise(x, block_size=256, impl="interpret")
+  want = jlowbit.quantize_blockwise(x, block_size=256, impl="xla")
   np.testing.assert_array_equal(got.codes, want.codes)
   np.testing.assert_array_equal(got.absmax, want.absmax)
 
@@ -120,7 +120,7 @@ def _dequantize_with(**constexprs):
 def test_kernel_error_reaches_the_caller_with_the_worker_traceback():
   # arange over 3 * 100 elements: Triton wants a power of 2.
   with pytest.raises(Exception, match="power of 2"):
-    jax.block_until_ready(_dequantize_with(BLOCKSIZE=100, BLOCKS=3))
+    jax.block_until_ready(_dequantize_with(BLOCK_SIZE=100, BLOCKS=3))
   # pure_callback keeps only the message; the exception the callback raised
   # carries the worker's traceback as a note.
   with pytest.raises(Exception, match="power of 2") as raised:
@@ -130,11 +130,11 @@ def test_kernel_error_reaches_the_caller_with_the_worker_traceback():
         [np.zeros(256, np.uint8), np.asarray(jlowbit.codebooks.dynamic(True)),
          np.ones(1, np.float32)],
         [((256,), np.dtype(np.float32))], (1,), {},
-        {"BLOCKSIZE": 100, "BLOCKS": 3})
+        {"BLOCK_SIZE": 100, "BLOCKS": 3})
   notes = "\n".join(getattr(raised.value, "__notes__", []))
   assert "Traceback" in notes and "dequantize_blockwise_kernel" in notes
   # The worker survives a kernel error.
-  (out,) = _dequantize_with(BLOCKSIZE=256, BLOCKS=16)
+  (out,) = _dequantize_with(BLOCK_SIZE=256, BLOCKS=16)
   np.testing.assert_array_equal(
       out, np.full(256, jlowbit.codebooks.dynamic(True)[0]))
 
@@ -145,9 +145,9 @@ def test_concurrent_calls_get_their_own_outputs():
         for i in range(6)]
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     got = list(pool.map(
-        lambda x: jlowbit.quantize_blockwise(x, blocksize=256, impl="interpret"),
+        lambda x: jlowbit.quantize_blockwise(x, block_size=256, impl="interpret"),
         xs))
   for x, q in zip(xs, got):
-    want = jlowbit.quantize_blockwise(x, blocksize=256, impl="xla")
+    want = jlowbit.quantize_blockwise(x, block_size=256, impl="xla")
     np.testing.assert_array_equal(q.codes, want.codes)
     np.testing.assert_array_equal(q.absmax, want.absmax)

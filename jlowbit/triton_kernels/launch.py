@@ -45,7 +45,9 @@ class _Worker:
   """
 
   def __init__(self):
-    env = dict(os.environ, TRITON_INTERPRET="1",
+    # The worker computes on numpy buffers: JAX there stays on the CPU and
+    # never takes GPU memory.
+    env = dict(os.environ, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(sys.path))
     self.process = subprocess.Popen(
         [sys.executable, "-c", interpreter_worker.MAIN],
