@@ -43,10 +43,12 @@ clamp it to ``[-GRADIENT_LIMIT, GRADIENT_LIMIT]`` (``2**63``), so that
 ``v`` infinite, which freezes that parameter for good in float32 state
 (``m / inf = 0``, as in optax) and turns its whole 8-bit block into NaN
 (``0 * inf``). Adam's and AdEMAMix's directions are invariant to the
-gradient's scale, so the clamp leaves their first step unchanged. Stored
-8-bit moments that still grow past ``MOMENT_LIMIT`` (``2**126``: Adagrad's
-sum, a momentum buffer) saturate there before requantization (NaN stays
-NaN), which keeps ``1 / absmax`` a normal float32 for the kernels' search.
+gradient's scale, so the clamp leaves their first step unchanged, and their
+moments, averages of values within ``2**126``, stay within it. The moments
+that can still grow past ``MOMENT_LIMIT`` (``2**126``: Adagrad's sum, a
+momentum buffer, Lion's average of unclamped gradients; ``saturates``)
+saturate there before 8-bit requantization (NaN stays NaN), which keeps
+``1 / absmax`` a normal float32 for the kernels' search.
 """
 
 import dataclasses
@@ -135,6 +137,8 @@ class Algorithm:
     exact_direction_dtype: a narrower dtype holding every direction value
       exactly (Lion's signs in bfloat16), which a kernel may write instead
       of the gradient's dtype; ``None``: none.
+    saturates: whether its moments can grow past ``MOMENT_LIMIT`` and are
+      clamped to it before requantization (see "Overflow").
   """
   name: str
   moments: tuple[str, ...]
@@ -142,6 +146,7 @@ class Algorithm:
   hyper: tuple[str, ...]
   math: Math
   exact_direction_dtype: str | None = None
+  saturates: bool = False
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
@@ -151,10 +156,10 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               ("b1", "b2", "b3", "alpha", "eps", "inv_bc1", "inv_sqrt_bc2"),
               ademamix_math),
     Algorithm("lion", ("mu",), (True,), ("b1", "b2"), lion_math,
-              exact_direction_dtype="bfloat16"),
+              exact_direction_dtype="bfloat16", saturates=True),
     Algorithm("momentum", ("trace",), (True,), ("momentum", "first"),
-              momentum_math),
+              momentum_math, saturates=True),
     Algorithm("rmsprop", ("nu",), (False,), ("decay", "eps"), rmsprop_math),
     Algorithm("adagrad", ("sum_of_squares",), (False,), ("eps",),
-              adagrad_math),
+              adagrad_math, saturates=True),
 )}

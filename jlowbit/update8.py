@@ -6,7 +6,8 @@ each leaf's 8-bit moments (``code[codes] * absmax``), does the algorithm's
 float32 math with the gradient, and requantizes the new moments blockwise
 (``absmax`` = max |moment| per block, nearest code, ties to the lower index;
 or stochastic rounding for the moments flagged so), after saturating them at
-``+-MOMENT_LIMIT`` (:mod:`jlowbit.algorithms`, "Overflow"). It returns the
+``+-MOMENT_LIMIT`` where they can grow past it (:mod:`jlowbit.algorithms`,
+"Overflow"). It returns the
 update *direction* (no learning rate, no weight decay) and the new moments.
 
 * ``impl="xla"``: :func:`update_8bit_reference`, leaf by leaf, in
@@ -217,7 +218,8 @@ def update_8bit_reference(
   d, new = _math_8bit(alg, grad, moments, hyper, block_size)
   requantized = []
   for value, signed, rounds in zip(new, alg.signed, stochastic):
-    value = jnp.clip(value, -algorithms.MOMENT_LIMIT, algorithms.MOMENT_LIMIT)
+    if alg.saturates:
+      value = jnp.clip(value, -algorithms.MOMENT_LIMIT, algorithms.MOMENT_LIMIT)
     uniform = (_noise.element_uniform(value.size, _noise.weyl_offset(step),
                                       counter_offset) if rounds else None)
     codes, absmax = blockwise8.quantize_blockwise_reference(

@@ -222,20 +222,22 @@ def _store_moment(value, codes_ptr, absmax_ptr, search_ptr, buckets_ptr,
                   pairs_ptr, tile, offsets, mask, n, BLOCK_SIZE: tl.constexpr,
                   TILE: tl.constexpr, units, CODE_BITS: tl.constexpr,
                   STEPS: tl.constexpr, STOCHASTIC: tl.constexpr,
-                  SIGNED: tl.constexpr):
+                  SATURATE: tl.constexpr, SIGNED: tl.constexpr):
   """Requantizes one moment tile blockwise; stores its codes and absmax.
 
   ``search_ptr``, ``buckets_ptr``, ``STEPS``: the codebook's search for the
   nearest code, or with ``STOCHASTIC`` for the lower bracketing code, which
   then rounds stochastically through the (code, gap) pairs at ``pairs_ptr``
-  with the noise ``units`` (:func:`_tile_noise`). The moment saturates at
-  ``+-MOMENT_LIMIT`` first (``jlowbit.algorithms``; NaN stays NaN; an
-  unsigned moment is never negative, so only its upper bound is applied) and
-  lanes off ``mask`` are zeroed so they cannot raise a block's absmax.
+  with the noise ``units`` (:func:`_tile_noise`). With ``SATURATE`` the
+  moment saturates at ``+-MOMENT_LIMIT`` first (``jlowbit.algorithms``; NaN
+  stays NaN; an unsigned moment is never negative, so only its upper bound
+  is applied). Lanes off ``mask`` are zeroed so they cannot raise a block's
+  absmax.
   """
-  value = tl.minimum(value, MOMENT_LIMIT, propagate_nan=tl.PropagateNan.ALL)
-  if SIGNED:
-    value = tl.maximum(value, -MOMENT_LIMIT, propagate_nan=tl.PropagateNan.ALL)
+  if SATURATE:
+    value = tl.minimum(value, MOMENT_LIMIT, propagate_nan=tl.PropagateNan.ALL)
+    if SIGNED:
+      value = tl.maximum(value, -MOMENT_LIMIT, propagate_nan=tl.PropagateNan.ALL)
   codes, absmax = common.quantize_flat_tile(
       tl.where(mask, value, 0.0), search_ptr, buckets_ptr, BLOCK_SIZE,
       TILE // BLOCK_SIZE, CODE_BITS, STEPS, pairs_ptr, units, STOCHASTIC)
@@ -298,8 +300,8 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
                    direction: bool) -> str:
   """Source of the tile function ``_update_tile`` and the kernel (which
   writes the direction if ``direction``)."""
-  signed = algorithms.ALGORITHMS[algorithm].signed
-  k = len(signed)
+  alg = algorithms.ALGORITHMS[algorithm]
+  signed, k = alg.signed, len(alg.signed)
   constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
   book = lambda j: 0 if signed[j] else 1  # codebook of moment j
   qmap = lambda j, row: f"qmaps_ptr + {(QMAP_ROWS * book(j) + row) << CODE_BITS}"
@@ -324,7 +326,7 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
       *noise,
       *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {search(j)}, {tile_args}, "
         f"{'units' if stochastic[j] else 'None'}, CODE_BITS, {steps(j)}, "
-        f"{stochastic[j]}, {signed[j]})" for j in range(k)),
+        f"{stochastic[j]}, {alg.saturates}, {signed[j]})" for j in range(k)),
   ]
   ins, outs = zip(*(_leaf_pointers(f"_{i}", k, direction)
                     for i in range(len(layout))))
