@@ -16,6 +16,7 @@ from jlowbit.bnb_format import from_bnb, to_bnb
 from jlowbit.matmul4 import GemvConfig, gemv_4bit, gemv_4bit_reference, matmul_4bit
 from jlowbit.quant4 import Quantized4bit, dequantize_4bit, quantize_4bit
 from jlowbit.update8 import update_8bit
+from jlowbit import nn
 from jlowbit.optax_transforms import (
     FLOAT32_STATE,
     STATIC_ARGS,

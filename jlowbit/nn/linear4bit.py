@@ -1,0 +1,330 @@
+r"""Flax NNX linear layers with a frozen 4-bit (NF4 / FP4) weight.
+
+:class:`Linear4bit` is the inference drop-in for ``nnx.Linear``:
+
+.. math::
+  y = x W^\top + b, \qquad W \in \mathbb{R}^{N \times K} \text{ (out, in), 4-bit}
+
+Storage is bitsandbytes' layout, ``W`` ``[out_features, in_features]``
+row-major, so :func:`jlowbit.to_bnb` / :func:`jlowbit.from_bnb` read and
+write the weight byte for byte and :func:`jlowbit.matmul_4bit` applies it
+as is. ``nnx.Linear`` keeps its kernel ``[in_features, out_features]``:
+:meth:`Linear4bit.from_linear` transposes it before quantizing.
+
+The 4-bit weight lives in a :class:`QuantizedWeight` variable, which is not
+an ``nnx.Param``: ``nnx.state(model, nnx.Param)``, ``nnx.grad`` and
+``nnx.Optimizer(..., wrt=nnx.Param)`` skip it. The bias stays a float
+``nnx.Param``. :class:`LoRALinear4bit` adds trainable low-rank
+``nnx.LoRAParam`` adapters (QLoRA).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+from flax.nnx.nn import lora as nnx_lora
+
+from jlowbit import _formats
+from jlowbit import _impl
+from jlowbit import _validation as val
+from jlowbit import matmul4
+from jlowbit import quant4
+
+Initializer = Callable[..., jax.Array]
+default_kernel_init = initializers.lecun_normal()  # nnx.Linear's defaults
+default_bias_init = initializers.zeros_init()
+
+
+class QuantizedWeight(nnx.Variable[quant4.Quantized4bit]):
+  """A variable holding a frozen :class:`jlowbit.Quantized4bit` weight.
+
+  Not an ``nnx.Param``, so parameter filters (``nnx.Param``,
+  ``nnx.LoRAParam``) leave it out of gradients and optimizer state. Read it
+  with ``variable.get_value()``, replace it with ``variable.set_value(w4)``.
+  """
+
+
+class _Preset:
+  """A ``kernel_init`` stand-in: the layer takes this quantized weight as is."""
+
+  def __init__(self, w4: quant4.Quantized4bit):
+    self.w4 = w4
+
+
+def _constant(value: jax.Array) -> Initializer:
+  """An initializer returning ``value`` (checked against the requested shape)."""
+  def init(key, shape, dtype):
+    del key
+    if tuple(value.shape) != tuple(shape):
+      raise ValueError(f"initial value of shape {tuple(value.shape)} does not "
+                       f"match the requested shape {tuple(shape)}")
+    return jnp.asarray(value, dtype)
+  return init
+
+
+def check_weight(w4: Any, name: str = "w4") -> None:
+  """Raises unless ``w4`` is a 2-D ``[out, in]`` :class:`jlowbit.Quantized4bit`."""
+  quant4.check_quantized(w4, name)
+  if len(w4.shape) != 2:
+    raise ValueError(f"{name}.shape={w4.shape} must be 2-D [out_features, "
+                     "in_features]")
+
+
+def _check_config(dtype, param_dtype, quant_type, block_size,
+                  compress_statistics, impl) -> None:
+  if dtype is not None:
+    val.check_float_dtype(dtype, "dtype")
+  val.check_float_dtype(param_dtype, "param_dtype")
+  val.check_choice(quant_type, "quant_type", _formats.QUANT_TYPES)
+  val.check_block_size(block_size, "block_size", _formats.BLOCK_SIZES_4BIT)
+  if not isinstance(compress_statistics, bool):
+    raise TypeError(f"compress_statistics={compress_statistics!r} must be a "
+                    "bool (True or False)")
+  val.check_choice(impl, "impl", (None,) + _impl.IMPLS)
+
+
+def _check_linear(linear: Any) -> None:
+  if type(linear) is not nnx.Linear:  # pylint: disable=unidiomatic-typecheck
+    if isinstance(linear, nnx.Linear):
+      raise TypeError(f"linear must be an nnx.Linear, got its subclass "
+                      f"{type(linear).__name__}, whose extra state would be "
+                      "lost (merge it into a plain nnx.Linear first)")
+    raise TypeError(f"linear must be an nnx.Linear, got "
+                    f"{type(linear).__name__}")
+  kernel = linear.kernel[...]
+  if kernel.ndim != 2:
+    raise ValueError(f"linear.kernel.shape={tuple(kernel.shape)} must be 2-D "
+                     "[in_features, out_features]")
+
+
+class Linear4bit(nnx.Module):
+  r"""``nnx.Linear`` with its kernel quantized to 4 bits (inference, QLoRA base).
+
+  .. math::
+    y = \mathrm{matmul\_4bit}(x, W) + b \quad \text{computed in } \texttt{dtype}
+
+  Example::
+
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp, jlowbit
+    >>> layer = jlowbit.nn.Linear4bit(128, 64, rngs=nnx.Rngs(0))
+    >>> layer.kernel.get_value().shape  # [out_features, in_features]
+    (64, 128)
+    >>> layer(jnp.ones((2, 128))).shape
+    (2, 64)
+
+  The constructor initializes a float kernel ``[in_features, out_features]``
+  exactly as ``nnx.Linear`` does (same keys from ``rngs``, so the same
+  values), then quantizes its transpose.
+
+  Args:
+    in_features: :math:`K`, the input's last dimension.
+    out_features: :math:`N`, the output's last dimension.
+    use_bias: whether to add a float bias ``[out_features]`` (an ``nnx.Param``).
+    dtype: compute dtype (float32, bfloat16 or float16). ``None``: as
+      ``nnx.Linear``, the promotion of the input's dtype, ``param_dtype``
+      (the weight's original dtype) and the bias's dtype.
+    param_dtype: dtype of the float kernel before quantization (recorded in
+      the weight, the default dequantization dtype) and of the bias.
+    kernel_init: initializer of the float kernel ``[in_features, out_features]``.
+    bias_init: initializer of the bias.
+    quant_type: ``"nf4"`` or ``"fp4"``.
+    block_size: elements per absmax block, a power of two in 32..4096.
+    compress_statistics: quantize the absmax to 8 bits (nested statistics).
+    impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"``, for the
+      quantization and every call (``None``: resolved per call).
+    rngs: the keys of ``kernel_init`` and ``bias_init``.
+
+  ``nnx.Linear``'s ``precision``, ``dot_general``, ``promote_dtype`` and
+  ``preferred_element_type`` have no counterpart: the product always
+  accumulates in float32 (:func:`jlowbit.matmul_4bit`); a single input row
+  runs the fused 4-bit gemv.
+
+  Attributes:
+    kernel: :class:`QuantizedWeight` of ``W`` ``[out_features, in_features]``.
+    bias: ``nnx.Param`` ``[out_features]`` in ``param_dtype``, or ``None``.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+               kernel_init: Initializer = default_kernel_init,
+               bias_init: Initializer = default_bias_init,
+               quant_type: str = "nf4", block_size: int = 64,
+               compress_statistics: bool = False, impl: str | None = None,
+               rngs: nnx.Rngs):
+    _check_config(dtype, param_dtype, quant_type, block_size,
+                  compress_statistics, impl)
+    kernel_key = rngs.params()
+    if isinstance(kernel_init, _Preset):
+      w4 = kernel_init.w4
+    else:
+      kernel = kernel_init(kernel_key, (in_features, out_features), param_dtype)
+      if kernel.ndim != 2:
+        raise ValueError(f"kernel_init returned shape {tuple(kernel.shape)}; "
+                         "the kernel must be 2-D [in_features, out_features]")
+      w4 = quant4.quantize_4bit(kernel.T, block_size=int(block_size),
+                                quant_type=quant_type,
+                                compress_statistics=compress_statistics,
+                                impl=impl)
+    self.kernel = QuantizedWeight(w4)
+    self.bias: nnx.Param | None
+    if use_bias:
+      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,),
+                                      param_dtype))
+    else:
+      self.bias = nnx.data(None)
+    self.in_features = in_features
+    self.out_features = out_features
+    self.use_bias = use_bias
+    self.dtype = None if dtype is None else jnp.dtype(dtype)
+    self.param_dtype = jnp.dtype(param_dtype)
+    self.quant_type = w4.quant_type
+    self.block_size = w4.block_size
+    self.compress_statistics = w4.nested
+    self.impl = impl
+
+  @classmethod
+  def from_quantized(cls, w4: quant4.Quantized4bit, bias: jax.Array | None = None,
+                     *, dtype=None, impl: str | None = None,
+                     rngs: nnx.Rngs | None = None, **kwargs):
+    """A layer around an existing 4-bit weight (e.g. :func:`jlowbit.from_bnb`).
+
+    Args:
+      w4: ``W`` ``[out_features, in_features]``, kept as is (same bytes).
+      bias: float ``[out_features]`` or ``None`` (no bias); stored in
+        ``w4.dtype``.
+      dtype: compute dtype (see the class).
+      impl: see the class.
+      rngs: keys of a subclass's own parameters (e.g. LoRA); default unused.
+      **kwargs: a subclass's other constructor arguments.
+    """
+    check_weight(w4)
+    out_features, in_features = w4.shape
+    if bias is not None and tuple(jnp.shape(bias)) != (out_features,):
+      raise ValueError(f"bias.shape={tuple(jnp.shape(bias))} must be "
+                       f"({out_features},) for w4.shape={w4.shape}")
+    return cls(in_features, out_features, use_bias=bias is not None,
+               dtype=dtype, param_dtype=w4.dtype, kernel_init=_Preset(w4),
+               bias_init=None if bias is None else _constant(bias),
+               quant_type=w4.quant_type, block_size=w4.block_size,
+               compress_statistics=w4.nested, impl=impl,
+               rngs=nnx.Rngs(0) if rngs is None else rngs, **kwargs)
+
+  @classmethod
+  def from_linear(cls, linear: nnx.Linear, *, quant_type: str = "nf4",
+                  block_size: int = 64, compress_statistics: bool = False,
+                  impl: str | None = None, **kwargs):
+    """Quantizes ``linear.kernel.T`` (``[out, in]``); the bias stays float.
+
+    The layer keeps ``linear``'s ``dtype``; its ``param_dtype`` is the
+    kernel's dtype. ``**kwargs`` go to :meth:`from_quantized` (``rngs`` and a
+    subclass's arguments).
+
+    Raises:
+      TypeError: ``linear`` is not an ``nnx.Linear`` (subclasses such as
+        ``nnx.LoRALinear`` included: their extra state would be lost).
+      ValueError: its kernel is not 2-D.
+    """
+    _check_linear(linear)
+    _check_config(linear.dtype, linear.kernel[...].dtype, quant_type,
+                  block_size, compress_statistics, impl)
+    w4 = quant4.quantize_4bit(linear.kernel[...].T, block_size=block_size,
+                              quant_type=quant_type,
+                              compress_statistics=compress_statistics,
+                              impl=impl)
+    bias = linear.bias[...] if linear.bias is not None else None
+    return cls.from_quantized(w4, bias, dtype=linear.dtype, impl=impl, **kwargs)
+
+  def compute_dtype(self, inputs: jax.Array) -> jnp.dtype:
+    """``dtype``, or ``nnx.Linear``'s promotion of input, weight and bias."""
+    if self.dtype is not None:
+      return self.dtype
+    bias = () if self.bias is None else (self.bias[...],)
+    dtype = jnp.result_type(inputs, self.param_dtype, *bias)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      dtype = jnp.promote_types(jnp.float32, dtype)
+    return jnp.dtype(dtype)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """``[..., in_features]`` -> ``[..., out_features]`` in :meth:`compute_dtype`."""
+    dtype = self.compute_dtype(inputs)
+    y = matmul4.matmul_4bit(jnp.asarray(inputs, dtype), self.kernel.get_value(),
+                            impl=self.impl)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(dtype)
+    return y
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The float kernel in ``nnx.Linear``'s layout ``[in_features, out_features]``.
+
+    ``dtype``: default ``param_dtype``.
+    """
+    dtype = self.param_dtype if dtype is None else dtype
+    return quant4.dequantize_4bit(self.kernel.get_value(), dtype,
+                                  impl=self.impl).T
+
+  def to_linear(self) -> nnx.Linear:
+    """An ``nnx.Linear`` holding the dequantized kernel and a copy of the bias."""
+    bias = self.bias[...] if self.bias is not None else None
+    return nnx.Linear(
+        self.in_features, self.out_features, use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=_constant(self.dequantize()),
+        bias_init=None if bias is None else _constant(bias),
+        rngs=nnx.Rngs(0))
+
+
+class LoRALinear4bit(Linear4bit):
+  r"""QLoRA: a :class:`Linear4bit` plus a trainable low-rank update.
+
+  .. math::
+    y = \mathrm{matmul\_4bit}(x, W) + b + s \, (x A) B, \qquad
+    A \in \mathbb{R}^{K \times r}, \; B \in \mathbb{R}^{r \times N}
+
+  mirroring ``nnx.LoRALinear`` (which has :math:`s = 1`): ``A`` and ``B`` are
+  ``nnx.LoRAParam`` s in ``self.lora`` (an ``nnx.LoRA``), ``B`` starts at
+  zero so the layer starts equal to its base. Train only them with
+  ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` and
+  ``nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))``; the 4-bit
+  weight is a :class:`QuantizedWeight` and gets no gradient, and the float
+  bias (an ``nnx.Param``) is left out by that filter. The LoRA term is
+  cast to the layer's compute dtype.
+
+  Args:
+    in_features, out_features: see :class:`Linear4bit`.
+    lora_rank: :math:`r`.
+    lora_scale: :math:`s` (PEFT's ``lora_alpha / r``); default 1.
+    lora_dtype, lora_param_dtype: ``nnx.LoRA``'s ``dtype`` / ``param_dtype``.
+    a_initializer, b_initializer: initializers of ``A`` and ``B``.
+    lora_param_type: the variable type of ``A`` and ``B``.
+    rngs: keys of the base layer, then of ``A`` and ``B``.
+    **kwargs: :class:`Linear4bit`'s other arguments.
+
+  Build one around a float layer with
+  ``LoRALinear4bit.from_linear(linear, lora_rank=8, rngs=nnx.Rngs(0))``.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, lora_rank: int,
+               lora_scale: float = 1.0, lora_dtype=None,
+               lora_param_dtype=jnp.float32,
+               a_initializer: Initializer = nnx_lora.default_a_initializer,
+               b_initializer: Initializer = nnx_lora.default_b_initializer,
+               lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
+               rngs: nnx.Rngs, **kwargs):
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+      raise ValueError(f"lora_rank={lora_rank!r} must be a positive int")
+    super().__init__(in_features, out_features, rngs=rngs, **kwargs)
+    self.lora_scale = lora_scale
+    self.lora = nnx.LoRA(in_features, lora_rank, out_features, dtype=lora_dtype,
+                         param_dtype=lora_param_dtype,
+                         a_initializer=a_initializer,
+                         b_initializer=b_initializer,
+                         lora_param_type=lora_param_type, rngs=rngs)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """``[..., in_features]`` -> ``[..., out_features]`` in the compute dtype."""
+    y = super().__call__(inputs)
+    return y + (self.lora(inputs) * self.lora_scale).astype(y.dtype)
