@@ -382,3 +382,44 @@ def test_read_safetensors_loads_bf16_and_64bit(tmp_path):
   assert loaded["d"].dtype == np.float64 and loaded["i"].dtype == np.int64
   jlowbit.save_bnb_checkpoint(tmp_path / "again", loaded, {})
   assert _raw(tmp_path / "again") == _raw(tmp_path)
+
+
+# --- checkpoints written by transformers + bitsandbytes ------------------------
+# tests/fixtures/make_hf_llama_4bit.py writes them (on a GPU); skipped until then.
+
+HF_DATA = __import__("pathlib").Path(__file__).parent / "data" / "hf_llama"
+
+
+@pytest.mark.skipif(not (HF_DATA / "llama_nf4_dq").is_dir(),
+                    reason="run tests/fixtures/make_hf_llama_4bit.py tests/data/hf_llama")
+@pytest.mark.parametrize("variant, quant_type, nested", [
+    ("llama_nf4_dq", "nf4", True), ("llama_fp4", "fp4", False)])
+def test_transformers_checkpoint(tmp_path, variant, quant_type, nested):
+  loaded, config = jlowbit.load_bnb_checkpoint(HF_DATA / variant)
+  qc = config["quantization_config"]
+  assert qc["bnb_4bit_quant_type"] == quant_type
+  assert qc["bnb_4bit_use_double_quant"] is nested
+  reference = np.load(HF_DATA / f"{variant}.npz")
+  dequant = {k[len("dequant/"):]: reference[k] for k in reference.files
+             if k.startswith("dequant/")}
+  assert sorted(dequant) == sorted(k for k, v in loaded.items()
+                                   if isinstance(v, jlowbit.Quantized4bit))
+  assert len(dequant) == 2 * 7  # q, k, v, o, gate, up, down per layer
+  for name, want in dequant.items():
+    w4 = loaded[name]
+    assert w4.quant_type == quant_type and w4.nested is nested
+    got = np.asarray(jlowbit.dequantize_4bit(w4), np.float32)
+    eps = float(jnp.finfo(jnp.dtype(w4.dtype)).eps)
+    np.testing.assert_allclose(got, want, rtol=eps, atol=0, err_msg=name)
+  assert isinstance(loaded["lm_head.weight"], jax.Array)  # kept unquantized
+  jlowbit.save_bnb_checkpoint(tmp_path, loaded, config)
+  assert _raw(tmp_path) == _raw(HF_DATA / variant)
+
+
+@pytest.mark.skipif(not (HF_DATA / "llama_float").is_dir(),
+                    reason="run tests/fixtures/make_hf_llama_4bit.py tests/data/hf_llama")
+def test_transformers_float_checkpoint():
+  loaded, config = jlowbit.load_bnb_checkpoint(HF_DATA / "llama_float")
+  assert "quantization_config" not in config
+  assert all(v.dtype == jnp.float32 for v in loaded.values())
+  assert loaded["model.embed_tokens.weight"].shape == (256, 64)
