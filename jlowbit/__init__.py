@@ -13,6 +13,11 @@ from jlowbit.blockwise8 import (
     quantize_blockwise,
 )
 from jlowbit.bnb_format import from_bnb, to_bnb
+from jlowbit.checkpoints import (
+    bnb_quantization_config,
+    load_bnb_checkpoint,
+    save_bnb_checkpoint,
+)
 from jlowbit.matmul4 import GemvConfig, gemv_4bit, gemv_4bit_reference, matmul_4bit
 from jlowbit.quant4 import Quantized4bit, dequantize_4bit, quantize_4bit
 from jlowbit.update8 import update_8bit

@@ -6,7 +6,8 @@ those below it, lazy (function-level) imports included.
 2. ``triton_kernels/``: ``@triton.jit`` kernels and their launchers;
 3. functional ops: quantize/dequantize, matmul, bitsandbytes format, the
    8-bit optimizer step;
-4. front-ends: ``optax_transforms/`` (and ``nn/``), the package root.
+4. front-ends: ``optax_transforms/`` (and ``nn/``), ``checkpoints``, the
+   package root.
 
 Run ``python -m pytest tests/test_ground_layers.py -q`` to check it; the
 failure message lists each import that goes up.
@@ -22,7 +23,7 @@ PACKAGE = pathlib.Path(jlowbit.__file__).parent
 GROUND = {"_impl", "_validation", "_formats", "codebooks", "_search", "_noise",
           "_twins", "algorithms"}
 OPS = {"blockwise8", "quant4", "matmul4", "bnb_format", "update8"}
-FRONT_ENDS = {"optax_transforms", "nn", "__init__"}
+FRONT_ENDS = {"optax_transforms", "nn", "checkpoints", "__init__"}
 
 
 def layer(module: str) -> int:
