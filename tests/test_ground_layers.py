@@ -23,7 +23,7 @@ PACKAGE = pathlib.Path(jlowbit.__file__).parent
 GROUND = {"_impl", "_validation", "_formats", "codebooks", "_search", "_noise",
           "_twins", "algorithms"}
 OPS = {"blockwise8", "quant4", "matmul4", "bnb_format", "update8"}
-FRONT_ENDS = {"optax_transforms", "nn", "checkpoints", "__init__"}
+FRONT_ENDS = {"optax_transforms", "nn", "models", "checkpoints", "__init__"}
 
 
 def layer(module: str) -> int:
