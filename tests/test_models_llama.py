@@ -218,3 +218,11 @@ def test_4bit_weight_in_a_float_slot_is_named(float_checkpoint):
       tensors["model.embed_tokens.weight"], impl="xla")
   with pytest.raises(ValueError, match="'model.embed_tokens.weight' is a 4-bit"):
     Llama.from_hf_tensors(broken, config)
+
+
+def test_positions_shift_leaves_logits_unchanged(float_model):
+  # Rotary attention depends only on relative positions.
+  ids = jnp.asarray(_reference("llama_fp4")["input_ids"])
+  shifted = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32) + 7, ids.shape)
+  np.testing.assert_allclose(_logits(float_model, ids, positions=shifted),
+                             _logits(float_model, ids), rtol=1e-4, atol=1e-5)
