@@ -215,7 +215,7 @@ def quantize_params(params: Mapping[str, Any], *,
       already ``Quantized4bit`` are kept.
     filter: ``(path, array) -> bool``, called on every array leaf with its
       tuple of keys from ``params`` (``("Dense_0", "kernel")``); default
-      :func:`default_filter`. Select only ``nn.Dense`` kernels:
+      :func:`default_params_filter`. Select only ``nn.Dense`` kernels:
       :func:`apply_quantized` intercepts ``nn.Dense`` only.
     quant_type, block_size, compress_statistics, impl: see
       :func:`jlowbit.quantize_4bit`.
