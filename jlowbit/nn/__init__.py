@@ -1,6 +1,10 @@
-"""Flax NNX layers with 4-bit weights: ``Linear4bit``, QLoRA, model conversion.
+"""Flax layers with 4-bit weights.
 
-``from jlowbit import nn``; see :mod:`jlowbit.nn.linear4bit`.
+NNX: ``Linear4bit``, QLoRA, model conversion. linen: ``Dense4bit``, 4-bit
+params for unchanged ``nn.Dense`` models.
+
+``from jlowbit import nn``; see :mod:`jlowbit.nn.linear4bit` (NNX) and
+:mod:`jlowbit.nn.linen` (linen).
 """
 
 from jlowbit.nn.convert import (
@@ -13,4 +17,12 @@ from jlowbit.nn.linear4bit import (
     Linear4bit,
     LoRALinear4bit,
     QuantizedWeight,
+)
+from jlowbit.nn.linen import (
+    QUANTIZED,
+    Dense4bit,
+    apply_quantized,
+    default_params_filter,
+    dequantize_params,
+    quantize_params,
 )

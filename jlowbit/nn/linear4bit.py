@@ -73,8 +73,9 @@ def check_weight(w4: Any, name: str = "w4") -> None:
                      "in_features]")
 
 
-def _check_config(dtype, param_dtype, quant_type, block_size,
-                  compress_statistics, impl) -> None:
+def check_config(dtype, param_dtype, quant_type, block_size,
+                 compress_statistics, impl) -> None:
+  """Raises on a bad layer configuration (shared by the NNX and linen layers)."""
   if dtype is not None:
     val.check_float_dtype(dtype, "dtype")
   val.check_float_dtype(param_dtype, "param_dtype")
@@ -98,6 +99,50 @@ def _check_linear(linear: Any) -> None:
   if kernel.ndim != 2:
     raise ValueError(f"linear.kernel.shape={tuple(kernel.shape)} must be 2-D "
                      "[in_features, out_features]")
+
+
+def compute_dtype(dtype, inputs: jax.Array, weight_dtype,
+                  bias: jax.Array | None) -> jnp.dtype:
+  """The compute dtype of a 4-bit linear layer.
+
+  ``dtype`` if given, else the promotion of the input's dtype, the weight's
+  original dtype and the bias's dtype (an integer result becomes float32),
+  as ``nnx.Linear`` and ``flax.linen.Dense`` promote theirs.
+  """
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  bias = () if bias is None else (bias,)
+  result = jnp.result_type(inputs, weight_dtype, *bias)
+  if not jnp.issubdtype(result, jnp.inexact):
+    result = jnp.promote_types(jnp.float32, result)
+  return jnp.dtype(result)
+
+
+def linear_4bit(inputs: jax.Array, w4: quant4.Quantized4bit,
+                bias: jax.Array | None = None, *, dtype=None,
+                impl: str | None = None) -> jax.Array:
+  r"""The forward pass of the 4-bit layers (NNX and linen).
+
+  .. math::
+    y = \mathrm{matmul\_4bit}(x, W) + b \quad \text{in } d =
+    \texttt{compute\_dtype}(\texttt{dtype}, x, W, b)
+
+  Args:
+    inputs: :math:`x` ``[..., in_features]``.
+    w4: :math:`W` ``[out_features, in_features]``; its original dtype
+      (``w4.dtype``) takes part in the promotion.
+    bias: :math:`b` float ``[out_features]`` or ``None``.
+    dtype: compute dtype, or ``None`` to promote (see :func:`compute_dtype`).
+    impl: see :func:`jlowbit.matmul_4bit`.
+
+  Returns:
+    ``[..., out_features]`` in the compute dtype.
+  """
+  dtype = compute_dtype(dtype, inputs, w4.dtype, bias)
+  y = matmul4.matmul_4bit(jnp.asarray(inputs, dtype), w4, impl=impl)
+  if bias is not None:
+    y = y + jnp.asarray(bias).astype(dtype)
+  return y
 
 
 class Linear4bit(nnx.Module):
@@ -155,7 +200,7 @@ class Linear4bit(nnx.Module):
                quant_type: str = "nf4", block_size: int = 64,
                compress_statistics: bool = False, impl: str | None = None,
                rngs: nnx.Rngs):
-    _check_config(dtype, param_dtype, quant_type, block_size,
+    check_config(dtype, param_dtype, quant_type, block_size,
                   compress_statistics, impl)
     kernel_key = rngs.params()
     if isinstance(kernel_init, _Preset):
@@ -229,7 +274,7 @@ class Linear4bit(nnx.Module):
       ValueError: its kernel is not 2-D.
     """
     _check_linear(linear)
-    _check_config(linear.dtype, linear.kernel[...].dtype, quant_type,
+    check_config(linear.dtype, linear.kernel[...].dtype, quant_type,
                   block_size, compress_statistics, impl)
     w4 = quant4.quantize_4bit(linear.kernel[...].T, block_size=block_size,
                               quant_type=quant_type,
@@ -240,22 +285,15 @@ class Linear4bit(nnx.Module):
 
   def compute_dtype(self, inputs: jax.Array) -> jnp.dtype:
     """``dtype``, or ``nnx.Linear``'s promotion of input, weight and bias."""
-    if self.dtype is not None:
-      return self.dtype
-    bias = () if self.bias is None else (self.bias[...],)
-    dtype = jnp.result_type(inputs, self.param_dtype, *bias)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      dtype = jnp.promote_types(jnp.float32, dtype)
-    return jnp.dtype(dtype)
+    bias = None if self.bias is None else self.bias[...]
+    return compute_dtype(self.dtype, inputs, self.kernel.get_value().dtype,
+                         bias)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """``[..., in_features]`` -> ``[..., out_features]`` in :meth:`compute_dtype`."""
-    dtype = self.compute_dtype(inputs)
-    y = matmul4.matmul_4bit(jnp.asarray(inputs, dtype), self.kernel.get_value(),
-                            impl=self.impl)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
-    return y
+    bias = None if self.bias is None else self.bias[...]
+    return linear_4bit(inputs, self.kernel.get_value(), bias, dtype=self.dtype,
+                       impl=self.impl)
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The float kernel in ``nnx.Linear``'s layout ``[in_features, out_features]``.
