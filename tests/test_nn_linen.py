@@ -12,6 +12,15 @@ from flax import nnx
 import jlowbit
 from jlowbit import nn as lnn
 
+
+@pytest.fixture(autouse=True)
+def _exact_reference_products():
+  """Float references (nn.Dense, ``x @ w``) at full float32 precision: on a
+  GPU XLA's default is TF32 (~1e-3 relative), while ``matmul_4bit``
+  accumulates float32 products exactly."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
 IN, OUT = 128, 64
 # As tests/test_nn_linear4bit.py: the relative error of a 4-bit Gaussian
 # matrix (block size 64) is about 0.091 (NF4) and 0.115 (FP4); ~30% margin.
