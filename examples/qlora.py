@@ -8,7 +8,7 @@ source. It checks that the 4-bit weights stay bit-identical, reports the loss
 before and after, and saves the adapters with orbax, restores them into a
 fresh QLoRA model and checks that it gives identical logits::
 
-  python examples/qlora.py                     # about 2 minutes on a CPU
+  python examples/qlora.py                     # 1-2 minutes on a CPU
   python examples/qlora.py --base-steps 1000 --steps 1000 --lora-rank 16 --out results/
 
 ``--out DIR`` writes ``results.json``, the loss plot ``loss.png`` and the
