@@ -106,6 +106,17 @@ def quantize_model(model: nnx.Module, *,
              and id(module) not in skipped and select(path, module)]
     if not found:
       break
+    for path, module in found:  # check every layout before changing anything
+      error = (linear4bit.linear_general_layout_error(module)
+               if isinstance(module, nnx.LinearGeneral) else None)
+      if error is not None and filter is not None:
+        raise ValueError(f"quantize_model: the nnx.LinearGeneral at {path} "
+                         f"was selected by filter but has an unsupported "
+                         f"layout: {error}")
+      if error is not None and id(module) not in skipped:
+        logging.info("quantize_model: nnx.LinearGeneral at %s stays float: "
+                     "%s", path, error)
+        skipped[id(module)] = path
     for path, module in found:
       if id(module) in skipped:
         continue
@@ -116,16 +127,6 @@ def quantize_model(model: nnx.Module, *,
                          "instead")
       if id(module) not in swapped:
         if isinstance(module, nnx.LinearGeneral):
-          error = linear4bit.linear_general_layout_error(module)
-          if error is not None:
-            if filter is not None:
-              raise ValueError(f"quantize_model: the nnx.LinearGeneral at "
-                               f"{path} was selected by filter but has an "
-                               f"unsupported layout: {error}")
-            logging.info("quantize_model: nnx.LinearGeneral at %s stays "
-                         "float: %s", path, error)
-            skipped[id(module)] = path
-            continue
           swapped[id(module)] = (
               linear4bit.LinearGeneral4bit.from_linear_general(module, **quant))
         else:

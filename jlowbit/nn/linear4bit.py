@@ -531,8 +531,13 @@ class LinearGeneral4bit(nnx.Module):
                quant_type=w4.quant_type, block_size=w4.block_size,
                compress_statistics=w4.nested, impl=impl, rngs=nnx.Rngs(0))
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    """``[..., *in_features]`` -> ``[..., *out_features]`` in the compute dtype."""
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    """``[..., *in_features]`` -> ``[..., *out_features]`` in the compute dtype.
+
+    ``out_sharding`` (``nnx.LinearGeneral``'s argument, which
+    ``nnx.MultiHeadAttention`` passes): if given, applied to the output with
+    ``jax.lax.with_sharding_constraint``.
+    """
     n = len(self.in_features)
     shape = tuple(jnp.shape(inputs))
     if len(shape) < n or shape[len(shape) - n:] != self.in_features:
@@ -543,7 +548,10 @@ class LinearGeneral4bit(nnx.Module):
     y = linear_4bit(jnp.reshape(inputs, (*lead, _prod(self.in_features))),
                     self.kernel.get_value(), bias, dtype=self.dtype,
                     impl=self.impl)
-    return jnp.reshape(y, (*lead, *self.out_features))
+    y = jnp.reshape(y, (*lead, *self.out_features))
+    if out_sharding is not None:
+      y = jax.lax.with_sharding_constraint(y, out_sharding)
+    return y
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The float kernel in ``nnx.LinearGeneral``'s shape ``[*in_features, *out_features]``."""
