@@ -39,14 +39,16 @@ def add_qlora(model: nnx.Module, *, lora_rank: int, rngs: nnx.Rngs, **quant) -> 
   """Swaps, in place, each ``nnx.Linear`` but heads for a ``LoRALinear4bit``.
 
   ``lowbit.nn.quantize_model`` selects layers the same way
-  (``lowbit.nn.default_filter``) but always makes plain ``Linear4bit`` layers;
+  (``lowbit.nn.default_filter``, which also selects attention's
+  ``nnx.LinearGeneral`` layers; there is no LoRA form of those, so they are
+  left float here) but always makes plain ``Linear4bit`` layers;
   here each selected layer becomes ``LoRALinear4bit.from_linear(layer, ...)``:
   its kernel quantized (``**quant``: ``quant_type``, ``block_size``, ...), its
   bias kept, and adapters ``A`` ``[in, rank]``, ``B`` ``[rank, out]`` (zero)
   added, so the model starts equal to its plain 4-bit version.
   """
   selected = [(path, module) for path, module in nnx.iter_modules(model)
-              if lowbit.nn.default_filter(path, module)]
+              if type(module) is nnx.Linear and lowbit.nn.default_filter(path, module)]
   for path, linear in selected:
     parent = model
     for key in path[:-1]:  # attribute names and nnx.List indices

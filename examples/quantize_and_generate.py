@@ -1,8 +1,9 @@
 """Quantize a trained Flax NNX model to 4 bits (NF4) and generate text with it.
 
 Trains the byte-level LM of ``train_lm.py`` briefly on the Python standard
-library's source (8-bit AdamW), swaps its ``nnx.Linear`` layers for
-``jlowbit.nn.Linear4bit`` with ``quantize_model``, then compares the two
+library's source (8-bit AdamW), swaps its ``nnx.Linear`` (MLP) and
+``nnx.LinearGeneral`` (attention) layers for ``jlowbit.nn.Linear4bit`` /
+``jlowbit.nn.LinearGeneral4bit`` with ``quantize_model``, then compares the two
 models: bytes held (``memory_report``), logits on held-out text, and greedy
 generations from one prompt (a model this small, trained for a minute,
 soon repeats itself; the point is that the float and NF4 models agree).
@@ -112,11 +113,12 @@ def quantize_byte_lm(args) -> dict:
   quantized = lowbit.nn.quantize_model(nnx.clone(model), quant_type="nf4",
                                        block_size=args.block_size)
   before, after = lowbit.nn.memory_report(model), lowbit.nn.memory_report(quantized)
-  linear_float = sum(block.up.kernel[...].nbytes + block.down.kernel[...].nbytes
-                     for block in model.blocks)
+  linear_float = sum(layer.kernel[...].nbytes for block in model.blocks
+                     for layer in (block.up, block.down, block.attn.query, block.attn.key,
+                                   block.attn.value, block.attn.out))
   linear_4bit = after["4bit_weights"] + after["4bit_statistics"]
-  print("memory_report (the MLP's nnx.Linear layers become Linear4bit; attention "
-        "(nnx.LinearGeneral) and the tied embedding / head stay float):")
+  print("memory_report (the MLP's nnx.Linear layers become Linear4bit, attention's "
+        "nnx.LinearGeneral ones LinearGeneral4bit; the tied embedding / head stay float):")
   print_report("float", before)
   print_report("NF4", after)
   print(f"  quantized layers' weights: {linear_float / 1e6:.3f} MB float32 -> "

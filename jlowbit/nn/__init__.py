@@ -1,6 +1,6 @@
 """Flax layers with 4-bit weights.
 
-NNX: ``Linear4bit``, QLoRA, model conversion. linen: ``Dense4bit``, 4-bit
+NNX: ``Linear4bit``, ``LinearGeneral4bit``, QLoRA, model conversion. linen: ``Dense4bit``, 4-bit
 params for unchanged ``nn.Dense`` models.
 
 ``from jlowbit import nn``; see :mod:`jlowbit.nn.linear4bit` (NNX) and
@@ -15,6 +15,7 @@ from jlowbit.nn.convert import (
 )
 from jlowbit.nn.linear4bit import (
     Linear4bit,
+    LinearGeneral4bit,
     LoRALinear4bit,
     QuantizedWeight,
 )

@@ -16,8 +16,14 @@ an ``nnx.Param``: ``nnx.state(model, nnx.Param)``, ``nnx.grad`` and
 ``nnx.Optimizer(..., wrt=nnx.Param)`` skip it. The bias stays a float
 ``nnx.Param``. :class:`LoRALinear4bit` adds trainable low-rank
 ``nnx.LoRAParam`` adapters (QLoRA).
+
+:class:`LinearGeneral4bit` does the same for ``nnx.LinearGeneral`` layers
+without batch axes that contract the input's trailing axes (attention's
+projections): the kernel is flattened to 2-D ``[K, N]`` and stored as
+``[N, K]``. ``nnx.Einsum`` has no 4-bit counterpart.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -366,3 +372,200 @@ class LoRALinear4bit(Linear4bit):
     """``[..., in_features]`` -> ``[..., out_features]`` in the compute dtype."""
     y = super().__call__(inputs)
     return y + (self.lora(inputs) * self.lora_scale).astype(y.dtype)
+
+
+def _prod(shape) -> int:
+  return int(math.prod(shape))
+
+
+def _as_shape(features) -> tuple[int, ...]:
+  if isinstance(features, int):
+    return (int(features),)
+  return tuple(int(d) for d in features)
+
+
+def linear_general_layout_error(layer: Any) -> str | None:
+  """Why ``layer`` (an ``nnx.LinearGeneral``) has no :class:`LinearGeneral4bit` form.
+
+  ``None`` when it is supported: no ``batch_axis`` and contracted axes
+  that are the input's last ``len(in_features)`` axes in order, given as
+  negative indices (``axis=-1``, ``(-2, -1)``, ...). Positive axes are
+  refused: whether they are trailing depends on the input's rank.
+  """
+  if layer.batch_axis:
+    return (f"batch_axis={dict(layer.batch_axis)} is not supported (only "
+            "layers without batch axes)")
+  n = len(layer.in_features)
+  axis = tuple(int(a) for a in layer.axis)
+  if axis != tuple(range(-n, 0)):
+    return (f"axis={axis} is not supported: the contracted axes must be the "
+            f"input's last {n} axes in order, as negative indices "
+            f"{tuple(range(-n, 0))}")
+  return None
+
+
+class LinearGeneral4bit(nnx.Module):
+  r"""``nnx.LinearGeneral`` over trailing axes, its kernel quantized to 4 bits.
+
+  For layers without ``batch_axis`` whose contracted axes are the input's
+  last ones (``axis=-1``: attention's query / key / value projections
+  ``[..., D] -> [..., heads, head_dim]``; ``axis=(-2, -1)``: the output
+  projection ``[..., heads, head_dim] -> [..., D]``). The kernel
+  ``[*in_features, *out_features]`` is flattened to ``[K, N]``,
+  :math:`K = \prod` ``in_features``, :math:`N = \prod` ``out_features``,
+  and stored transposed, ``W`` ``[N, K]`` (bitsandbytes' layout, as
+  :class:`Linear4bit`). The forward pass reshapes the input
+  ``[..., *in_features]`` to ``[..., K]``, applies :func:`linear_4bit`
+  (the fused gemv for one row) and reshapes ``[..., N]`` to
+  ``[..., *out_features]``.
+
+  The constructor draws the float kernel exactly as ``nnx.LinearGeneral``
+  does (``kernel_init`` called with the flat shape ``(K, N)``, the bias
+  with ``(N,)``), then quantizes it. Build one from a float layer with
+  :meth:`from_linear_general`.
+
+  Args:
+    in_features: int or tuple, the contracted (trailing) input dimensions.
+    out_features: int or tuple, the output's trailing dimensions.
+    axis: the contracted axes; must be ``-1`` or ``(-n, ..., -1)``
+      (``n = len(in_features)``); default ``-1``, or the last
+      ``len(in_features)`` axes when ``in_features`` is a tuple and
+      ``axis`` is not given.
+    use_bias, dtype, param_dtype, kernel_init, bias_init, quant_type,
+    block_size, compress_statistics, impl, rngs: see :class:`Linear4bit`.
+
+  Attributes:
+    kernel: :class:`QuantizedWeight` of ``W`` ``[N, K]``.
+    bias: ``nnx.Param`` of shape ``out_features`` (not flattened, as in
+      ``nnx.LinearGeneral``), or ``None``.
+  """
+
+  def __init__(self, in_features, out_features, *, axis=None,
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+               kernel_init: Initializer = default_kernel_init,
+               bias_init: Initializer = default_bias_init,
+               quant_type: str = "nf4", block_size: int = 64,
+               compress_statistics: bool = False, impl: str | None = None,
+               rngs: nnx.Rngs):
+    check_config(dtype, param_dtype, quant_type, block_size,
+                  compress_statistics, impl)
+    in_features, out_features = _as_shape(in_features), _as_shape(out_features)
+    n = len(in_features)
+    if axis is None:
+      axis = tuple(range(-n, 0))
+    axis = (int(axis),) if isinstance(axis, int) else tuple(int(a) for a in axis)
+    if axis != tuple(range(-n, 0)):
+      raise ValueError(f"axis={axis} is not supported: the contracted axes "
+                       f"must be the input's last {n} axes in order, as "
+                       f"negative indices {tuple(range(-n, 0))}")
+    k, n_out = _prod(in_features), _prod(out_features)
+    kernel_key = rngs.params()
+    if isinstance(kernel_init, _Preset):
+      w4 = kernel_init.w4
+      if tuple(w4.shape) != (n_out, k):
+        raise ValueError(f"w4.shape={w4.shape} must be ({n_out}, {k}) for "
+                         f"in_features={in_features}, "
+                         f"out_features={out_features}")
+    else:
+      kernel = kernel_init(kernel_key, (k, n_out), param_dtype)
+      kernel = jnp.reshape(kernel, (k, n_out))
+      w4 = quant4.quantize_4bit(kernel.T, block_size=int(block_size),
+                                quant_type=quant_type,
+                                compress_statistics=compress_statistics,
+                                impl=impl)
+    self.kernel = QuantizedWeight(w4)
+    self.bias: nnx.Param | None
+    if use_bias:
+      bias = bias_init(rngs.params(), (n_out,), param_dtype)
+      self.bias = nnx.Param(jnp.reshape(bias, out_features))
+    else:
+      self.bias = nnx.data(None)
+    self.in_features = in_features
+    self.out_features = out_features
+    self.axis = axis
+    self.use_bias = use_bias
+    self.dtype = None if dtype is None else jnp.dtype(dtype)
+    self.param_dtype = jnp.dtype(param_dtype)
+    self.quant_type = w4.quant_type
+    self.block_size = w4.block_size
+    self.compress_statistics = w4.nested
+    self.impl = impl
+
+  @classmethod
+  def from_linear_general(cls, layer: nnx.LinearGeneral, *,
+                          quant_type: str = "nf4", block_size: int = 64,
+                          compress_statistics: bool = False,
+                          impl: str | None = None):
+    """Quantizes ``layer``'s kernel (flattened ``[K, N]``, transposed); the bias stays float.
+
+    Keeps ``layer``'s ``dtype``; ``param_dtype`` is the kernel's dtype.
+    ``precision``, ``dot_general`` and ``preferred_element_type`` are not
+    carried over (the product accumulates in float32).
+
+    Raises:
+      TypeError: ``layer`` is not a plain ``nnx.LinearGeneral``.
+      ValueError: unsupported layout (``batch_axis``, contracted axes that
+        are not the trailing ones in order; see
+        :func:`linear_general_layout_error`).
+    """
+    if type(layer) is not nnx.LinearGeneral:  # pylint: disable=unidiomatic-typecheck
+      raise TypeError(f"layer must be an nnx.LinearGeneral, got "
+                      f"{type(layer).__name__}")
+    error = linear_general_layout_error(layer)
+    if error is not None:
+      raise ValueError(f"LinearGeneral4bit.from_linear_general: {error}")
+    kernel = layer.kernel[...]
+    check_config(layer.dtype, kernel.dtype, quant_type, block_size,
+                  compress_statistics, impl)
+    in_features, out_features = tuple(layer.in_features), tuple(layer.out_features)
+    flat = jnp.reshape(kernel, (_prod(in_features), _prod(out_features)))
+    w4 = quant4.quantize_4bit(flat.T, block_size=block_size,
+                              quant_type=quant_type,
+                              compress_statistics=compress_statistics,
+                              impl=impl)
+    bias = layer.bias[...] if layer.bias is not None else None
+    return cls(in_features, out_features, use_bias=bias is not None,
+               dtype=layer.dtype, param_dtype=kernel.dtype,
+               kernel_init=_Preset(w4),
+               bias_init=None if bias is None else _constant(jnp.reshape(bias, (-1,))),
+               quant_type=w4.quant_type, block_size=w4.block_size,
+               compress_statistics=w4.nested, impl=impl, rngs=nnx.Rngs(0))
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    """``[..., *in_features]`` -> ``[..., *out_features]`` in the compute dtype.
+
+    ``out_sharding`` (``nnx.LinearGeneral``'s argument, which
+    ``nnx.MultiHeadAttention`` passes): if given, applied to the output with
+    ``jax.lax.with_sharding_constraint``.
+    """
+    n = len(self.in_features)
+    shape = tuple(jnp.shape(inputs))
+    if len(shape) < n or shape[len(shape) - n:] != self.in_features:
+      raise ValueError(f"inputs.shape={shape} must end with in_features="
+                       f"{self.in_features}")
+    lead = shape[:len(shape) - n]
+    bias = None if self.bias is None else jnp.reshape(self.bias[...], (-1,))
+    y = linear_4bit(jnp.reshape(inputs, (*lead, _prod(self.in_features))),
+                    self.kernel.get_value(), bias, dtype=self.dtype,
+                    impl=self.impl)
+    y = jnp.reshape(y, (*lead, *self.out_features))
+    if out_sharding is not None:
+      y = jax.lax.with_sharding_constraint(y, out_sharding)
+    return y
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    """The float kernel in ``nnx.LinearGeneral``'s shape ``[*in_features, *out_features]``."""
+    dtype = self.param_dtype if dtype is None else dtype
+    w = quant4.dequantize_4bit(self.kernel.get_value(), dtype, impl=self.impl)
+    return jnp.reshape(w.T, (*self.in_features, *self.out_features))
+
+  def to_linear_general(self) -> nnx.LinearGeneral:
+    """An ``nnx.LinearGeneral`` holding the dequantized kernel and a copy of the bias."""
+    k, n = _prod(self.in_features), _prod(self.out_features)
+    bias = self.bias[...] if self.bias is not None else None
+    return nnx.LinearGeneral(
+        self.in_features, self.out_features, axis=self.axis,
+        use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=_constant(jnp.reshape(self.dequantize(), (k, n))),
+        bias_init=None if bias is None else _constant(jnp.reshape(bias, (n,))),
+        rngs=nnx.Rngs(0))
