@@ -28,11 +28,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm import tqdm
 
 import jlowbit as lowbit
 import train_lm
-from quantize_and_generate import loss_fn, print_report, train_base
+from quantize_and_generate import loss_fn, print_report, train_base, train_steps
 
 
 def add_qlora(model: nnx.Module, *, lora_rank: int, rngs: nnx.Rngs, **quant) -> nnx.Module:
@@ -66,21 +65,9 @@ def finetune(model: nnx.Module, config: train_lm.Config, data: np.ndarray, steps
   # variables (no gradient in any case) and the float embedding, norms and
   # biases are nnx.Param, which this filter leaves out too.
   grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))
-
-  @nnx.jit
-  def step(model, optimizer, tokens, targets):
-    loss, grads = grad_fn(model, tokens, targets)
-    optimizer.update(model, grads)
-    return loss
-
-  losses = []
-  bar = tqdm(train_lm.batches(data, config, steps, seed), total=steps, desc="QLoRA",
-             disable=not progress)
-  for tokens, targets in bar:
-    losses.append(step(model, optimizer, tokens, targets))
-    if len(losses) % 25 == 0:
-      bar.set_postfix(loss=f"{float(losses[-1]):.3f}")
-  return [float(l) for l in jax.device_get(losses)]
+  return train_steps(model, optimizer, grad_fn,
+                     train_lm.batches(data, config, steps, seed), steps, "QLoRA",
+                     progress)
 
 
 def save_and_restore(model: nnx.Module, base: nnx.Module, directory: pathlib.Path,

@@ -46,21 +46,29 @@ def train_base(config: train_lm.Config, data: np.ndarray, steps: int, lr: float,
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr / 10)
   tx = optax.chain(optax.clip_by_global_norm(1.0), lowbit.adamw_8bit(schedule, weight_decay=0.1))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  losses = train_steps(model, optimizer, nnx.value_and_grad(loss_fn),
+                       train_lm.batches(data, config, steps, seed), steps,
+                       "base model", progress)
+  return model, losses
 
+
+def train_steps(model: nnx.Module, optimizer: nnx.Optimizer, grad_fn, batches,
+                steps: int, desc: str, progress: bool) -> list[float]:
+  """Runs ``optimizer`` over ``batches`` (jitted steps, a tqdm bar);
+  ``grad_fn(model, tokens, targets) -> (loss, grads)``. Returns the losses."""
   @nnx.jit
   def step(model, optimizer, tokens, targets):
-    loss, grads = nnx.value_and_grad(lambda m: loss_fn(m, tokens, targets))(model)
+    loss, grads = grad_fn(model, tokens, targets)
     optimizer.update(model, grads)
     return loss
 
   losses = []
-  bar = tqdm(train_lm.batches(data, config, steps, seed), total=steps, desc="base model",
-             disable=not progress)
+  bar = tqdm(batches, total=steps, desc=desc, disable=not progress)
   for tokens, targets in bar:
     losses.append(step(model, optimizer, tokens, targets))
     if len(losses) % 25 == 0:
       bar.set_postfix(loss=f"{float(losses[-1]):.3f}")
-  return model, [float(l) for l in jax.device_get(losses)]
+  return [float(l) for l in jax.device_get(losses)]
 
 
 def loss_fn(model, tokens, targets):

@@ -5,7 +5,6 @@ hf_llama), the KV cache against the full forward, greedy generation, errors."""
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -20,6 +20,7 @@ Decoding runs through a :class:`KVCache` (:meth:`Llama.init_cache`,
 """
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -180,9 +181,8 @@ class LlamaAttention(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     c = config
-    def linear(n_in, n_out):
-      return nnx.Linear(n_in, n_out, use_bias=c.attention_bias, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs)
+    linear = functools.partial(nnx.Linear, use_bias=c.attention_bias,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = linear(c.hidden_size, c.num_attention_heads * c.head_dim)
     self.k_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
     self.v_proj = linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
@@ -238,9 +238,8 @@ class LlamaMLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     c = config
-    def linear(n_in, n_out):
-      return nnx.Linear(n_in, n_out, use_bias=c.mlp_bias, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs)
+    linear = functools.partial(nnx.Linear, use_bias=c.mlp_bias,
+                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate_proj = linear(c.hidden_size, c.intermediate_size)
     self.up_proj = linear(c.hidden_size, c.intermediate_size)
     self.down_proj = linear(c.intermediate_size, c.hidden_size)

@@ -151,6 +151,23 @@ def linear_4bit(inputs: jax.Array, w4: quant4.Quantized4bit,
   return y
 
 
+def _store_weight(layer: nnx.Module, w4: quant4.Quantized4bit,
+                  bias: jax.Array | None, *, dtype, param_dtype,
+                  impl: str | None) -> None:
+  """Sets what every 4-bit layer holds: the weight (a
+  :class:`QuantizedWeight`), the float bias (an ``nnx.Param``, or ``None``)
+  and the configuration read back from the weight."""
+  layer.kernel = QuantizedWeight(w4)
+  layer.bias = nnx.data(None) if bias is None else nnx.Param(bias)
+  layer.use_bias = bias is not None
+  layer.dtype = None if dtype is None else jnp.dtype(dtype)
+  layer.param_dtype = jnp.dtype(param_dtype)
+  layer.quant_type = w4.quant_type
+  layer.block_size = w4.block_size
+  layer.compress_statistics = w4.nested
+  layer.impl = impl
+
+
 class Linear4bit(nnx.Module):
   r"""``nnx.Linear`` with its kernel quantized to 4 bits (inference, QLoRA base).
 
@@ -220,22 +237,12 @@ class Linear4bit(nnx.Module):
                                 quant_type=quant_type,
                                 compress_statistics=compress_statistics,
                                 impl=impl)
-    self.kernel = QuantizedWeight(w4)
-    self.bias: nnx.Param | None
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,),
-                                      param_dtype))
-    else:
-      self.bias = nnx.data(None)
+    bias = (bias_init(rngs.params(), (out_features,), param_dtype)
+            if use_bias else None)
+    _store_weight(self, w4, bias, dtype=dtype, param_dtype=param_dtype,
+                  impl=impl)
     self.in_features = in_features
     self.out_features = out_features
-    self.use_bias = use_bias
-    self.dtype = None if dtype is None else jnp.dtype(dtype)
-    self.param_dtype = jnp.dtype(param_dtype)
-    self.quant_type = w4.quant_type
-    self.block_size = w4.block_size
-    self.compress_statistics = w4.nested
-    self.impl = impl
 
   @classmethod
   def from_quantized(cls, w4: quant4.Quantized4bit, bias: jax.Array | None = None,
@@ -473,23 +480,13 @@ class LinearGeneral4bit(nnx.Module):
                                 quant_type=quant_type,
                                 compress_statistics=compress_statistics,
                                 impl=impl)
-    self.kernel = QuantizedWeight(w4)
-    self.bias: nnx.Param | None
-    if use_bias:
-      bias = bias_init(rngs.params(), (n_out,), param_dtype)
-      self.bias = nnx.Param(jnp.reshape(bias, out_features))
-    else:
-      self.bias = nnx.data(None)
+    bias = (jnp.reshape(bias_init(rngs.params(), (n_out,), param_dtype),
+                        out_features) if use_bias else None)
+    _store_weight(self, w4, bias, dtype=dtype, param_dtype=param_dtype,
+                  impl=impl)
     self.in_features = in_features
     self.out_features = out_features
     self.axis = axis
-    self.use_bias = use_bias
-    self.dtype = None if dtype is None else jnp.dtype(dtype)
-    self.param_dtype = jnp.dtype(param_dtype)
-    self.quant_type = w4.quant_type
-    self.block_size = w4.block_size
-    self.compress_statistics = w4.nested
-    self.impl = impl
 
   @classmethod
   def from_linear_general(cls, layer: nnx.LinearGeneral, *,
