@@ -124,10 +124,15 @@ def _forward(x2d, w4, impl, config):
   if m == 1 and impl == "xla":
     return gemv_4bit_reference(x2d, w4)
   if m == 1:
-    absmax = quant4.absmax_float32(w4, impl=impl)
     config = config or GemvConfig.get_default(n, k)
+    if w4.nested:
+      stats = w4.absmax
+      absmax = stats.codes.reshape(-1)
+      nested = (stats.code, stats.absmax, w4.offset, stats.block_size)
+    else:
+      absmax, nested = w4.absmax, None
     y = _kernels().gemv_4bit(
-        x2d[0], w4.packed, w4.quant_map, absmax, n, w4.block_size, impl,
+        x2d[0], w4.packed, w4.quant_map, absmax, nested, n, w4.block_size, impl,
         block_n=config.block_n, block_k=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
         split_k=config.split_k)

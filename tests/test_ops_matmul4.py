@@ -88,6 +88,20 @@ def test_gemv_tile_configs(impl, block_size, block_n, block_k, split_k):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_gemv_reads_nested_statistics_in_kernel(impl, quant_type):
+  # 8-bit absmax with a second level of 256-block scales: more than 256
+  # blocks, a ragged last step (288 = 4 * 64 + 32) and split K.
+  w4 = _weight(33, 288, 32, quant_type, nested=True)
+  assert w4.nested and w4.absmax.absmax.shape[0] > 1
+  x = _normal((288,), "float32", seed=13)
+  for config in (jlowbit.GemvConfig(block_n=4, block_k=64, split_k=1),
+                 jlowbit.GemvConfig(block_n=2, block_k=32, split_k=2)):
+    _assert_close_to_dense(jlowbit.gemv_4bit(x, w4, impl=impl, config=config),
+                           x, w4)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_gemv_split_k_matches_unsplit(impl):
   w4 = _weight(6, 1024, 64)
   x = _normal((1024,), "float32", seed=12)

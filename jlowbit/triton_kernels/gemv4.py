@@ -41,77 +41,122 @@ from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
 @triton.jit
-def _step_sums(packed_ptrs, x_ptrs, absmax_ptrs, quant_map_ptr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG: tl.constexpr,
-               V: tl.constexpr, VALID: tl.constexpr):
-  """``[BLOCK_N, BLOCK_K // SEG, SEG // V]`` absmax-scaled partial sums.
+def _word_codes(words):
+  """int32 words ``[..., V]`` -> their 8 codes each, ``[..., V, 2, 2, 2]``.
 
-  One step: ``packed_ptrs`` ``[BLOCK_N * BLOCK_K // 2]`` and ``x_ptrs``
-  ``[BLOCK_N * BLOCK_K]`` (flat, row after row), ``absmax_ptrs``
-  ``[BLOCK_N, BLOCK_K // SEG]``. Columns from ``VALID`` on (the ragged end of
-  K) count as 0; ``VALID == BLOCK_K`` loads without masks.
+  Flattened, the codes are in element order: byte ``b`` of a word (little
+  endian) holds element ``2b`` in its high nibble and ``2b + 1`` in its low
+  one. Each ``tl.join`` adds a size-2 axis inside the thread, so the codes
+  stay in the registers that loaded the word.
   """
-  groups: tl.constexpr = BLOCK_K // SEG
-  if VALID == BLOCK_K:
-    packed = tl.load(packed_ptrs)
-    x = tl.load(x_ptrs)
-    absmax = tl.load(absmax_ptrs)
-  else:
-    byte = tl.arange(0, BLOCK_N * BLOCK_K // 2) % (BLOCK_K // 2)
-    col = tl.arange(0, BLOCK_N * BLOCK_K) % BLOCK_K
-    packed = tl.load(packed_ptrs, mask=2 * byte < VALID, other=0)
-    x = tl.load(x_ptrs, mask=col < VALID, other=0.0)
-    absmax = tl.load(absmax_ptrs, mask=(tl.arange(0, groups) * SEG < VALID)[None, :],
-                     other=0.0)
-  high, low = common.unpack_nibbles(packed)
-  codes = tl.reshape(tl.join(high, low), (BLOCK_N * BLOCK_K,))
-  products = tl.load(quant_map_ptr + codes) * x.to(tl.float32)
-  sums = tl.sum(tl.reshape(products, (BLOCK_N, groups, SEG // V, V)), axis=3)
-  return sums * absmax[:, :, None]
+  e0_e4 = tl.join((words >> 4) & 15, (words >> 20) & 15)
+  e2_e6 = tl.join((words >> 12) & 15, (words >> 28) & 15)
+  e1_e5 = tl.join(words & 15, (words >> 16) & 15)
+  e3_e7 = tl.join((words >> 8) & 15, (words >> 24) & 15)
+  return tl.join(tl.join(e0_e4, e2_e6), tl.join(e1_e5, e3_e7))
 
 
 @triton.jit
-def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N, y_ptr,
+def _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset,
+                  index, mask, NESTED: tl.constexpr,
+                  NESTED_BLOCK: tl.constexpr):
+  """float32 absmax of the 4-bit blocks at ``index``; 0 where ``mask`` is off.
+
+  ``NESTED``: the absmax is 8-bit, ``nested_code[q] * nested_absmax[index //
+  NESTED_BLOCK] + offset`` (the float32 operations of
+  ``jlowbit.quant4.absmax_float32``).
+  """
+  if NESTED:
+    q = tl.load(absmax_ptr + index, mask=mask, other=0)
+    scale = tl.load(nested_absmax_ptr + index // NESTED_BLOCK, mask=mask,
+                    other=0.0)
+    return tl.where(mask, tl.load(nested_code_ptr + q) * scale + offset, 0.0)
+  return tl.load(absmax_ptr + index, mask=mask, other=0.0)
+
+
+@triton.jit
+def _step_sums(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
+               nested_code_ptr, nested_absmax_ptr, offset, VALID: tl.constexpr,
+               BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, V: tl.constexpr,
+               NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+  """``[BLOCK_N, CHUNKS]`` sums of one K step, each scaled by its block's absmax.
+
+  ``words_ptrs`` ``[BLOCK_N, CHUNKS, V]``, ``x_ptrs`` ``[CHUNKS, 8 V]``,
+  ``absmax_index`` ``[BLOCK_N, CHUNKS]``: a chunk is ``8 V`` consecutive
+  elements of a row (``V`` words, one 16-byte load for ``V = 4``), all in one
+  block. Chunks from column ``VALID`` on (the ragged end of K) count as 0;
+  ``VALID == CHUNKS * 8 V`` loads without masks.
+  """
+  if VALID == CHUNKS * 8 * V:
+    words = tl.load(words_ptrs)
+    x = tl.load(x_ptrs)
+    mask = None
+    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+                           offset, absmax_index, True, NESTED, NESTED_BLOCK)
+  else:
+    chunk_ok = tl.arange(0, CHUNKS) * (8 * V) < VALID
+    words = tl.load(words_ptrs, mask=chunk_ok[None, :, None], other=0)
+    x = tl.load(x_ptrs, mask=chunk_ok[:, None], other=0.0)
+    mask = chunk_ok[None, :]
+    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+                           offset, absmax_index, mask, NESTED, NESTED_BLOCK)
+  codes = tl.reshape(_word_codes(words), (BLOCK_N * CHUNKS * 8 * V,))
+  weights = tl.reshape(tl.gather(lut, codes, 0), (BLOCK_N, CHUNKS, 8 * V))
+  sums = tl.sum(weights * x.to(tl.float32)[None, :, :], axis=2)
+  return sums * absmax
+
+
+@triton.jit
+def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
+                     nested_code_ptr, nested_absmax_ptr, offset_ptr, N, y_ptr,
                      K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, V: tl.constexpr,
+                     V: tl.constexpr, SPLIT_K: tl.constexpr,
+                     NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
                      EVEN_N: tl.constexpr):
-  """``K % (SPLIT_K * BLOCK_SIZE) == 0``; ``y`` is ``[SPLIT_K, N]``.
+  """``K % (SPLIT_K * BLOCK_SIZE) == 0``, ``BLOCK_SIZE % (8 V) == 0``; ``y``
+  is ``[SPLIT_K, N]``.
 
-  ``V``: elements of ``x`` per 16-byte load (the per-thread run Triton picks
-  for the flat tile); ``EVEN_N``: ``N % BLOCK_N == 0``.
+  A program owns ``BLOCK_N`` rows and one of ``SPLIT_K`` ranges of K, read
+  ``BLOCK_K`` columns per step as ``[BLOCK_N, BLOCK_K / (8 V), V]`` int32
+  words; ``EVEN_N``: ``N % BLOCK_N == 0``.
   """
-  SEG: tl.constexpr = min(BLOCK_K, BLOCK_SIZE)
+  CHUNKS: tl.constexpr = BLOCK_K // (8 * V)
   K_SPLIT: tl.constexpr = K // SPLIT_K
   TAIL: tl.constexpr = K_SPLIT % BLOCK_K
-  half: tl.constexpr = BLOCK_K // 2
   first_row = tl.program_id(0) * BLOCK_N
   k_first = tl.program_id(1) * K_SPLIT
   rows = first_row + tl.arange(0, BLOCK_N)
-  byte = tl.arange(0, BLOCK_N * half)
-  byte_rows = first_row + byte // half
   load_rows = rows
   if not EVEN_N:  # re-read the last row instead of masking every load
     load_rows = tl.minimum(rows, N - 1)
-    byte_rows = tl.minimum(byte_rows, N - 1)
-  packed_ptrs = (packed_ptr + byte_rows.to(tl.int64) * (K // 2) + k_first // 2
-                 + byte % half)
-  x_ptrs = x_ptr + k_first + tl.arange(0, BLOCK_N * BLOCK_K) % BLOCK_K
-  absmax_ptrs = (absmax_ptr + load_rows.to(tl.int64)[:, None] * (K // BLOCK_SIZE)
-                 + k_first // BLOCK_SIZE
-                 + (tl.arange(0, BLOCK_K // SEG) * SEG // BLOCK_SIZE)[None, :])
-  acc = tl.zeros([BLOCK_N, BLOCK_K // SEG, SEG // V], tl.float32)
+  load_rows = load_rows.to(tl.int64)
+  chunk = tl.arange(0, CHUNKS)
+  words_ptrs = (packed_ptr.to(tl.pointer_type(tl.int32))
+                + (load_rows * (K // 8) + k_first // 8)[:, None, None]
+                + (chunk * V)[None, :, None] + tl.arange(0, V)[None, None, :])
+  x_ptrs = (x_ptr + k_first + (chunk * (8 * V))[:, None]
+            + tl.arange(0, 8 * V)[None, :])
+  absmax_index = ((load_rows * (K // BLOCK_SIZE) + k_first // BLOCK_SIZE)[:, None]
+                  + (chunk * (8 * V) // BLOCK_SIZE)[None, :])
+  lut = tl.load(quant_map_ptr + tl.arange(0, 16))
+  offset = 0.0
+  if NESTED:
+    offset = tl.load(offset_ptr)
+  acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
   for step in range(K_SPLIT // BLOCK_K):
     k0 = step * BLOCK_K
-    acc += _step_sums(packed_ptrs + k0 // 2, x_ptrs + k0,
-                      absmax_ptrs + k0 // BLOCK_SIZE, quant_map_ptr,
-                      BLOCK_N, BLOCK_K, SEG, V, BLOCK_K)
+    acc += _step_sums(words_ptrs + k0 // 8, x_ptrs + k0,
+                      absmax_index + k0 // BLOCK_SIZE, lut, absmax_ptr,
+                      nested_code_ptr, nested_absmax_ptr, offset, BLOCK_K,
+                      BLOCK_N, CHUNKS, V, NESTED, NESTED_BLOCK)
   if TAIL > 0:
     k0 = K_SPLIT - TAIL
-    acc += _step_sums(packed_ptrs + k0 // 2, x_ptrs + k0,
-                      absmax_ptrs + k0 // BLOCK_SIZE, quant_map_ptr,
-                      BLOCK_N, BLOCK_K, SEG, V, TAIL)
-  y = tl.sum(tl.sum(acc, axis=2), axis=1).to(y_ptr.dtype.element_ty)
+    acc += _step_sums(words_ptrs + k0 // 8, x_ptrs + k0,
+                      absmax_index + k0 // BLOCK_SIZE, lut, absmax_ptr,
+                      nested_code_ptr, nested_absmax_ptr, offset, TAIL,
+                      BLOCK_N, CHUNKS, V, NESTED, NESTED_BLOCK)
+  y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
   if EVEN_N:
     tl.store(y_ptr + tl.program_id(1) * N + rows, y)
   else:
@@ -119,13 +164,18 @@ def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N, y_ptr,
 
 
 @triton.jit
-def gemv_4bit_general_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N,
+def gemv_4bit_general_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
+                             nested_code_ptr, nested_absmax_ptr, offset_ptr, N,
                              y_ptr, K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
   """Any ``K``: element ``(r, k)`` is flat index ``r * K + k`` of ``W``."""
   rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
   row_ok = rows < N
   row_elements = rows.to(tl.int64) * K
+  offset = 0.0
+  if NESTED:
+    offset = tl.load(offset_ptr)
   acc = tl.zeros([BLOCK_N], tl.float32)
   for k0 in range(0, K, BLOCK_K):
     cols = k0 + tl.arange(0, BLOCK_K)
@@ -135,8 +185,9 @@ def gemv_4bit_general_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr, N,
     high, low = common.unpack_nibbles(
         tl.load(packed_ptr + flat // 2, mask=ok, other=0))
     code = tl.where(flat % 2 == 0, high, low)
-    weight = (tl.load(quant_map_ptr + code)
-              * tl.load(absmax_ptr + flat // BLOCK_SIZE, mask=ok, other=0.0))
+    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+                           offset, flat // BLOCK_SIZE, ok, NESTED, NESTED_BLOCK)
+    weight = tl.load(quant_map_ptr + code) * absmax
     x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc += tl.sum(weight * x[None, :], axis=1)
   tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -150,16 +201,21 @@ def _split_k(k: int, block_size: int, split_k: int) -> int:
 
 
 def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
-              absmax: jax.Array, out_features: int, block_size: int, impl: str,
-              *, block_n: int, block_k: int, num_warps: int, num_stages: int,
-              split_k: int) -> jax.Array:
+              absmax: jax.Array, nested: tuple | None, out_features: int,
+              block_size: int, impl: str, *, block_n: int, block_k: int,
+              num_warps: int, num_stages: int, split_k: int) -> jax.Array:
   """Launches the fused gemv: ``x`` ``[K]`` times 4-bit ``W`` ``[N, K]``^T.
 
   Args:
     x: ``[K]`` float32 / bfloat16 / float16; the output has its dtype.
     packed: uint8 ``[ceil(N * K / 2)]``.
     quant_map: float32 ``[16]``.
-    absmax: float32 ``[ceil(N * K / block_size)]``.
+    absmax: float32 ``[ceil(N * K / block_size)]``, or with ``nested`` its
+      uint8 codes.
+    nested: ``None``, or ``(code, nested_absmax, offset, nested_block_size)``
+      of 8-bit statistics: float32 ``[256]``, float32 ``[ceil(blocks /
+      nested_block_size)]``, float32 ``[]``, int; the kernel reads the uint8
+      ``absmax`` and dequantizes it per block.
     out_features: ``N``.
     block_size: elements per absmax block.
     impl: ``"triton"`` or ``"interpret"``.
@@ -170,24 +226,32 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
     ``[N]`` in ``x.dtype``.
   """
   n, k = out_features, x.shape[0]
+  if nested is None:
+    code, nested_absmax, offset, nested_block = absmax, absmax, absmax, 1
+  else:
+    code, nested_absmax, offset, nested_block = nested
+    offset = jnp.reshape(offset, (1,)).astype(jnp.float32)
   options = dict(impl=impl, num_warps=num_warps, num_stages=num_stages, K=k,
-                 BLOCK_SIZE=block_size, BLOCK_N=block_n)
-  if k % block_size:
+                 BLOCK_SIZE=block_size, BLOCK_N=block_n,
+                 NESTED=nested is not None, NESTED_BLOCK=nested_block)
+  args = (x, packed, quant_map, absmax, code, nested_absmax, offset, n)
+  if k % block_size or k % 8:
     block_k = max(32, min(block_k, triton.next_power_of_2(k)))
     (y,) = launch(
-        __name__, "gemv_4bit_general_kernel", x, packed, quant_map, absmax, n,
+        __name__, "gemv_4bit_general_kernel", *args,
         out_shape=(jax.ShapeDtypeStruct((n,), x.dtype),),
         grid=(cdiv(n, block_n),), **options, BLOCK_K=block_k)
     return y
   split_k = _split_k(k, block_size, split_k)
+  words = min(4, block_size // 8)  # one chunk never spans two blocks
   # The largest power of two <= K / split_k: no step is mostly padding.
-  block_k = min(block_k, 1 << ((k // split_k).bit_length() - 1))
+  block_k = max(8 * words, min(block_k, 1 << ((k // split_k).bit_length() - 1)))
   out_dtype = x.dtype if split_k == 1 else jnp.float32
   (y,) = launch(
-      __name__, "gemv_4bit_kernel", x, packed, quant_map, absmax, n,
+      __name__, "gemv_4bit_kernel", *args,
       out_shape=(jax.ShapeDtypeStruct((split_k, n), out_dtype),),
       grid=(cdiv(n, block_n), split_k), **options, BLOCK_K=block_k,
-      SPLIT_K=split_k, V=16 // x.dtype.itemsize, EVEN_N=n % block_n == 0)
+      V=words, SPLIT_K=split_k, EVEN_N=n % block_n == 0)
   if split_k == 1:
     return y[0]
   return jnp.sum(y, axis=0).astype(x.dtype)

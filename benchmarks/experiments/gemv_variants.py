@@ -1,0 +1,138 @@
+"""Kernel-level experiment: 4-bit gemv designs timed with torch + Triton alone.
+
+Separates the kernel from the JAX launch path: each variant is a plain
+``@triton.jit`` kernel launched on torch tensors and timed with
+``triton.testing.do_bench`` (CUDA events, L2 flushed before every run,
+median), next to cuBLAS dense bf16 and bitsandbytes' NF4 gemv in the same
+process. Weights: random NF4 codes (uniform bytes), random positive absmax,
+block_size 64, bf16 ``x``. Each variant is checked against a float32 torch
+reference (max |y - ref| / max |ref| < 1e-2).
+
+Run on the GPU machine from the repository root::
+
+  python benchmarks/experiments/gemv_variants.py [--json OUT] [--quick]
+
+Variant ``words``: ``jlowbit.triton_kernels.gemv4.gemv_4bit_kernel`` (int32
+words, codes unpacked in registers, the 16-entry table gathered with
+``tl.gather``) over a grid of tile configs, ``x`` passed as bf16 or as a
+float32 copy (``x<dtype>``), split K 1/2/4 (partial sums added by torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+       -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+       0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+       0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+       0.7229568362236023, 1.0]
+SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192),
+          (14336, 4096), (4096, 14336), (1024, 4096)]
+BLOCK_SIZE = 64
+
+
+def _bench(fn) -> float:
+  return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+def run(shapes, quick: bool) -> list[dict]:
+  from jlowbit.triton_kernels import gemv4  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  lut = torch.tensor(NF4, device="cuda")
+  rows = []
+  for n, k in shapes:
+    packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device="cuda")
+    absmax = torch.rand(n * k // BLOCK_SIZE, device="cuda") + 0.5
+    x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(n, k).long()
+    w = lut[codes] * absmax.repeat_interleave(BLOCK_SIZE).reshape(n, k)
+    ref = (w @ x.float()).float()
+    nbytes = n * k // 2 + 4 * n * k // BLOCK_SIZE
+    wd = w.to(torch.bfloat16)
+    del w, codes
+    base = dict(shape=f"{n}x{k}", bytes=nbytes)
+
+    def record(variant, config, fn, out=None, nb=nbytes):
+      us = _bench(fn)
+      err = None
+      if out is not None:
+        fn()
+        err = float((out().float() - ref).abs().max() / ref.abs().max())
+      row = dict(base, variant=variant, config=config, us=us,
+                 TBps=nb / us / 1e6, err=err)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+
+    record("cublas bf16", "", lambda: torch.mv(wd, x), nb=2 * n * k)
+    del wd
+    try:
+      import bitsandbytes as bnb  # pylint: disable=g-import-not-at-top
+      import bitsandbytes.functional as F  # pylint: disable=g-import-not-at-top
+      wb = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+      qw, state = F.quantize_4bit(wb, blocksize=64, quant_type="nf4")
+      del wb
+      xb = x[None, :]
+      record("bnb nf4", "", lambda: bnb.matmul_4bit(xb, qw.t(), quant_state=state))
+      del qw, state
+    except Exception as e:  # pylint: disable=broad-except
+      print("bnb unavailable:", repr(e)[:200])
+
+    xf = x.float()
+    for split_k in (1, 2, 4):
+      if k % (split_k * 1024):
+        continue
+      y = torch.empty((split_k, n), device="cuda",
+                      dtype=torch.bfloat16 if split_k == 1 else torch.float32)
+      out = (lambda y=y: y.sum(0))
+      for bn, bk, warps, xdt in itertools.product(
+          (2, 4, 8, 16, 32), (256, 512, 1024), (4, 8), ("bf16", "f32")):
+        if bn * bk > 16384 or bn * bk < 1024 or (split_k > 1 and (bn > 8 or n > 12000)):
+          continue
+        if quick and (warps == 2 or xdt == "bf16" or bk == 1024):
+          continue
+        xin = x if xdt == "bf16" else xf
+        def launch(bn=bn, bk=bk, warps=warps, y=y, split_k=split_k, xin=xin):
+          gemv4.gemv_4bit_kernel[(triton.cdiv(n, bn), split_k)](
+              xin, packed, lut, absmax, absmax, absmax, absmax, n, y, K=k,
+              BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk, V=4,
+              SPLIT_K=split_k, NESTED=False, NESTED_BLOCK=1,
+              EVEN_N=n % bn == 0, num_warps=warps)
+          if split_k > 1:
+            return y.sum(0)
+          return y
+        record("words", f"n{bn} k{bk} w{warps} s{split_k} x{xdt}", launch, out)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--json")
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--shapes", nargs="*")
+  args = parser.parse_args()
+  shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes]
+            if args.shapes else SHAPES)
+  rows = run(shapes, args.quick)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+  print("\nbest per shape and variant:")
+  for shape in dict.fromkeys(r["shape"] for r in rows):
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+      cands = [r for r in rows if r["shape"] == shape and r["variant"] == variant
+               and (r["err"] is None or r["err"] < 1e-2)]
+      if cands:
+        best = min(cands, key=lambda r: r["us"])
+        print(f"{shape:>11} {variant:>12} {best['config']:>22} "
+              f"{best['us']:8.1f} us {best['TBps']:5.2f} TB/s")
+
+
+if __name__ == "__main__":
+  main()
