@@ -289,6 +289,13 @@ def _torch_weight_bytes(model) -> int:
   return total
 
 
+def _memory_footprint(model) -> int | None:
+  """transformers' ``get_memory_footprint()`` (parameters and buffers; not
+  bitsandbytes' absmax), for reference."""
+  footprint = getattr(model, "get_memory_footprint", None)
+  return None if footprint is None else int(footprint())
+
+
 def _torch_decode(model, prompt, new_tokens: int):
   """Seconds for ``new_tokens`` greedy steps after a one-pass prefill, and
   the tokens."""
@@ -318,7 +325,7 @@ def _bench_torch_model(name: str, model, prompt, s: Settings, setup_s: float,
               method=("torch eager, manual greedy loop, DynamicCache, "
                       f"attn {model.config._attn_implementation}"),  # pylint: disable=protected-access
               setup_s=setup_s, weight_bytes=_torch_weight_bytes(model),
-              memory_footprint=int(model.get_memory_footprint()),
+              memory_footprint=_memory_footprint(model),
               first_run_s=first, tok_s=_median_rate(seconds, s.new_tokens),
               step_run_s=seconds, tokens=tokens[0, :8].tolist())
 
