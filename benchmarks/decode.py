@@ -438,6 +438,8 @@ def main(argv=None):
   parser.add_argument("--new-tokens", type=int, help="default 64 (--tiny: 8)")
   parser.add_argument("--repeats", type=int, help="timed runs per row, default 5 (--tiny: 2)")
   parser.add_argument("--no-bf16", action="store_true", help="skip the jax bf16 row")
+  parser.add_argument("--no-jax", action="store_true",
+                      help="skip every JAX row (with --torch: the torch rows alone)")
   parser.add_argument("--no-loop", action="store_true",
                       help="skip the in-jit loop timing (tok_s_loop; one compilation less a row)")
   parser.add_argument("--torch", action="store_true",
@@ -468,6 +470,8 @@ def main(argv=None):
   rows = []
   jax_rows = ([] if args.no_bf16 else [("jax bf16", None)]) + [
       (_row_name("jlowbit", q), q) for q in args.quant_types]
+  if args.no_jax:
+    jax_rows = []
   for name, quant_type in jax_rows:
     rows.append(bench_jax(name, config, prompt, s, quant_type, not args.no_loop))
     r = rows[-1]
