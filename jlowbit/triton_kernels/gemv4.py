@@ -75,11 +75,11 @@ def _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset,
 
 
 @triton.jit
-def _step_sums(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
-               nested_code_ptr, nested_absmax_ptr, offset, VALID: tl.constexpr,
-               BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, V: tl.constexpr,
-               NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
-  """``[BLOCK_N, CHUNKS]`` sums of one K step, each scaled by its block's absmax.
+def _load_step(words_ptrs, x_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
+               nested_absmax_ptr, offset, VALID: tl.constexpr,
+               CHUNKS: tl.constexpr, V: tl.constexpr, NESTED: tl.constexpr,
+               NESTED_BLOCK: tl.constexpr):
+  """One K step's operands: words, ``x`` and the chunks' absmax.
 
   ``words_ptrs`` ``[BLOCK_N, CHUNKS, V]``, ``x_ptrs`` ``[CHUNKS, 8 V]``,
   ``absmax_index`` ``[BLOCK_N, CHUNKS]``: a chunk is ``8 V`` consecutive
@@ -90,20 +90,27 @@ def _step_sums(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
   if VALID == CHUNKS * 8 * V:
     words = tl.load(words_ptrs)
     x = tl.load(x_ptrs)
-    mask = None
     absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
                            offset, absmax_index, True, NESTED, NESTED_BLOCK)
   else:
     chunk_ok = tl.arange(0, CHUNKS) * (8 * V) < VALID
     words = tl.load(words_ptrs, mask=chunk_ok[None, :, None], other=0)
     x = tl.load(x_ptrs, mask=chunk_ok[:, None], other=0.0)
-    mask = chunk_ok[None, :]
     absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, mask, NESTED, NESTED_BLOCK)
-  codes = tl.reshape(_word_codes(words), (BLOCK_N * CHUNKS * 8 * V,))
-  weights = tl.reshape(tl.gather(lut, codes, 0), (BLOCK_N, CHUNKS, 8 * V))
-  sums = tl.sum(weights * x.to(tl.float32)[None, :, :], axis=2)
-  return sums * absmax
+                           offset, absmax_index, chunk_ok[None, :], NESTED,
+                           NESTED_BLOCK)
+  return words, x, absmax
+
+
+@triton.jit
+def _step_sums(words, x, absmax, lut):
+  """``[BLOCK_N, CHUNKS]`` chunk sums of ``W x``, each scaled by its absmax."""
+  block_n: tl.constexpr = words.shape[0]
+  chunks: tl.constexpr = words.shape[1]
+  chunk: tl.constexpr = 8 * words.shape[2]
+  codes = tl.reshape(_word_codes(words), (block_n * chunks * chunk,))
+  weights = tl.reshape(tl.gather(lut, codes, 0), (block_n, chunks, chunk))
+  return tl.sum(weights * x.to(tl.float32)[None, :, :], axis=2) * absmax
 
 
 @triton.jit
@@ -143,19 +150,26 @@ def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
   offset = 0.0
   if NESTED:
     offset = tl.load(offset_ptr)
+  # Software pipelining: the next step's loads are issued before this
+  # step's arithmetic, so each thread keeps a load in flight while it works.
+  stats = (absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset)
+  words, x, absmax = _load_step(words_ptrs, x_ptrs, absmax_index, *stats,
+                                BLOCK_K, CHUNKS, V, NESTED, NESTED_BLOCK)
   acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
-  for step in range(K_SPLIT // BLOCK_K):
+  for step in range(1, K_SPLIT // BLOCK_K):
     k0 = step * BLOCK_K
-    acc += _step_sums(words_ptrs + k0 // 8, x_ptrs + k0,
-                      absmax_index + k0 // BLOCK_SIZE, lut, absmax_ptr,
-                      nested_code_ptr, nested_absmax_ptr, offset, BLOCK_K,
-                      BLOCK_N, CHUNKS, V, NESTED, NESTED_BLOCK)
+    next_words, next_x, next_absmax = _load_step(
+        words_ptrs + k0 // 8, x_ptrs + k0, absmax_index + k0 // BLOCK_SIZE,
+        *stats, BLOCK_K, CHUNKS, V, NESTED, NESTED_BLOCK)
+    acc += _step_sums(words, x, absmax, lut)
+    words, x, absmax = next_words, next_x, next_absmax
+  acc += _step_sums(words, x, absmax, lut)
   if TAIL > 0:
     k0 = K_SPLIT - TAIL
-    acc += _step_sums(words_ptrs + k0 // 8, x_ptrs + k0,
-                      absmax_index + k0 // BLOCK_SIZE, lut, absmax_ptr,
-                      nested_code_ptr, nested_absmax_ptr, offset, TAIL,
-                      BLOCK_N, CHUNKS, V, NESTED, NESTED_BLOCK)
+    words, x, absmax = _load_step(
+        words_ptrs + k0 // 8, x_ptrs + k0, absmax_index + k0 // BLOCK_SIZE,
+        *stats, TAIL, CHUNKS, V, NESTED, NESTED_BLOCK)
+    acc += _step_sums(words, x, absmax, lut)
   y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
   if EVEN_N:
     tl.store(y_ptr + tl.program_id(1) * N + rows, y)
