@@ -18,7 +18,13 @@ from jlowbit.checkpoints import (
     load_bnb_checkpoint,
     save_bnb_checkpoint,
 )
-from jlowbit.matmul4 import GemvConfig, gemv_4bit, gemv_4bit_reference, matmul_4bit
+from jlowbit.matmul4 import (
+    GemvConfig,
+    SmallBatchConfig,
+    gemv_4bit,
+    gemv_4bit_reference,
+    matmul_4bit,
+)
 from jlowbit.quant4 import Quantized4bit, dequantize_4bit, quantize_4bit
 from jlowbit.update8 import update_8bit
 from jlowbit import nn

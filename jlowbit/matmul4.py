@@ -9,13 +9,20 @@ For a weight :math:`W \in \mathbb{R}^{N \times K}` (out, in) quantized by
 with float32 accumulation; ``y`` has ``x``'s dtype. The 4-bit weight is
 frozen: it receives a zero cotangent.
 
-Dispatch rule of :func:`matmul_4bit`: when ``x`` holds a single row
-(``prod(x.shape[:-1]) == 1``, batch-1 decoding) it runs the fused gemv kernel,
-which reads the packed weight once and never materializes ``W``; with more
-rows it dequantizes ``W`` to ``x.dtype`` (one kernel) and calls ``jnp.dot``
-(float32 products at ``Precision.HIGHEST``, i.e. no TF32 for float32 inputs),
-where tensor cores win. With ``impl="xla"`` the single-row case is
-:func:`gemv_4bit_reference` and the dequantization is the jnp reference.
+Dispatch rule of :func:`matmul_4bit` (``M = prod(x.shape[:-1])`` rows):
+
+* ``M == 1`` (batch-1 decoding): the fused gemv kernel, which reads the
+  packed weight once and never materializes ``W``;
+* ``2 <= M <= SMALL_BATCH_ROWS`` with bfloat16 / float16 ``x`` (batched
+  decoding, speculative decoding): the fused small-batch kernel, which
+  dequantizes tiles of ``W`` in registers and multiplies them on the tensor
+  cores, again reading ``W`` once;
+* otherwise (prefill, float32 ``x``): ``W`` is dequantized to ``x.dtype``
+  (one kernel) and multiplied by ``jnp.dot`` (float32 products at
+  ``Precision.HIGHEST``, i.e. no TF32 for float32 inputs).
+
+With ``impl="xla"`` the single-row case is :func:`gemv_4bit_reference` and
+the others dequantize with the jnp reference.
 """
 
 import dataclasses
@@ -30,6 +37,7 @@ from jlowbit import _validation as val
 from jlowbit import quant4
 
 TARGET_PROGRAMS = 512  # below this many row blocks, default configs split K
+SMALL_BATCH_ROWS = 16  # the most rows the fused small-batch kernel takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +97,37 @@ class GemvConfig:
     return cls(block_k=block_k, split_k=split_k)
 
 
+@dataclasses.dataclass(frozen=True)
+class SmallBatchConfig:
+  """Tile sizes of the fused small-batch (2-16 rows) 4-bit product.
+
+  Attributes:
+    block_m: rows of ``x`` per program (power of two, >= 16: ``tl.dot``).
+    block_n: output features per program (power of two, >= 16).
+    block_k: input columns per loop step (power of two, >= 32).
+    num_warps: warps per program.
+    num_stages: software-pipelining depth of the K loop.
+  """
+  block_m: int = 16
+  block_n: int = 64
+  block_k: int = 256
+  num_warps: int = 4
+  num_stages: int = 1
+
+  def __post_init__(self):
+    for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 32),
+                        ("num_warps", 1)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an int")
+      if value < least or value & (value - 1):
+        raise ValueError(f"{name}={value} must be a power of two >= {least}")
+    if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int):
+      raise TypeError(f"num_stages={self.num_stages!r} must be an int")
+    if self.num_stages < 1:
+      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
 def _dense(x2d: jax.Array, w: jax.Array) -> jax.Array:
   """``x2d @ w.T`` accumulated in float32, returned in ``x2d.dtype``."""
   y = jnp.dot(x2d, w.T, precision=jax.lax.Precision.HIGHEST,
@@ -116,6 +155,21 @@ def _kernels():
   return gemv4
 
 
+def _statistics(w4: quant4.Quantized4bit):
+  """The kernels' absmax operand and nested statistics (or ``None``)."""
+  if not w4.nested:
+    return w4.absmax, None
+  stats = w4.absmax
+  return (stats.codes.reshape(-1),
+          (stats.code, stats.absmax, w4.offset, stats.block_size))
+
+
+def _uses_small_batch(x2d, w4) -> bool:
+  m, k = x2d.shape
+  return (2 <= m <= SMALL_BATCH_ROWS and k % w4.block_size == 0
+          and x2d.dtype in (jnp.bfloat16, jnp.float16))
+
+
 def _forward(x2d, w4, impl, config):
   """``x2d`` ``[M, K]`` times ``w4`` ``[N, K]``^T: ``[M, N]`` in x's dtype."""
   (m, k), n = x2d.shape, w4.shape[0]
@@ -123,20 +177,24 @@ def _forward(x2d, w4, impl, config):
     return jnp.zeros((m, n), x2d.dtype)
   if m == 1 and impl == "xla":
     return gemv_4bit_reference(x2d, w4)
+  absmax, nested = _statistics(w4)
   if m == 1:
-    config = config or GemvConfig.get_default(n, k)
-    if w4.nested:
-      stats = w4.absmax
-      absmax = stats.codes.reshape(-1)
-      nested = (stats.code, stats.absmax, w4.offset, stats.block_size)
-    else:
-      absmax, nested = w4.absmax, None
+    if not isinstance(config, GemvConfig):
+      config = GemvConfig.get_default(n, k)
     y = _kernels().gemv_4bit(
-        x2d[0], w4.packed, w4.quant_map, absmax, nested, n, w4.block_size, impl,
-        block_n=config.block_n, block_k=config.block_k,
+        x2d[0], w4.packed, w4.quant_map, absmax, nested, n, w4.block_size,
+        impl, block_n=config.block_n, block_k=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
         split_k=config.split_k)
     return y[None, :]
+  if impl != "xla" and _uses_small_batch(x2d, w4):
+    if not isinstance(config, SmallBatchConfig):
+      config = SmallBatchConfig()
+    return _kernels().matmul_4bit_small(
+        x2d, w4.packed, w4.quant_map, absmax, nested, n, w4.block_size, impl,
+        block_m=config.block_m, block_n=config.block_n,
+        block_k=config.block_k, num_warps=config.num_warps,
+        num_stages=config.num_stages)
   return _dense(x2d, quant4.dequantize_4bit(w4, x2d.dtype, impl=impl))
 
 
@@ -187,18 +245,22 @@ def matmul_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
     w4: ``W`` ``[out_features, in_features]`` from :func:`jlowbit.quantize_4bit`
       or :func:`jlowbit.from_bnb`.
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
-    config: :class:`GemvConfig` tile sizes for
-      the single-row (gemv) case; default per shape.
+    config: tile sizes: a :class:`GemvConfig` applies to one row (the
+      gemv kernel), a :class:`SmallBatchConfig` to 2-16 bfloat16 / float16
+      rows (the small-batch kernel); the other path uses its default.
+      Default per shape.
 
   Returns:
     ``[..., out_features]`` in ``x.dtype``. One row runs the fused gemv
-    kernel, more rows dequantize + ``jnp.dot`` (see the module docstring).
+    kernel, 2-16 half-precision rows the fused small-batch kernel, more rows
+    dequantize + ``jnp.dot`` (see the module docstring).
   """
   x = val.as_float_array(x, "x")
   _check_weight(w4)
-  if config is not None and not isinstance(config, GemvConfig):
-    raise TypeError(f"config must be a GemvConfig or None, got "
-                    f"{type(config).__name__}")
+  if config is not None and not isinstance(config, (GemvConfig,
+                                                     SmallBatchConfig)):
+    raise TypeError(f"config must be a GemvConfig, a SmallBatchConfig or "
+                    f"None, got {type(config).__name__}")
   if x.ndim == 0 or x.shape[-1] != w4.shape[1]:
     raise ValueError(f"x.shape={tuple(x.shape)} does not match "
                      f"w4.shape={w4.shape}: x must be [..., {w4.shape[1]}]")

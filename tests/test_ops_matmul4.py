@@ -102,6 +102,36 @@ def test_gemv_reads_nested_statistics_in_kernel(impl, quant_type):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("rows, out_features, in_features, block_size, nested, dtype", [
+    (2, 32, 128, 64, False, "bfloat16"),   # whole tiles
+    (5, 40, 160, 32, True, "float16"),     # partial row and column tiles, ragged K
+    (16, 17, 64, 64, False, "bfloat16"),   # a full block_m, one K step
+])
+def test_small_batch_kernel_matches_dense(impl, rows, out_features, in_features,
+                                          block_size, nested, dtype):
+  w4 = _weight(out_features, in_features, block_size, nested=nested)
+  x = _normal((rows, in_features), dtype, seed=14)
+  config = jlowbit.SmallBatchConfig(block_n=16, block_k=64)
+  y = jlowbit.matmul_4bit(x, w4, impl=impl, config=config)
+  assert y.shape == (rows, out_features) and y.dtype == jnp.dtype(dtype)
+  # The tile is rounded to x's dtype before the tensor-core product: one
+  # more rounding than the dense reference, within the same bound.
+  _assert_close_to_dense(y, x, w4)
+
+
+def test_small_batch_config_errors():
+  assert jlowbit.SmallBatchConfig() == jlowbit.SmallBatchConfig(
+      block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=1)
+  with pytest.raises(ValueError, match=r"block_m=8 must be a power of two >= 16"):
+    jlowbit.SmallBatchConfig(block_m=8)
+  with pytest.raises(TypeError, match=r"block_n=64.0 must be an int"):
+    jlowbit.SmallBatchConfig(block_n=64.0)
+  with pytest.raises(TypeError, match=r"config must be a GemvConfig, a "
+                     r"SmallBatchConfig or None"):
+    jlowbit.matmul_4bit(jnp.ones((2, 64)), _weight(3, 64), config=(16, 64))
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_gemv_split_k_matches_unsplit(impl):
   w4 = _weight(6, 1024, 64)
   x = _normal((1024,), "float32", seed=12)

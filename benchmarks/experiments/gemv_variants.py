@@ -91,23 +91,50 @@ def run(shapes, quick: bool) -> list[dict]:
       y = torch.empty((split_k, n), device="cuda",
                       dtype=torch.bfloat16 if split_k == 1 else torch.float32)
       out = (lambda y=y: y.sum(0))
-      for bn, bk, warps, xdt in itertools.product(
-          (2, 4, 8, 16, 32), (256, 512, 1024), (4, 8), ("bf16", "f32")):
+      for bn, bk, warps, xdt, v in itertools.product(
+          (2, 4, 8, 16, 32), (256, 512, 1024), (4, 8), ("bf16", "f32"), (4, 8)):
         if bn * bk > 16384 or bn * bk < 1024 or (split_k > 1 and (bn > 8 or n > 12000)):
           continue
-        if quick and (warps == 2 or xdt == "bf16" or bk == 1024):
+        if quick and (xdt == "f32" or bn > 8 or split_k > 2):
           continue
         xin = x if xdt == "bf16" else xf
-        def launch(bn=bn, bk=bk, warps=warps, y=y, split_k=split_k, xin=xin):
+        def launch(bn=bn, bk=bk, warps=warps, y=y, split_k=split_k, xin=xin,
+                   v=v):
           gemv4.gemv_4bit_kernel[(triton.cdiv(n, bn), split_k)](
               xin, packed, lut, absmax, absmax, absmax, absmax, n, y, K=k,
-              BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk, V=4,
+              BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk, V=v,
               SPLIT_K=split_k, NESTED=False, NESTED_BLOCK=1,
               EVEN_N=n % bn == 0, num_warps=warps)
           if split_k > 1:
             return y.sum(0)
           return y
-        record("words", f"n{bn} k{bk} w{warps} s{split_k} x{xdt}", launch, out)
+        record("words", f"n{bn} k{bk} v{v} w{warps} s{split_k} x{xdt}",
+               launch, out)
+    for m in (4, 16):
+      xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+      wd = (lut[torch.stack([packed >> 4, packed & 15], 1).reshape(n, k).long()]
+            * absmax.repeat_interleave(BLOCK_SIZE).reshape(n, k)).to(torch.bfloat16)
+      refm = (xm.float() @ wd.float().t())
+      record(f"cublas bf16 m{m}", "", lambda xm=xm, wd=wd: xm @ wd.t(), nb=2 * n * k)
+      del wd
+      ym = torch.empty((m, n), device="cuda", dtype=torch.bfloat16)
+      for bn, bk, warps in itertools.product((32, 64, 128), (128, 256), (4, 8)):
+        if quick and warps == 8 and bn < 64:
+          continue
+        def launch(bn=bn, bk=bk, warps=warps, xm=xm, ym=ym, m=m):
+          gemv4.matmul_4bit_small_kernel[(triton.cdiv(n, bn), 1)](
+              xm, packed, lut, absmax, absmax, absmax, absmax, m, n, ym, K=k,
+              BLOCK_SIZE=BLOCK_SIZE, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, V=4,
+              NESTED=False, NESTED_BLOCK=1, EVEN_N=n % bn == 0,
+              num_warps=warps)
+          return ym
+        us = _bench(launch)
+        launch()
+        err = float((ym.float() - refm).abs().max() / refm.abs().max())
+        row = dict(base, variant=f"small m{m}", config=f"n{bn} k{bk} w{warps}",
+                   us=us, TBps=nbytes / us / 1e6, err=err)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
   return rows
 
 

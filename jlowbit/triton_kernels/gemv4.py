@@ -75,42 +75,86 @@ def _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset,
 
 
 @triton.jit
-def _load_step(words_ptrs, x_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
+def _load_step(words_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
                nested_absmax_ptr, offset, VALID: tl.constexpr,
                CHUNKS: tl.constexpr, V: tl.constexpr, NESTED: tl.constexpr,
                NESTED_BLOCK: tl.constexpr):
-  """One K step's operands: words, ``x`` and the chunks' absmax.
+  """One K step of ``W``: words ``[BLOCK_N, CHUNKS, V]`` and absmax ``[BLOCK_N, CHUNKS]``.
 
-  ``words_ptrs`` ``[BLOCK_N, CHUNKS, V]``, ``x_ptrs`` ``[CHUNKS, 8 V]``,
-  ``absmax_index`` ``[BLOCK_N, CHUNKS]``: a chunk is ``8 V`` consecutive
-  elements of a row (``V`` words, one 16-byte load for ``V = 4``), all in one
-  block. Chunks from column ``VALID`` on (the ragged end of K) count as 0;
-  ``VALID == CHUNKS * 8 V`` loads without masks.
+  A chunk is ``8 V`` consecutive elements of a row (``V`` int32 words, one
+  16-byte load for ``V = 4``), all in one block; ``absmax_index`` is each
+  chunk's block. Chunks from column ``VALID`` on (the ragged end of K) read
+  as code 0 with absmax 0; ``VALID == CHUNKS * 8 V`` loads without masks.
   """
   if VALID == CHUNKS * 8 * V:
     words = tl.load(words_ptrs)
-    x = tl.load(x_ptrs)
     absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
                            offset, absmax_index, True, NESTED, NESTED_BLOCK)
   else:
     chunk_ok = tl.arange(0, CHUNKS) * (8 * V) < VALID
     words = tl.load(words_ptrs, mask=chunk_ok[None, :, None], other=0)
-    x = tl.load(x_ptrs, mask=chunk_ok[:, None], other=0.0)
     absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
                            offset, absmax_index, chunk_ok[None, :], NESTED,
                            NESTED_BLOCK)
-  return words, x, absmax
+  return words, absmax
 
 
 @triton.jit
-def _step_sums(words, x, absmax, lut):
-  """``[BLOCK_N, CHUNKS]`` chunk sums of ``W x``, each scaled by its absmax."""
+def _load_x(x_ptrs, VALID: tl.constexpr, CHUNKS: tl.constexpr, V: tl.constexpr):
+  """``x`` ``[CHUNKS, 8 V]`` of one K step (0 from column ``VALID`` on)."""
+  if VALID == CHUNKS * 8 * V:
+    return tl.load(x_ptrs)
+  chunk_ok = tl.arange(0, CHUNKS) * (8 * V) < VALID
+  return tl.load(x_ptrs, mask=chunk_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _chunk_values(words, lut):
+  """``quant_map[code]`` of every element of ``words``: float32 ``[BLOCK_N, CHUNKS, 8 V]``."""
   block_n: tl.constexpr = words.shape[0]
   chunks: tl.constexpr = words.shape[1]
   chunk: tl.constexpr = 8 * words.shape[2]
   codes = tl.reshape(_word_codes(words), (block_n * chunks * chunk,))
-  weights = tl.reshape(tl.gather(lut, codes, 0), (block_n, chunks, chunk))
-  return tl.sum(weights * x.to(tl.float32)[None, :, :], axis=2) * absmax
+  return tl.reshape(tl.gather(lut, codes, 0), (block_n, chunks, chunk))
+
+
+@triton.jit
+def _step_sums(words, absmax, x, lut):
+  """``[BLOCK_N, CHUNKS]`` chunk sums of ``W x``, each scaled by its absmax."""
+  values = _chunk_values(words, lut)
+  return tl.sum(values * x.to(tl.float32)[None, :, :], axis=2) * absmax
+
+
+@triton.jit
+def _dot_step(acc, x, words, absmax, lut):
+  """``acc + x @ W_tile^T``: the tile dequantized to ``x``'s dtype in registers."""
+  block_n: tl.constexpr = words.shape[0]
+  weights = _chunk_values(words, lut) * absmax[:, :, None]
+  weights = tl.reshape(weights, (block_n, x.shape[1])).to(x.dtype)
+  if common.INTERPRETED:  # its dot multiplies bfloat16 bit patterns as ints
+    return tl.dot(x.to(tl.float32), tl.trans(weights.to(tl.float32)), acc,
+                  input_precision="ieee")
+  return tl.dot(x, tl.trans(weights), acc)
+
+
+@triton.jit
+def _tile_pointers(packed_ptr, N, k_first, K: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CHUNKS: tl.constexpr, V: tl.constexpr, EVEN_N: tl.constexpr):
+  """Word pointers ``[BLOCK_N, CHUNKS, V]`` and absmax indices ``[BLOCK_N,
+  CHUNKS]`` of this program's rows from column ``k_first`` on; rows past
+  ``N`` (``EVEN_N`` false) re-read row ``N - 1`` instead of masking."""
+  rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+  if not EVEN_N:
+    rows = tl.minimum(rows, N - 1)
+  rows = rows.to(tl.int64)
+  chunk = tl.arange(0, CHUNKS)
+  words_ptrs = (packed_ptr.to(tl.pointer_type(tl.int32))
+                + (rows * (K // 8) + k_first // 8)[:, None, None]
+                + (chunk * V)[None, :, None] + tl.arange(0, V)[None, None, :])
+  absmax_index = ((rows * (K // BLOCK_SIZE) + k_first // BLOCK_SIZE)[:, None]
+                  + (chunk * (8 * V) // BLOCK_SIZE)[None, :])
+  return words_ptrs, absmax_index
 
 
 @triton.jit
@@ -125,56 +169,99 @@ def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
   is ``[SPLIT_K, N]``.
 
   A program owns ``BLOCK_N`` rows and one of ``SPLIT_K`` ranges of K, read
-  ``BLOCK_K`` columns per step as ``[BLOCK_N, BLOCK_K / (8 V), V]`` int32
-  words; ``EVEN_N``: ``N % BLOCK_N == 0``.
+  ``BLOCK_K`` columns per step; ``EVEN_N``: ``N % BLOCK_N == 0``.
   """
   CHUNKS: tl.constexpr = BLOCK_K // (8 * V)
   K_SPLIT: tl.constexpr = K // SPLIT_K
   TAIL: tl.constexpr = K_SPLIT % BLOCK_K
-  first_row = tl.program_id(0) * BLOCK_N
   k_first = tl.program_id(1) * K_SPLIT
-  rows = first_row + tl.arange(0, BLOCK_N)
-  load_rows = rows
-  if not EVEN_N:  # re-read the last row instead of masking every load
-    load_rows = tl.minimum(rows, N - 1)
-  load_rows = load_rows.to(tl.int64)
-  chunk = tl.arange(0, CHUNKS)
-  words_ptrs = (packed_ptr.to(tl.pointer_type(tl.int32))
-                + (load_rows * (K // 8) + k_first // 8)[:, None, None]
-                + (chunk * V)[None, :, None] + tl.arange(0, V)[None, None, :])
-  x_ptrs = (x_ptr + k_first + (chunk * (8 * V))[:, None]
+  words_ptrs, absmax_index = _tile_pointers(
+      packed_ptr, N, k_first, K, BLOCK_SIZE, BLOCK_N, CHUNKS, V, EVEN_N)
+  x_ptrs = (x_ptr + k_first + (tl.arange(0, CHUNKS) * (8 * V))[:, None]
             + tl.arange(0, 8 * V)[None, :])
-  absmax_index = ((load_rows * (K // BLOCK_SIZE) + k_first // BLOCK_SIZE)[:, None]
-                  + (chunk * (8 * V) // BLOCK_SIZE)[None, :])
   lut = tl.load(quant_map_ptr + tl.arange(0, 16))
   offset = 0.0
   if NESTED:
     offset = tl.load(offset_ptr)
+  stats = (absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset)
   # Software pipelining: the next step's loads are issued before this
   # step's arithmetic, so each thread keeps a load in flight while it works.
-  stats = (absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset)
-  words, x, absmax = _load_step(words_ptrs, x_ptrs, absmax_index, *stats,
-                                BLOCK_K, CHUNKS, V, NESTED, NESTED_BLOCK)
+  words, absmax = _load_step(words_ptrs, absmax_index, *stats, BLOCK_K,
+                             CHUNKS, V, NESTED, NESTED_BLOCK)
+  x = _load_x(x_ptrs, BLOCK_K, CHUNKS, V)
   acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
   for step in range(1, K_SPLIT // BLOCK_K):
     k0 = step * BLOCK_K
-    next_words, next_x, next_absmax = _load_step(
-        words_ptrs + k0 // 8, x_ptrs + k0, absmax_index + k0 // BLOCK_SIZE,
-        *stats, BLOCK_K, CHUNKS, V, NESTED, NESTED_BLOCK)
-    acc += _step_sums(words, x, absmax, lut)
-    words, x, absmax = next_words, next_x, next_absmax
-  acc += _step_sums(words, x, absmax, lut)
+    next_words, next_absmax = _load_step(
+        words_ptrs + k0 // 8, absmax_index + k0 // BLOCK_SIZE, *stats,
+        BLOCK_K, CHUNKS, V, NESTED, NESTED_BLOCK)
+    next_x = _load_x(x_ptrs + k0, BLOCK_K, CHUNKS, V)
+    acc += _step_sums(words, absmax, x, lut)
+    words, absmax, x = next_words, next_absmax, next_x
+  acc += _step_sums(words, absmax, x, lut)
   if TAIL > 0:
     k0 = K_SPLIT - TAIL
-    words, x, absmax = _load_step(
-        words_ptrs + k0 // 8, x_ptrs + k0, absmax_index + k0 // BLOCK_SIZE,
-        *stats, TAIL, CHUNKS, V, NESTED, NESTED_BLOCK)
-    acc += _step_sums(words, x, absmax, lut)
+    words, absmax = _load_step(
+        words_ptrs + k0 // 8, absmax_index + k0 // BLOCK_SIZE, *stats, TAIL,
+        CHUNKS, V, NESTED, NESTED_BLOCK)
+    acc += _step_sums(words, absmax, _load_x(x_ptrs + k0, TAIL, CHUNKS, V), lut)
+  rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
   y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
   if EVEN_N:
     tl.store(y_ptr + tl.program_id(1) * N + rows, y)
   else:
     tl.store(y_ptr + tl.program_id(1) * N + rows, y, mask=rows < N)
+
+
+@triton.jit
+def matmul_4bit_small_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
+                             nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                             M, N, y_ptr, K: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             V: tl.constexpr, NESTED: tl.constexpr,
+                             NESTED_BLOCK: tl.constexpr, EVEN_N: tl.constexpr):
+  """``y`` ``[M, N]`` = ``x`` ``[M, K]`` times ``W``^T for a few rows of ``x``.
+
+  ``K % BLOCK_SIZE == 0``, ``BLOCK_SIZE % (8 V) == 0``. Grid ``(N /
+  BLOCK_N, M / BLOCK_M)``: a program dequantizes its ``[BLOCK_N, BLOCK_K]``
+  tile of ``W`` in registers (as the gemv does, times absmax, in ``x``'s
+  dtype) and multiplies it with ``x`` ``[BLOCK_M, BLOCK_K]`` on the tensor
+  cores (``tl.dot``, float32 accumulation): ``W`` is read once per
+  ``BLOCK_M`` rows of ``x`` and never written out.
+  """
+  CHUNKS: tl.constexpr = BLOCK_K // (8 * V)
+  TAIL: tl.constexpr = K % BLOCK_K
+  words_ptrs, absmax_index = _tile_pointers(
+      packed_ptr, N, 0, K, BLOCK_SIZE, BLOCK_N, CHUNKS, V, EVEN_N)
+  m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+  m_ok = m < M
+  x_ptrs = x_ptr + m.to(tl.int64)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+  lut = tl.load(quant_map_ptr + tl.arange(0, 16))
+  offset = 0.0
+  if NESTED:
+    offset = tl.load(offset_ptr)
+  stats = (absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset)
+  acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+  for step in range(K // BLOCK_K):
+    k0 = step * BLOCK_K
+    words, absmax = _load_step(
+        words_ptrs + k0 // 8, absmax_index + k0 // BLOCK_SIZE, *stats,
+        BLOCK_K, CHUNKS, V, NESTED, NESTED_BLOCK)
+    x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
+    acc = _dot_step(acc, x, words, absmax, lut)
+  if TAIL > 0:
+    k0 = K - TAIL
+    words, absmax = _load_step(
+        words_ptrs + k0 // 8, absmax_index + k0 // BLOCK_SIZE, *stats, TAIL,
+        CHUNKS, V, NESTED, NESTED_BLOCK)
+    x = tl.load(x_ptrs + k0, other=0.0,
+                mask=m_ok[:, None] & (tl.arange(0, BLOCK_K) < TAIL)[None, :])
+    acc = _dot_step(acc, x, words, absmax, lut)
+  n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+  y_ptrs = y_ptr + m.to(tl.int64)[:, None] * N + n[None, :]
+  tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty),
+           mask=m_ok[:, None] & (n < N)[None, :])
 
 
 @triton.jit
@@ -214,6 +301,25 @@ def _split_k(k: int, block_size: int, split_k: int) -> int:
   return split_k
 
 
+def _statistics(absmax: jax.Array, nested: tuple | None):
+  """The kernels' four statistics operands and the nested block size.
+
+  Without ``nested`` the three nested operands are placeholders (``absmax``
+  again) that the kernels never read.
+  """
+  if nested is None:
+    return (absmax, absmax, absmax, absmax), 1
+  code, nested_absmax, offset, nested_block = nested
+  offset = jnp.reshape(offset, (1,)).astype(jnp.float32)
+  return (absmax, code, nested_absmax, offset), nested_block
+
+
+def chunk_words(block_size: int) -> int:
+  """int32 words per thread chunk: 4 (a 16-byte load), fewer for tiny blocks
+  (a chunk never spans two blocks)."""
+  return min(4, block_size // 8)
+
+
 def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
               absmax: jax.Array, nested: tuple | None, out_features: int,
               block_size: int, impl: str, *, block_n: int, block_k: int,
@@ -240,15 +346,11 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
     ``[N]`` in ``x.dtype``.
   """
   n, k = out_features, x.shape[0]
-  if nested is None:
-    code, nested_absmax, offset, nested_block = absmax, absmax, absmax, 1
-  else:
-    code, nested_absmax, offset, nested_block = nested
-    offset = jnp.reshape(offset, (1,)).astype(jnp.float32)
+  statistics, nested_block = _statistics(absmax, nested)
   options = dict(impl=impl, num_warps=num_warps, num_stages=num_stages, K=k,
                  BLOCK_SIZE=block_size, BLOCK_N=block_n,
                  NESTED=nested is not None, NESTED_BLOCK=nested_block)
-  args = (x, packed, quant_map, absmax, code, nested_absmax, offset, n)
+  args = (x, packed, quant_map, *statistics, n)
   if k % block_size or k % 8:
     block_k = max(32, min(block_k, triton.next_power_of_2(k)))
     (y,) = launch(
@@ -257,7 +359,7 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
         grid=(cdiv(n, block_n),), **options, BLOCK_K=block_k)
     return y
   split_k = _split_k(k, block_size, split_k)
-  words = min(4, block_size // 8)  # one chunk never spans two blocks
+  words = chunk_words(block_size)
   # The largest power of two <= K / split_k: no step is mostly padding.
   block_k = max(8 * words, min(block_k, 1 << ((k // split_k).bit_length() - 1)))
   out_dtype = x.dtype if split_k == 1 else jnp.float32
@@ -269,3 +371,36 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
   if split_k == 1:
     return y[0]
   return jnp.sum(y, axis=0).astype(x.dtype)
+
+
+def matmul_4bit_small(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
+                      absmax: jax.Array, nested: tuple | None,
+                      out_features: int, block_size: int, impl: str, *,
+                      block_m: int, block_n: int, block_k: int, num_warps: int,
+                      num_stages: int) -> jax.Array:
+  """Launches the fused small-batch product: ``x`` ``[M, K]`` times ``W``^T.
+
+  Args:
+    x: ``[M, K]`` bfloat16 or float16 (the tensor cores' input dtype), ``K
+      % block_size == 0``.
+    packed, quant_map, absmax, nested, out_features, block_size, impl: see
+      :func:`gemv_4bit`.
+    block_m, block_n, block_k, num_warps, num_stages: the tile sizes of
+      :class:`jlowbit.matmul4.SmallBatchConfig`.
+
+  Returns:
+    ``[M, N]`` in ``x.dtype``.
+  """
+  (m, k), n = x.shape, out_features
+  statistics, nested_block = _statistics(absmax, nested)
+  words = chunk_words(block_size)
+  block_k = max(8 * words, min(block_k, 1 << (k.bit_length() - 1)))
+  (y,) = launch(
+      __name__, "matmul_4bit_small_kernel", x, packed, quant_map, *statistics,
+      m, n, out_shape=(jax.ShapeDtypeStruct((m, n), x.dtype),),
+      grid=(cdiv(n, block_n), cdiv(m, block_m)), impl=impl,
+      num_warps=num_warps, num_stages=num_stages, K=k, BLOCK_SIZE=block_size,
+      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, V=words,
+      NESTED=nested is not None, NESTED_BLOCK=nested_block,
+      EVEN_N=n % block_n == 0)
+  return y
