@@ -28,6 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from jlowbit.triton_kernels import gemv4
+from jlowbit.triton_kernels import quant4
+
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
        0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
@@ -38,12 +41,68 @@ SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192),
 BLOCK_SIZE = 64
 
 
+@triton.jit
+def dequantize_words(packed_ptr, lut_ptr, absmax_ptr, out_ptr,
+                     BLOCK_SIZE: tl.constexpr, CHUNKS: tl.constexpr,
+                     V: tl.constexpr):
+  """Full tiles only: ``CHUNKS`` chunks of ``8 V`` elements per program."""
+  chunk = tl.program_id(0).to(tl.int64) * CHUNKS + tl.arange(0, CHUNKS)
+  words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + chunk[:, None] * V
+                  + tl.arange(0, V)[None, :])
+  absmax = tl.load(absmax_ptr + chunk * (8 * V) // BLOCK_SIZE)
+  lut = tl.load(lut_ptr + tl.arange(0, 16))
+  codes = tl.reshape(gemv4._word_codes(words), (CHUNKS * 8 * V,))
+  values = tl.reshape(tl.gather(lut, codes, 0), (CHUNKS, 8 * V)) * absmax[:, None]
+  tl.store(out_ptr + chunk[:, None] * (8 * V) + tl.arange(0, 8 * V)[None, :],
+           values.to(out_ptr.dtype.element_ty))
+
+
+def dequant_rows(quick: bool) -> list[dict]:
+  """256M-element NF4 dequantize: shipped kernel, word kernel, bitsandbytes."""
+  n = 256 << 20
+  lut = torch.tensor(NF4, device="cuda")
+  packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, device="cuda")
+  absmax = torch.rand(n // BLOCK_SIZE, device="cuda") + 0.5
+  rows = []
+  for dtype in (torch.float32, torch.bfloat16):
+    out = torch.empty(n, device="cuda", dtype=dtype)
+    nbytes = n // 2 + 4 * n // BLOCK_SIZE + n * out.element_size()
+    def record(variant, config, fn):
+      us = _bench(fn)
+      row = dict(shape="256M", variant=variant, config=config, dtype=str(dtype),
+                 us=us, TBps=nbytes / us / 1e6, err=None)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+    record("dequant shipped", "", lambda: quant4.dequantize_4bit_kernel[
+        (n // quant4.TILE,)](packed, lut, absmax, n, out, BLOCK_SIZE=BLOCK_SIZE,
+                             BLOCKS=quant4.TILE // BLOCK_SIZE,
+                             num_warps=quant4.DEQUANTIZE_WARPS))
+    ref = out.clone()
+    for chunks, warps in itertools.product((128, 256, 512, 1024), (4, 8)):
+      if quick and chunks == 1024:
+        continue
+      record("dequant words", f"c{chunks} w{warps}",
+             lambda chunks=chunks, warps=warps: dequantize_words[
+                 (n // (32 * chunks),)](packed, lut, absmax, out,
+                                        BLOCK_SIZE=BLOCK_SIZE, CHUNKS=chunks,
+                                        V=4, num_warps=warps))
+      assert torch.equal(out, ref), "dequantize_words disagrees"
+    try:
+      import bitsandbytes.functional as F  # pylint: disable=g-import-not-at-top
+      wb = torch.randn(n, device="cuda", dtype=dtype)
+      qw, state = F.quantize_4bit(wb, blocksize=64, quant_type="nf4")
+      del wb
+      record("dequant bnb", "", lambda: F.dequantize_4bit(qw, state))
+    except Exception as e:  # pylint: disable=broad-except
+      print("bnb unavailable:", repr(e)[:200])
+  return rows
+
+
 def _bench(fn) -> float:
   return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
 
 
 def run(shapes, quick: bool) -> list[dict]:
-  from jlowbit.triton_kernels import gemv4  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   lut = torch.tensor(NF4, device="cuda")
   rows = []
@@ -143,10 +202,13 @@ def main():
   parser.add_argument("--json")
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--shapes", nargs="*")
+  parser.add_argument("--dequant", action="store_true")
   args = parser.parse_args()
   shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes]
-            if args.shapes else SHAPES)
-  rows = run(shapes, args.quick)
+            if args.shapes is not None else SHAPES)
+  rows = run(shapes, args.quick) if shapes else []
+  if args.dequant:
+    rows += dequant_rows(args.quick)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)

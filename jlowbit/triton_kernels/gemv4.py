@@ -1,33 +1,41 @@
-"""Fused 4-bit matrix-vector product ``y = x @ W^T`` and its launcher.
+"""Fused products with a 4-bit weight: the batch-1 gemv and the small-batch product.
 
 ``W`` is ``[N, K]`` (out, in) quantized by :func:`jlowbit.quantize_4bit`: its
 row-major flattened elements are packed two per byte with one absmax per
-``BLOCK_SIZE`` elements. A program owns ``BLOCK_N`` output rows and streams
-their packed bytes once, ``BLOCK_K`` columns at a time: unpack the nibbles,
-look the codes up in the 16-entry table (an L1-resident 64-byte gather),
-multiply by ``x`` and accumulate in float32. The dequantized ``W`` never
-exists in memory; the weight costs 0.5 byte per element of HBM traffic plus
-one float32 absmax per block.
+``BLOCK_SIZE`` elements. The dequantized ``W`` never exists in memory: each
+weight costs 0.5 byte of HBM traffic plus its block's statistics.
 
 ``K`` (in_features) is a ``tl.constexpr``: a static shape under JAX anyway,
 it gives the compiler the row alignment for 16-byte loads and a fixed trip
 count (and Triton's interpreter cannot loop to a runtime bound).
 
-Two kernels:
+How a tile of ``W`` is read (both fast kernels, ``K % BLOCK_SIZE == 0``):
+rows are read as int32 words, ``V`` words (``8 V`` elements, one 16-byte
+load for ``V = 4``) per thread "chunk", a ``[BLOCK_N, BLOCK_K / 8V, V]``
+tile per K step. :func:`_word_codes` unpacks a word's eight codes with
+shifts and masks, and ``tl.join`` keeps them in the registers that loaded
+the word; the 16-entry table is read with ``tl.gather``, which Triton
+serves from shared memory (one 32-bit-addressed load per element, no
+64-bit address arithmetic, no bank conflicts: 16 entries, 16 banks). A
+chunk never spans two absmax blocks (``BLOCK_SIZE % 8V == 0``), so the
+absmax multiplies a chunk's sum, not each element. With nested statistics
+(``NESTED``) the kernels read the uint8 absmax codes and dequantize them
+per chunk (:func:`_block_absmax`): no float32 absmax array is made first.
 
-* :func:`gemv_4bit_kernel` (``K % BLOCK_SIZE == 0``, the case of every real
-  layer). A step's ``[BLOCK_N, BLOCK_K]`` tile is handled as one flat vector
-  (rows one after the other): Triton then gives the packed bytes, the codes,
-  the table gather and ``x`` one consistent layout with 16-byte loads (a 2-D
-  tile makes it pick a lane-per-row layout for the gather and shuffle data
-  through shared memory). Each thread sums its ``V`` contiguous products
-  in registers, scales the sum by the block's absmax and accumulates into a
-  per-thread ``[BLOCK_N, groups, SEG // V]`` tile that is reduced once after
-  the K loop. Full steps are unmasked; a ``K`` that ``BLOCK_K`` does not
-  divide ends with one masked step. Rows past ``N`` (``EVEN_N`` false) re-read
-  row ``N - 1`` and are not stored. ``SPLIT_K > 1`` cuts ``K`` into that many
-  ranges (grid axis 1) that write float32 partial sums ``[SPLIT_K, N]``; the
-  launcher adds them, for layers with too few rows to fill the GPU.
+* :func:`gemv_4bit_kernel` (one row of ``x``): a program owns ``BLOCK_N``
+  rows; per step each thread multiplies its chunk by ``x`` and adds the
+  scaled chunk sum into a ``[BLOCK_N, CHUNKS]`` accumulator, reduced once
+  after the K loop. The loop is software-pipelined: the next step's words,
+  absmax and ``x`` are loaded before this step's arithmetic, so every
+  thread keeps a 16-byte load in flight while it computes (the kernel is
+  bound by memory-level parallelism, not instructions). A ``K`` that
+  ``BLOCK_K`` does not divide ends with one masked step. ``SPLIT_K > 1``
+  cuts ``K`` into that many ranges (grid axis 1) that write float32 partial
+  sums ``[SPLIT_K, N]``; the launcher adds them.
+* :func:`matmul_4bit_small_kernel` (a few rows of half-precision ``x``):
+  the same tile, times absmax, rounded to ``x``'s dtype and multiplied with
+  a ``[BLOCK_M, BLOCK_K]`` tile of ``x`` by ``tl.dot`` (float32
+  accumulation).
 * :func:`gemv_4bit_general_kernel` (any ``K`` and block size): per-element
   flat index, nibble select and absmax gather.
 """
