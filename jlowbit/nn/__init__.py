@@ -1,7 +1,7 @@
 """Flax layers with 4-bit weights.
 
 NNX: ``Linear4bit``, ``LinearGeneral4bit``, ``Einsum4bit``, their QLoRA
-forms, model conversion (``quantize_model``). linen:
+forms, model conversion (``quantize_model``, ``merge_lora``). linen:
 ``Dense4bit``, 4-bit params for unchanged ``nn.Dense`` models.
 
 ``from jlowbit import nn``; see :mod:`jlowbit.nn.linear4bit` and
@@ -13,6 +13,7 @@ from jlowbit.nn.convert import (
     HEAD_NAMES,
     default_filter,
     memory_report,
+    merge_lora,
     quantize_model,
 )
 from jlowbit.nn.einsum4bit import (
