@@ -1,8 +1,10 @@
 """QLoRA: fine-tune low-rank adapters on a frozen 4-bit (NF4) Flax NNX model.
 
 Trains the byte-level LM of ``train_lm.py`` briefly on the start of the Python
-standard library's source (the base model), quantizes its MLP ``nnx.Linear``
-layers to NF4 with ``jlowbit.nn.LoRALinear4bit`` adapters, and trains only the
+standard library's source (the base model), quantizes its linear layers (the
+MLPs' ``nnx.Linear``, attention's ``nnx.LinearGeneral`` projections; not the
+tied embedding head) to NF4 with LoRA adapters in one call,
+``jlowbit.nn.quantize_model(model, lora_rank=...)``, and trains only the
 adapters (``nnx.LoRAParam``, 8-bit AdamW) on a later, unseen part of the
 source. It checks that the 4-bit weights stay bit-identical, reports the loss
 before and after, and saves the adapters with orbax, restores them into a
@@ -34,29 +36,6 @@ import train_lm
 from quantize_and_generate import loss_fn, print_report, train_base, train_steps
 
 
-def add_qlora(model: nnx.Module, *, lora_rank: int, rngs: nnx.Rngs, **quant) -> nnx.Module:
-  """Swaps, in place, each ``nnx.Linear`` but heads for a ``LoRALinear4bit``.
-
-  ``lowbit.nn.quantize_model`` selects layers the same way
-  (``lowbit.nn.default_filter``, which also selects attention's
-  ``nnx.LinearGeneral`` layers; there is no LoRA form of those, so they are
-  left float here) but always makes plain ``Linear4bit`` layers;
-  here each selected layer becomes ``LoRALinear4bit.from_linear(layer, ...)``:
-  its kernel quantized (``**quant``: ``quant_type``, ``block_size``, ...), its
-  bias kept, and adapters ``A`` ``[in, rank]``, ``B`` ``[rank, out]`` (zero)
-  added, so the model starts equal to its plain 4-bit version.
-  """
-  selected = [(path, module) for path, module in nnx.iter_modules(model)
-              if type(module) is nnx.Linear and lowbit.nn.default_filter(path, module)]
-  for path, linear in selected:
-    parent = model
-    for key in path[:-1]:  # attribute names and nnx.List indices
-      parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    setattr(parent, path[-1], lowbit.nn.LoRALinear4bit.from_linear(
-        linear, lora_rank=lora_rank, rngs=rngs, **quant))
-  return model
-
-
 def finetune(model: nnx.Module, config: train_lm.Config, data: np.ndarray, steps: int,
              lr: float, seed: int, progress: bool) -> list[float]:
   """Trains only ``model``'s ``nnx.LoRAParam`` s; returns the losses."""
@@ -77,8 +56,9 @@ def save_and_restore(model: nnx.Module, base: nnx.Module, directory: pathlib.Pat
   checkpointer.save(directory, nnx.state(model, nnx.LoRAParam), force=True)
   checkpointer.wait_until_finished()
   # Same 4-bit weights (quantization is deterministic), other initial adapters.
-  fresh = add_qlora(nnx.clone(base), lora_rank=args.lora_rank, rngs=nnx.Rngs(args.seed + 1),
-                    quant_type="nf4", block_size=args.block_size)
+  fresh = lowbit.nn.quantize_model(nnx.clone(base), lora_rank=args.lora_rank,
+                                   rngs=nnx.Rngs(args.seed + 1), quant_type="nf4",
+                                   block_size=args.block_size)
   adapters = checkpointer.restore(directory, nnx.state(fresh, nnx.LoRAParam))
   nnx.update(fresh, adapters)
   return fresh
@@ -134,8 +114,12 @@ def main(argv=None) -> dict:
   print(f"base model: {args.base_steps} steps in {time.perf_counter() - start:.1f} s, "
         f"loss {np.mean(base_losses[:10]):.3f} -> {np.mean(base_losses[-10:]):.3f}")
 
-  model = add_qlora(nnx.clone(base), lora_rank=args.lora_rank, rngs=nnx.Rngs(args.seed),
-                    quant_type="nf4", block_size=args.block_size)
+  # Every nnx.Linear / nnx.LinearGeneral (lowbit.nn.default_filter) -> NF4
+  # weight + adapters A [in, rank], B [rank, out] (zero: the model starts
+  # equal to its plain 4-bit version); biases, norms, embedding stay float.
+  model = lowbit.nn.quantize_model(nnx.clone(base), lora_rank=args.lora_rank,
+                                   rngs=nnx.Rngs(args.seed), quant_type="nf4",
+                                   block_size=args.block_size)
   n_lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
   n_frozen = sum(x.size for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
   print(f"QLoRA model: {n_lora} trainable adapter params (rank {args.lora_rank}), "

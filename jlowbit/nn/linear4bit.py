@@ -20,7 +20,11 @@ an ``nnx.Param``: ``nnx.state(model, nnx.Param)``, ``nnx.grad`` and
 :class:`LinearGeneral4bit` does the same for ``nnx.LinearGeneral`` layers
 without batch axes that contract the input's trailing axes (attention's
 projections): the kernel is flattened to 2-D ``[K, N]`` and stored as
-``[N, K]``. ``nnx.Einsum`` has no 4-bit counterpart.
+``[N, K]``; :class:`LoRALinearGeneral4bit` is its QLoRA form.
+:mod:`jlowbit.nn.einsum4bit` does it for ``nnx.Einsum``.
+
+The LoRA layers' :meth:`~LoRALinear4bit.merge` folds the adapters into the
+4-bit weight (requantizing it) and returns the plain 4-bit layer.
 """
 
 import math
@@ -53,14 +57,16 @@ class QuantizedWeight(nnx.Variable[quant4.Quantized4bit]):
   """
 
 
-class _Preset:
-  """A ``kernel_init`` stand-in: the layer takes this quantized weight as is."""
+class PresetWeight:
+  """A ``kernel_init`` stand-in: the 4-bit layer takes this quantized weight
+  as is instead of drawing and quantizing a float kernel (the
+  ``from_quantized`` constructors pass one)."""
 
   def __init__(self, w4: quant4.Quantized4bit):
     self.w4 = w4
 
 
-def _constant(value: jax.Array) -> Initializer:
+def constant_init(value: jax.Array) -> Initializer:
   """An initializer returning ``value`` (checked against the requested shape)."""
   def init(key, shape, dtype):
     del key
@@ -69,6 +75,16 @@ def _constant(value: jax.Array) -> Initializer:
                        f"match the requested shape {tuple(shape)}")
     return jnp.asarray(value, dtype)
   return init
+
+
+def _prod(shape) -> int:
+  return int(math.prod(shape))
+
+
+def _as_shape(features) -> tuple[int, ...]:
+  if isinstance(features, int):
+    return (int(features),)
+  return tuple(int(d) for d in features)
 
 
 def check_weight(w4: Any, name: str = "w4") -> None:
@@ -151,9 +167,9 @@ def linear_4bit(inputs: jax.Array, w4: quant4.Quantized4bit,
   return y
 
 
-def _store_weight(layer: nnx.Module, w4: quant4.Quantized4bit,
-                  bias: jax.Array | None, *, dtype, param_dtype,
-                  impl: str | None) -> None:
+def store_weight(layer: nnx.Module, w4: quant4.Quantized4bit,
+                 bias: jax.Array | None, *, dtype, param_dtype,
+                 impl: str | None) -> None:
   """Sets what every 4-bit layer holds: the weight (a
   :class:`QuantizedWeight`), the float bias (an ``nnx.Param``, or ``None``)
   and the configuration read back from the weight."""
@@ -226,7 +242,7 @@ class Linear4bit(nnx.Module):
     check_config(dtype, param_dtype, quant_type, block_size,
                   compress_statistics, impl)
     kernel_key = rngs.params()
-    if isinstance(kernel_init, _Preset):
+    if isinstance(kernel_init, PresetWeight):
       w4 = kernel_init.w4
     else:
       kernel = kernel_init(kernel_key, (in_features, out_features), param_dtype)
@@ -239,8 +255,8 @@ class Linear4bit(nnx.Module):
                                 impl=impl)
     bias = (bias_init(rngs.params(), (out_features,), param_dtype)
             if use_bias else None)
-    _store_weight(self, w4, bias, dtype=dtype, param_dtype=param_dtype,
-                  impl=impl)
+    store_weight(self, w4, bias, dtype=dtype, param_dtype=param_dtype,
+                 impl=impl)
     self.in_features = in_features
     self.out_features = out_features
 
@@ -265,8 +281,8 @@ class Linear4bit(nnx.Module):
       raise ValueError(f"bias.shape={tuple(jnp.shape(bias))} must be "
                        f"({out_features},) for w4.shape={w4.shape}")
     return cls(in_features, out_features, use_bias=bias is not None,
-               dtype=dtype, param_dtype=w4.dtype, kernel_init=_Preset(w4),
-               bias_init=None if bias is None else _constant(bias),
+               dtype=dtype, param_dtype=w4.dtype, kernel_init=PresetWeight(w4),
+               bias_init=None if bias is None else constant_init(bias),
                quant_type=w4.quant_type, block_size=w4.block_size,
                compress_statistics=w4.nested, impl=impl,
                rngs=nnx.Rngs(0) if rngs is None else rngs, **kwargs)
@@ -323,12 +339,82 @@ class Linear4bit(nnx.Module):
     return nnx.Linear(
         self.in_features, self.out_features, use_bias=self.use_bias,
         dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_constant(self.dequantize()),
-        bias_init=None if bias is None else _constant(bias),
+        kernel_init=constant_init(self.dequantize()),
+        bias_init=None if bias is None else constant_init(bias),
         rngs=nnx.Rngs(0))
 
 
-class LoRALinear4bit(Linear4bit):
+def check_lora_rank(lora_rank: Any) -> None:
+  """Raises unless ``lora_rank`` is a positive int."""
+  if (isinstance(lora_rank, bool) or not isinstance(lora_rank, int)
+      or lora_rank < 1):
+    raise ValueError(f"lora_rank={lora_rank!r} must be a positive int")
+
+
+class LoRAMixin:
+  r"""The adapters of a QLoRA layer, mixed in before its 4-bit layer.
+
+  The 4-bit layer applies ``W`` ``[N, K]`` to its input flattened to
+  ``[..., K]`` (``in_features`` and ``out_features`` give the unflattened
+  trailing shapes); the adapters act on the same flattened input:
+
+  .. math::
+    y = \mathrm{layer}(x) + s \, (x A) B, \qquad
+    A \in \mathbb{R}^{K \times r}, \; B \in \mathbb{R}^{r \times N}
+  """
+
+  def _add_lora(self, lora_rank, lora_scale, lora_dtype, lora_param_dtype,
+                a_initializer, b_initializer, lora_param_type, rngs) -> None:
+    check_lora_rank(lora_rank)
+    self.lora_scale = lora_scale
+    self.lora = nnx.LoRA(_prod(_as_shape(self.in_features)), lora_rank,
+                         _prod(_as_shape(self.out_features)), dtype=lora_dtype,
+                         param_dtype=lora_param_dtype,
+                         a_initializer=a_initializer,
+                         b_initializer=b_initializer,
+                         lora_param_type=lora_param_type, rngs=rngs)
+
+  def __call__(self, inputs: jax.Array, *args, **kwargs) -> jax.Array:
+    """The 4-bit layer's output (``*args``, ``**kwargs`` go to it) plus the
+    LoRA term, cast to the layer's compute dtype."""
+    y = super().__call__(inputs, *args, **kwargs)
+    lead = y.shape[:y.ndim - len(_as_shape(self.out_features))]
+    delta = self.lora(jnp.reshape(inputs, (*lead, self.lora.in_features)))
+    return y + jnp.reshape(delta * self.lora_scale, y.shape).astype(y.dtype)
+
+  def merged_weight(self) -> quant4.Quantized4bit:
+    r"""The 4-bit weight with the adapters folded in.
+
+    .. math::
+      W' = \mathrm{quantize}\big(\mathrm{dequantize}(W) + s \, (A B)^\top\big)
+
+    computed in float32, cast to ``W``'s original dtype and requantized with
+    ``W``'s quant type, block size, nested statistics and storage dtype.
+    Requantizing loses precision: ``W'`` is within one 4-bit rounding of the
+    merged float weight, so the merged layer's output differs from the
+    adapted layer's by about the 4-bit quantization error of the sum (as
+    PEFT's ``merge_and_unload`` of a bitsandbytes 4-bit model, which
+    dequantizes, adds and requantizes the same way). Keep the adapters
+    (``nnx.state(model, nnx.LoRAParam)``) to reproduce the trained model
+    exactly.
+
+    Returns:
+      :class:`jlowbit.Quantized4bit` ``[N, K]``.
+    """
+    w4 = self.kernel.get_value()
+    a = jnp.asarray(self.lora.lora_a[...], jnp.float32)
+    b = jnp.asarray(self.lora.lora_b[...], jnp.float32)
+    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST).T
+    w = quant4.dequantize_4bit(w4, jnp.float32, impl=self.impl)
+    w = w + jnp.float32(self.lora_scale) * delta
+    return quant4.quantize_4bit(w.astype(w4.dtype), block_size=w4.block_size,
+                                quant_type=w4.quant_type,
+                                compress_statistics=w4.nested,
+                                quant_storage=w4.quant_storage,
+                                impl=self.impl)
+
+
+class LoRALinear4bit(LoRAMixin, Linear4bit):
   r"""QLoRA: a :class:`Linear4bit` plus a trainable low-rank update.
 
   .. math::
@@ -355,7 +441,10 @@ class LoRALinear4bit(Linear4bit):
     **kwargs: :class:`Linear4bit`'s other arguments.
 
   Build one around a float layer with
-  ``LoRALinear4bit.from_linear(linear, lora_rank=8, rngs=nnx.Rngs(0))``.
+  ``LoRALinear4bit.from_linear(linear, lora_rank=8, rngs=nnx.Rngs(0))``, or
+  every layer of a model with
+  ``quantize_model(model, lora_rank=8, rngs=nnx.Rngs(0))``; after training,
+  :meth:`merge` gives a plain :class:`Linear4bit`.
   """
 
   def __init__(self, in_features: int, out_features: int, *, lora_rank: int,
@@ -365,30 +454,16 @@ class LoRALinear4bit(Linear4bit):
                b_initializer: Initializer = nnx_lora.default_b_initializer,
                lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
                rngs: nnx.Rngs, **kwargs):
-    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
-      raise ValueError(f"lora_rank={lora_rank!r} must be a positive int")
     super().__init__(in_features, out_features, rngs=rngs, **kwargs)
-    self.lora_scale = lora_scale
-    self.lora = nnx.LoRA(in_features, lora_rank, out_features, dtype=lora_dtype,
-                         param_dtype=lora_param_dtype,
-                         a_initializer=a_initializer,
-                         b_initializer=b_initializer,
-                         lora_param_type=lora_param_type, rngs=rngs)
+    self._add_lora(lora_rank, lora_scale, lora_dtype, lora_param_dtype,
+                   a_initializer, b_initializer, lora_param_type, rngs)
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    """``[..., in_features]`` -> ``[..., out_features]`` in the compute dtype."""
-    y = super().__call__(inputs)
-    return y + (self.lora(inputs) * self.lora_scale).astype(y.dtype)
-
-
-def _prod(shape) -> int:
-  return int(math.prod(shape))
-
-
-def _as_shape(features) -> tuple[int, ...]:
-  if isinstance(features, int):
-    return (int(features),)
-  return tuple(int(d) for d in features)
+  def merge(self) -> Linear4bit:
+    """A :class:`Linear4bit` of :meth:`merged_weight` (requantized: see there)
+    and a copy of the bias, with the same ``dtype`` and ``impl``."""
+    bias = self.bias[...] if self.bias is not None else None
+    return Linear4bit.from_quantized(self.merged_weight(), bias,
+                                     dtype=self.dtype, impl=self.impl)
 
 
 def linear_general_layout_error(layer: Any) -> str | None:
@@ -467,7 +542,7 @@ class LinearGeneral4bit(nnx.Module):
                        f"negative indices {tuple(range(-n, 0))}")
     k, n_out = _prod(in_features), _prod(out_features)
     kernel_key = rngs.params()
-    if isinstance(kernel_init, _Preset):
+    if isinstance(kernel_init, PresetWeight):
       w4 = kernel_init.w4
       if tuple(w4.shape) != (n_out, k):
         raise ValueError(f"w4.shape={w4.shape} must be ({n_out}, {k}) for "
@@ -482,22 +557,53 @@ class LinearGeneral4bit(nnx.Module):
                                 impl=impl)
     bias = (jnp.reshape(bias_init(rngs.params(), (n_out,), param_dtype),
                         out_features) if use_bias else None)
-    _store_weight(self, w4, bias, dtype=dtype, param_dtype=param_dtype,
-                  impl=impl)
+    store_weight(self, w4, bias, dtype=dtype, param_dtype=param_dtype,
+                 impl=impl)
     self.in_features = in_features
     self.out_features = out_features
     self.axis = axis
 
   @classmethod
+  def from_quantized(cls, w4: quant4.Quantized4bit, in_features, out_features,
+                     bias: jax.Array | None = None, *, dtype=None,
+                     impl: str | None = None, rngs: nnx.Rngs | None = None,
+                     **kwargs):
+    """A layer around an existing 4-bit weight ``W`` ``[N, K]``.
+
+    Args:
+      w4: ``W``, kept as is (same bytes); ``N`` = prod(``out_features``),
+        ``K`` = prod(``in_features``).
+      in_features, out_features: int or tuple (see the class).
+      bias: float, ``N`` elements (shape ``out_features`` or ``(N,)``), or
+        ``None`` (no bias); stored in ``w4.dtype``, shaped ``out_features``.
+      dtype, impl: see the class.
+      rngs: keys of a subclass's own parameters (e.g. LoRA); default unused.
+      **kwargs: a subclass's other constructor arguments.
+    """
+    check_weight(w4)
+    n = _prod(_as_shape(out_features))
+    if bias is not None and _prod(jnp.shape(bias)) != n:
+      raise ValueError(f"bias.shape={tuple(jnp.shape(bias))} must have {n} "
+                       f"elements for out_features={out_features}")
+    return cls(in_features, out_features, use_bias=bias is not None,
+               dtype=dtype, param_dtype=w4.dtype, kernel_init=PresetWeight(w4),
+               bias_init=(None if bias is None
+                          else constant_init(jnp.reshape(bias, (n,)))),
+               quant_type=w4.quant_type, block_size=w4.block_size,
+               compress_statistics=w4.nested, impl=impl,
+               rngs=nnx.Rngs(0) if rngs is None else rngs, **kwargs)
+
+  @classmethod
   def from_linear_general(cls, layer: nnx.LinearGeneral, *,
                           quant_type: str = "nf4", block_size: int = 64,
                           compress_statistics: bool = False,
-                          impl: str | None = None):
+                          impl: str | None = None, **kwargs):
     """Quantizes ``layer``'s kernel (flattened ``[K, N]``, transposed); the bias stays float.
 
     Keeps ``layer``'s ``dtype``; ``param_dtype`` is the kernel's dtype.
     ``precision``, ``dot_general`` and ``preferred_element_type`` are not
-    carried over (the product accumulates in float32).
+    carried over (the product accumulates in float32). ``**kwargs`` go to
+    :meth:`from_quantized` (``rngs`` and a subclass's arguments).
 
     Raises:
       TypeError: ``layer`` is not a plain ``nnx.LinearGeneral``.
@@ -510,7 +616,7 @@ class LinearGeneral4bit(nnx.Module):
                       f"{type(layer).__name__}")
     error = linear_general_layout_error(layer)
     if error is not None:
-      raise ValueError(f"LinearGeneral4bit.from_linear_general: {error}")
+      raise ValueError(f"{cls.__name__}.from_linear_general: {error}")
     kernel = layer.kernel[...]
     check_config(layer.dtype, kernel.dtype, quant_type, block_size,
                   compress_statistics, impl)
@@ -521,12 +627,8 @@ class LinearGeneral4bit(nnx.Module):
                               compress_statistics=compress_statistics,
                               impl=impl)
     bias = layer.bias[...] if layer.bias is not None else None
-    return cls(in_features, out_features, use_bias=bias is not None,
-               dtype=layer.dtype, param_dtype=kernel.dtype,
-               kernel_init=_Preset(w4),
-               bias_init=None if bias is None else _constant(jnp.reshape(bias, (-1,))),
-               quant_type=w4.quant_type, block_size=w4.block_size,
-               compress_statistics=w4.nested, impl=impl, rngs=nnx.Rngs(0))
+    return cls.from_quantized(w4, in_features, out_features, bias,
+                              dtype=layer.dtype, impl=impl, **kwargs)
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     """``[..., *in_features]`` -> ``[..., *out_features]`` in the compute dtype.
@@ -563,6 +665,51 @@ class LinearGeneral4bit(nnx.Module):
     return nnx.LinearGeneral(
         self.in_features, self.out_features, axis=self.axis,
         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=_constant(jnp.reshape(self.dequantize(), (k, n))),
-        bias_init=None if bias is None else _constant(jnp.reshape(bias, (n,))),
+        kernel_init=constant_init(jnp.reshape(self.dequantize(), (k, n))),
+        bias_init=None if bias is None else constant_init(jnp.reshape(bias, (n,))),
         rngs=nnx.Rngs(0))
+
+
+class LoRALinearGeneral4bit(LoRAMixin, LinearGeneral4bit):
+  r"""QLoRA for ``nnx.LinearGeneral``: a :class:`LinearGeneral4bit` plus a trainable low-rank update.
+
+  .. math::
+    y = \mathrm{reshape}\big(\mathrm{matmul\_4bit}(x_{[..., K]}, W) + b
+        + s \, (x_{[..., K]} A) B\big), \qquad
+    A \in \mathbb{R}^{K \times r}, \; B \in \mathbb{R}^{r \times N}
+
+  on the input flattened to ``[..., K]`` as :class:`LinearGeneral4bit` does
+  (:math:`K = \prod` ``in_features``, :math:`N = \prod` ``out_features``),
+  so that attention's projections get adapters like PEFT's LoRA on
+  ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``. ``A``, ``B``, their
+  training and ``B = 0`` at the start: as :class:`LoRALinear4bit`.
+
+  Args:
+    in_features, out_features: see :class:`LinearGeneral4bit`.
+    lora_rank, lora_scale, lora_dtype, lora_param_dtype, a_initializer,
+    b_initializer, lora_param_type, rngs: see :class:`LoRALinear4bit`.
+    **kwargs: :class:`LinearGeneral4bit`'s other arguments.
+
+  Build one around a float layer with
+  ``LoRALinearGeneral4bit.from_linear_general(layer, lora_rank=8,
+  rngs=nnx.Rngs(0))``; :meth:`merge` gives a plain :class:`LinearGeneral4bit`.
+  """
+
+  def __init__(self, in_features, out_features, *, lora_rank: int,
+               lora_scale: float = 1.0, lora_dtype=None,
+               lora_param_dtype=jnp.float32,
+               a_initializer: Initializer = nnx_lora.default_a_initializer,
+               b_initializer: Initializer = nnx_lora.default_b_initializer,
+               lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
+               rngs: nnx.Rngs, **kwargs):
+    super().__init__(in_features, out_features, rngs=rngs, **kwargs)
+    self._add_lora(lora_rank, lora_scale, lora_dtype, lora_param_dtype,
+                   a_initializer, b_initializer, lora_param_type, rngs)
+
+  def merge(self) -> LinearGeneral4bit:
+    """A :class:`LinearGeneral4bit` of :meth:`merged_weight` (requantized:
+    see there) and a copy of the bias, with the same ``dtype`` and ``impl``."""
+    bias = self.bias[...] if self.bias is not None else None
+    return LinearGeneral4bit.from_quantized(
+        self.merged_weight(), self.in_features, self.out_features, bias,
+        dtype=self.dtype, impl=self.impl)
