@@ -78,8 +78,10 @@ def _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset,
     q = tl.load(absmax_ptr + index, mask=mask, other=0)
     scale = tl.load(nested_absmax_ptr + index // NESTED_BLOCK, mask=mask,
                     other=0.0)
-    return tl.where(mask, tl.load(nested_code_ptr + q) * scale + offset, 0.0)
-  return tl.load(absmax_ptr + index, mask=mask, other=0.0)
+    absmax = tl.where(mask, tl.load(nested_code_ptr + q) * scale + offset, 0.0)
+  else:
+    absmax = tl.load(absmax_ptr + index, mask=mask, other=0.0)
+  return absmax
 
 
 @triton.jit
