@@ -78,13 +78,13 @@ class GemvConfig:
   @classmethod
   def get_default(cls, out_features: int | None = None,
                   in_features: int | None = None) -> "GemvConfig":
-    """Defaults for an H100-class GPU (memory bound: 0.5 byte per weight).
+    """Defaults measured on an H200 (``benchmarks/RESULTS.md``, session 7).
 
-    4 rows x 1024 columns per step and 4 warps: 32 weights (16 packed bytes)
-    per thread per step, ~40 registers, so ~12 programs share an SM and keep
-    enough loads in flight. Layers with fewer than ``TARGET_PROGRAMS`` row
-    blocks split K (up to 4 ways) to occupy every SM; narrow inputs shrink
-    ``block_k``.
+    4 rows x 1024 columns per step and 4 warps: one 16-byte chunk (32
+    weights) per thread per step; the fastest of the configs tried at
+    8192 x 8192 and 28672 x 8192 and within 10% of the best at 4096 x 4096.
+    Layers with fewer than ``TARGET_PROGRAMS`` row blocks split K (up to 4
+    ways) to occupy every SM; narrow inputs shrink ``block_k``.
     """
     block_k, split_k = 1024, 1
     if out_features is not None and in_features is not None:
