@@ -40,6 +40,20 @@ TARGET_PROGRAMS = 512  # below this many row blocks, default configs split K
 SMALL_BATCH_ROWS = 16  # the most rows the fused small-batch kernel takes
 
 
+def _check_tiles(config, **least: int) -> None:
+  """Each named field an int power of two >= its ``least``; ``num_stages`` >= 1."""
+  for name, smallest in {**least, "num_stages": 1}.items():
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise TypeError(f"{name}={value!r} must be an int")
+    if name == "num_stages":
+      if value < 1:
+        raise ValueError(f"num_stages={value} must be >= 1")
+    elif value < smallest or value & (value - 1):
+      bound = f" >= {smallest}" if smallest > 1 else ""
+      raise ValueError(f"{name}={value} must be a power of two{bound}")
+
+
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
   """Tile sizes of the fused 4-bit gemv kernel (importable without Triton).
@@ -62,18 +76,7 @@ class GemvConfig:
   split_k: int = 1
 
   def __post_init__(self):
-    for name in ("block_n", "block_k", "num_warps", "split_k"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int")
-      if value < 1 or value & (value - 1):
-        raise ValueError(f"{name}={value} must be a power of two")
-    if self.block_k < 32:
-      raise ValueError(f"block_k={self.block_k} must be >= 32")
-    if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int):
-      raise TypeError(f"num_stages={self.num_stages!r} must be an int")
-    if self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+    _check_tiles(self, block_n=1, block_k=32, num_warps=1, split_k=1)
 
   @classmethod
   def get_default(cls, out_features: int | None = None,
@@ -115,17 +118,7 @@ class SmallBatchConfig:
   num_stages: int = 1
 
   def __post_init__(self):
-    for name, least in (("block_m", 16), ("block_n", 16), ("block_k", 32),
-                        ("num_warps", 1)):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int")
-      if value < least or value & (value - 1):
-        raise ValueError(f"{name}={value} must be a power of two >= {least}")
-    if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int):
-      raise TypeError(f"num_stages={self.num_stages!r} must be an int")
-    if self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+    _check_tiles(self, block_m=16, block_n=16, block_k=32, num_warps=1)
 
 
 def _dense(x2d: jax.Array, w: jax.Array) -> jax.Array:

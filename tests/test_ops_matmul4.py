@@ -154,7 +154,7 @@ def test_gemv_config_defaults_and_errors():
   assert (small.block_n, small.block_k, small.split_k) == (4, 64, 1)
   with pytest.raises(ValueError, match=r"block_n=3 must be a power of two"):
     jlowbit.GemvConfig(block_n=3)
-  with pytest.raises(ValueError, match=r"block_k=16 must be >= 32"):
+  with pytest.raises(ValueError, match=r"block_k=16 must be a power of two >= 32"):
     jlowbit.GemvConfig(block_k=16)
   with pytest.raises(ValueError, match=r"split_k=3 must be a power of two"):
     jlowbit.GemvConfig(split_k=3)
