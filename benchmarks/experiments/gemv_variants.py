@@ -12,6 +12,9 @@ Run on the GPU machine from the repository root::
 
   python benchmarks/experiments/gemv_variants.py [--json OUT] [--quick]
 
+Variant ``bcast``: the candidate kernel of ``gemv_candidate.py`` (``x``
+loaded with the tile's shape), same configs, bf16 ``x``.
+
 Variant ``words``: ``jlowbit.triton_kernels.gemv4.gemv_4bit_kernel`` (int32
 words, codes unpacked in registers, the 16-entry table gathered with
 ``tl.gather``) over a grid of tile configs, ``x`` passed as bf16 or as a
@@ -29,6 +32,7 @@ import triton
 import triton.language as tl
 
 from jlowbit.triton_kernels import gemv4
+import gemv_candidate  # noqa: E402  pylint: disable=g-bad-import-order,g-import-not-at-top
 from jlowbit.triton_kernels import quant4
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -102,7 +106,7 @@ def _bench(fn) -> float:
   return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
 
 
-def run(shapes, quick: bool, small: bool) -> list[dict]:
+def run(shapes, quick: bool) -> list[dict]:
   torch.manual_seed(0)
   lut = torch.tensor(NF4, device="cuda")
   rows = []
@@ -150,24 +154,38 @@ def run(shapes, quick: bool, small: bool) -> list[dict]:
       y = torch.empty((split_k, n), device="cuda",
                       dtype=torch.bfloat16 if split_k == 1 else torch.float32)
       out = (lambda y=y: y.sum(0))
-      for bn, bk, warps, xdt in itertools.product(
-          (2, 4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8), ("bf16", "f32")):
+      for bn, bk, warps, xdt, v in itertools.product(
+          (2, 4, 8, 16, 32), (256, 512, 1024), (4, 8), ("bf16", "f32"), (4, 8)):
         if bn * bk > 16384 or bn * bk < 1024 or (split_k > 1 and (bn > 8 or n > 12000)):
           continue
         if quick and (xdt == "f32" or bn > 8 or split_k > 2):
           continue
         xin = x if xdt == "bf16" else xf
-        def launch(bn=bn, bk=bk, warps=warps, y=y, split_k=split_k, xin=xin):
+        def launch(bn=bn, bk=bk, warps=warps, y=y, split_k=split_k, xin=xin,
+                   v=v):
           gemv4.gemv_4bit_kernel[(triton.cdiv(n, bn), split_k)](
               xin, packed, lut, absmax, absmax, absmax, absmax, n, y, K=k,
-              BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k, NESTED=False, NESTED_BLOCK=1,
+              BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk, V=v,
+              SPLIT_K=split_k, NESTED=False, NESTED_BLOCK=1,
               EVEN_N=n % bn == 0, num_warps=warps)
           if split_k > 1:
             return y.sum(0)
           return y
-        record("words", f"n{bn} k{bk} w{warps} s{split_k} x{xdt}",
+        record("words", f"n{bn} k{bk} v{v} w{warps} s{split_k} x{xdt}",
                launch, out)
-    for m in (4, 16) if small else ():
+        if v != 4 or xdt != "bf16":
+          continue
+        def launch_bcast(bn=bn, bk=bk, warps=warps, y=y, split_k=split_k):
+          gemv_candidate.gemv_bcast_kernel[(triton.cdiv(n, bn), split_k)](
+              x, packed, lut, absmax, absmax, absmax, absmax, n, y, K=k,
+              BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k,
+              NESTED=False, NESTED_BLOCK=1, EVEN_N=n % bn == 0,
+              num_warps=warps)
+          if split_k > 1:
+            return y.sum(0)
+          return y
+        record("bcast", f"n{bn} k{bk} w{warps} s{split_k}", launch_bcast, out)
+    for m in (4, 16):
       xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
       wd = (lut[torch.stack([packed >> 4, packed & 15], 1).reshape(n, k).long()]
             * absmax.repeat_interleave(BLOCK_SIZE).reshape(n, k)).to(torch.bfloat16)
@@ -201,11 +219,10 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--shapes", nargs="*")
   parser.add_argument("--dequant", action="store_true")
-  parser.add_argument("--small", action="store_true")
   args = parser.parse_args()
   shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes]
             if args.shapes is not None else SHAPES)
-  rows = run(shapes, args.quick, args.small) if shapes else []
+  rows = run(shapes, args.quick) if shapes else []
   if args.dequant:
     rows += dequant_rows(args.quick)
   if args.json:

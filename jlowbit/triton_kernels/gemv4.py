@@ -110,68 +110,29 @@ def _load_step(words_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
 
 
 @triton.jit
-def _gemv_step(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
-               nested_code_ptr, nested_absmax_ptr, offset,
-               VALID: tl.constexpr, NESTED: tl.constexpr,
-               NESTED_BLOCK: tl.constexpr):
-  """``[BLOCK_N, CHUNKS]`` chunk sums of ``W x`` for one K step, each scaled
-  by its block's absmax.
-
-  A chunk is 32 consecutive elements of a row: 4 int32 words, read as four
-  ``[BLOCK_N, CHUNKS]`` word tensors (``words_ptrs`` points at the first),
-  with ``x`` as four ``[BLOCK_N, CHUNKS, 8]`` tensors (``x_ptrs``, the same
-  ``x`` for every row). Giving ``x`` the tile's full shape makes Triton load
-  it straight into the registers of the thread that owns the chunk, instead
-  of loading it once and redistributing it through shared memory (which
-  doubled the shared-memory traffic: the kernel is bound by it). Chunks
-  from column ``VALID`` on count as 0.
-  """
-  block_n: tl.constexpr = words_ptrs.shape[0]
-  chunks: tl.constexpr = words_ptrs.shape[1]
-  if VALID == chunks * 32:
-    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, True, NESTED, NESTED_BLOCK)
-    w0, w1 = tl.load(words_ptrs), tl.load(words_ptrs + 1)
-    w2, w3 = tl.load(words_ptrs + 2), tl.load(words_ptrs + 3)
-    x0, x1 = tl.load(x_ptrs), tl.load(x_ptrs + 8)
-    x2, x3 = tl.load(x_ptrs + 16), tl.load(x_ptrs + 24)
-  else:
-    ok = (tl.arange(0, chunks) * 32 < VALID)[None, :]
-    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, ok, NESTED, NESTED_BLOCK)
-    w0 = tl.load(words_ptrs, mask=ok, other=0)
-    w1 = tl.load(words_ptrs + 1, mask=ok, other=0)
-    w2 = tl.load(words_ptrs + 2, mask=ok, other=0)
-    w3 = tl.load(words_ptrs + 3, mask=ok, other=0)
-    x0 = tl.load(x_ptrs, mask=ok[:, :, None], other=0.0)
-    x1 = tl.load(x_ptrs + 8, mask=ok[:, :, None], other=0.0)
-    x2 = tl.load(x_ptrs + 16, mask=ok[:, :, None], other=0.0)
-    x3 = tl.load(x_ptrs + 24, mask=ok[:, :, None], other=0.0)
-  shape: tl.constexpr = (block_n, chunks, 8)
-  c0 = tl.reshape(_word_codes(w0), shape)
-  c1 = tl.reshape(_word_codes(w1), shape)
-  c2 = tl.reshape(_word_codes(w2), shape)
-  c3 = tl.reshape(_word_codes(w3), shape)
-  # Word q holds elements 8q .. 8q + 7 of the chunk: the joins' last two
-  # axes (q's bits) are permuted alike for codes and x, so the products pair
-  # up; the sum over the chunk does not depend on the order.
-  codes = tl.join(tl.join(c0, c1), tl.join(c2, c3))
-  x = tl.join(tl.join(x0, x1), tl.join(x2, x3)).to(tl.float32)
-  values = tl.gather(lut, tl.reshape(codes, (block_n * chunks * 32,)), 0)
-  products = tl.reshape(values, (block_n, chunks, 32)) * tl.reshape(
-      x, (block_n, chunks, 32))
-  return tl.sum(products, axis=2) * absmax
+def _load_x(x_ptrs, VALID: tl.constexpr, CHUNKS: tl.constexpr, V: tl.constexpr):
+  """``x`` ``[CHUNKS, 8 V]`` of one K step (0 from column ``VALID`` on)."""
+  if VALID == CHUNKS * 8 * V:
+    return tl.load(x_ptrs)
+  chunk_ok = tl.arange(0, CHUNKS) * (8 * V) < VALID
+  return tl.load(x_ptrs, mask=chunk_ok[:, None], other=0.0)
 
 
 @triton.jit
 def _chunk_values(words, lut):
-  """``quant_map[code]`` of every element of ``words`` ``[BLOCK_N, CHUNKS,
-  V]``: float32 ``[BLOCK_N, CHUNKS, 8 V]``."""
+  """``quant_map[code]`` of every element of ``words``: float32 ``[BLOCK_N, CHUNKS, 8 V]``."""
   block_n: tl.constexpr = words.shape[0]
   chunks: tl.constexpr = words.shape[1]
   chunk: tl.constexpr = 8 * words.shape[2]
   codes = tl.reshape(_word_codes(words), (block_n * chunks * chunk,))
   return tl.reshape(tl.gather(lut, codes, 0), (block_n, chunks, chunk))
+
+
+@triton.jit
+def _step_sums(words, absmax, x, lut):
+  """``[BLOCK_N, CHUNKS]`` chunk sums of ``W x``, each scaled by its absmax."""
+  values = _chunk_values(words, lut)
+  return tl.sum(values * x.to(tl.float32)[None, :, :], axis=2) * absmax
 
 
 @triton.jit
@@ -211,48 +172,50 @@ def gemv_4bit_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
                      nested_code_ptr, nested_absmax_ptr, offset_ptr, N, y_ptr,
                      K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, NESTED: tl.constexpr,
-                     NESTED_BLOCK: tl.constexpr, EVEN_N: tl.constexpr):
-  """``K % (SPLIT_K * BLOCK_SIZE) == 0``, ``BLOCK_SIZE >= 32``; ``y`` is
-  ``[SPLIT_K, N]``.
+                     V: tl.constexpr, SPLIT_K: tl.constexpr,
+                     NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+                     EVEN_N: tl.constexpr):
+  """``K % (SPLIT_K * BLOCK_SIZE) == 0``, ``BLOCK_SIZE % (8 V) == 0``; ``y``
+  is ``[SPLIT_K, N]``.
 
   A program owns ``BLOCK_N`` rows and one of ``SPLIT_K`` ranges of K, read
-  ``BLOCK_K`` columns (``BLOCK_K / 32`` chunks per row) per step;
-  ``EVEN_N``: ``N % BLOCK_N == 0``.
+  ``BLOCK_K`` columns per step; ``EVEN_N``: ``N % BLOCK_N == 0``.
   """
-  CHUNKS: tl.constexpr = BLOCK_K // 32
+  CHUNKS: tl.constexpr = BLOCK_K // (8 * V)
   K_SPLIT: tl.constexpr = K // SPLIT_K
   TAIL: tl.constexpr = K_SPLIT % BLOCK_K
   k_first = tl.program_id(1) * K_SPLIT
-  rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-  load_rows = rows
-  if not EVEN_N:  # re-read the last row instead of masking every load
-    load_rows = tl.minimum(rows, N - 1)
-  load_rows = load_rows.to(tl.int64)
-  chunk = tl.arange(0, CHUNKS)
-  words_ptrs = (packed_ptr.to(tl.pointer_type(tl.int32))
-                + (load_rows * (K // 8) + k_first // 8)[:, None]
-                + (chunk * 4)[None, :])
-  x_ptrs = (x_ptr + k_first + (load_rows * 0)[:, None, None]
-            + (chunk * 32)[None, :, None] + tl.arange(0, 8)[None, None, :])
-  absmax_index = ((load_rows * (K // BLOCK_SIZE) + k_first // BLOCK_SIZE)[:, None]
-                  + (chunk * 32 // BLOCK_SIZE)[None, :])
+  words_ptrs, absmax_index = _tile_pointers(
+      packed_ptr, N, k_first, K, BLOCK_SIZE, BLOCK_N, CHUNKS, V, EVEN_N)
+  x_ptrs = (x_ptr + k_first + (tl.arange(0, CHUNKS) * (8 * V))[:, None]
+            + tl.arange(0, 8 * V)[None, :])
   lut = tl.load(quant_map_ptr + tl.arange(0, 16))
   offset = 0.0
   if NESTED:
     offset = tl.load(offset_ptr)
   stats = (absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset)
+  # Software pipelining: the next step's loads are issued before this
+  # step's arithmetic, so each thread keeps a load in flight while it works.
+  words, absmax = _load_step(words_ptrs, absmax_index, *stats, BLOCK_K,
+                             CHUNKS, V, NESTED, NESTED_BLOCK)
+  x = _load_x(x_ptrs, BLOCK_K, CHUNKS, V)
   acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
-  for step in range(K_SPLIT // BLOCK_K):
+  for step in range(1, K_SPLIT // BLOCK_K):
     k0 = step * BLOCK_K
-    acc += _gemv_step(words_ptrs + k0 // 8, x_ptrs + k0,
-                      absmax_index + k0 // BLOCK_SIZE, lut, *stats, BLOCK_K,
-                      NESTED, NESTED_BLOCK)
+    next_words, next_absmax = _load_step(
+        words_ptrs + k0 // 8, absmax_index + k0 // BLOCK_SIZE, *stats,
+        BLOCK_K, CHUNKS, V, NESTED, NESTED_BLOCK)
+    next_x = _load_x(x_ptrs + k0, BLOCK_K, CHUNKS, V)
+    acc += _step_sums(words, absmax, x, lut)
+    words, absmax, x = next_words, next_absmax, next_x
+  acc += _step_sums(words, absmax, x, lut)
   if TAIL > 0:
     k0 = K_SPLIT - TAIL
-    acc += _gemv_step(words_ptrs + k0 // 8, x_ptrs + k0,
-                      absmax_index + k0 // BLOCK_SIZE, lut, *stats, TAIL,
-                      NESTED, NESTED_BLOCK)
+    words, absmax = _load_step(
+        words_ptrs + k0 // 8, absmax_index + k0 // BLOCK_SIZE, *stats, TAIL,
+        CHUNKS, V, NESTED, NESTED_BLOCK)
+    acc += _step_sums(words, absmax, _load_x(x_ptrs + k0, TAIL, CHUNKS, V), lut)
+  rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
   y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
   if EVEN_N:
     tl.store(y_ptr + tl.program_id(1) * N + rows, y)
@@ -406,14 +369,15 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
         grid=(cdiv(n, block_n),), **options, BLOCK_K=block_k)
     return y
   split_k = _split_k(k, block_size, split_k)
+  words = chunk_words(block_size)
   # The largest power of two <= K / split_k: no step is mostly padding.
-  block_k = max(32, min(block_k, 1 << ((k // split_k).bit_length() - 1)))
+  block_k = max(8 * words, min(block_k, 1 << ((k // split_k).bit_length() - 1)))
   out_dtype = x.dtype if split_k == 1 else jnp.float32
   (y,) = launch(
       __name__, "gemv_4bit_kernel", *args,
       out_shape=(jax.ShapeDtypeStruct((split_k, n), out_dtype),),
       grid=(cdiv(n, block_n), split_k), **options, BLOCK_K=block_k,
-      SPLIT_K=split_k, EVEN_N=n % block_n == 0)
+      V=words, SPLIT_K=split_k, EVEN_N=n % block_n == 0)
   if split_k == 1:
     return y[0]
   return jnp.sum(y, axis=0).astype(x.dtype)
