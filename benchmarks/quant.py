@@ -5,10 +5,13 @@ Run on an NVIDIA GPU::
   python benchmarks/quant.py [--json out.json] [--sizes 64M 256M] [--bnb]
 
 Effective bandwidth counts each input read once and each output written once
-(quantize: x + codes + absmax; dequantize: codes + absmax + output). gemv
-times ``x @ W.T`` for batch-1 ``x`` with W 4-bit NF4 (block_size 64) against
-the same product with W dense bf16, each over several distinct weights so
-nothing stays in L2. ``--bnb`` adds bitsandbytes' own kernels, timed in the
+(quantize: x + codes + absmax; dequantize: codes + absmax + output). JAX ops
+are timed by the GPU durations of their kernels in a profiler trace
+(``timing.time_jax_device``): the executable's wall clock would add host
+dispatch, which for kernels of tens of microseconds is as large as the
+kernel. gemv times ``x @ W.T`` for batch-1 ``x`` with W 4-bit NF4
+(block_size 64) against the same product with W dense bf16, each over
+several distinct weights so nothing stays in L2. ``--bnb`` adds bitsandbytes' own kernels, timed in the
 same run with torch CUDA events.
 """
 
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import jlowbit
-from timing import hbm_tbps, table, time_jax, time_torch
+from timing import hbm_tbps, table, time_jax_device, time_torch
 
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192), (28672, 8192)]
 
@@ -50,9 +53,9 @@ def bench_blockwise8(n: int, dtype, block_size: int, copies: int) -> list[dict]:
   itemsize = jnp.dtype(dtype).itemsize
   absmax_bytes = 4 * math.ceil(n / block_size)
   quant = lambda x: jlowbit.quantize_blockwise(x, block_size=block_size)
-  t_q = time_jax(quant, xs)
+  t_q = time_jax_device(quant, xs)
   qs = [(quant(*x),) for x in xs]
-  t_d = time_jax(lambda q: jlowbit.dequantize_blockwise(q), qs)
+  t_d = time_jax_device(lambda q: jlowbit.dequantize_blockwise(q), qs)
   tag = dict(block_size=block_size, impl="jlowbit")
   return [_row("quantize_blockwise", n, dtype, t_q, n * itemsize + n + absmax_bytes, tag),
           _row("dequantize_blockwise", n, dtype, t_d, n + absmax_bytes + n * itemsize, tag)]
@@ -63,9 +66,9 @@ def bench_4bit(n: int, dtype, copies: int, quant_type: str = "nf4") -> list[dict
   itemsize = jnp.dtype(dtype).itemsize
   packed = n // 2 + 4 * math.ceil(n / 64)
   quant = lambda x: jlowbit.quantize_4bit(x, block_size=64, quant_type=quant_type)
-  t_q = time_jax(quant, xs)
+  t_q = time_jax_device(quant, xs)
   qs = [(quant(*x),) for x in xs]
-  t_d = time_jax(lambda q: jlowbit.dequantize_4bit(q), qs)
+  t_d = time_jax_device(lambda q: jlowbit.dequantize_4bit(q), qs)
   tag = dict(block_size=64, impl=f"jlowbit {quant_type}")
   return [_row("quantize_4bit", n, dtype, t_q, n * itemsize + packed, tag),
           _row("dequantize_4bit", n, dtype, t_d, packed + n * itemsize, tag)]
@@ -99,8 +102,8 @@ def bench_gemv(out_features: int, in_features: int, copies: int, bnb: bool) -> d
   weights = [jax.random.normal(k, (out_features, in_features), jnp.bfloat16) * 0.02 for k in keys]
   x = jax.random.normal(jax.random.key(2), (1, in_features), jnp.bfloat16)
   w4s = [jlowbit.quantize_4bit(w, block_size=64, quant_type="nf4") for w in weights]
-  t_dense = time_jax(lambda w: x @ w.T, [(w,) for w in weights])
-  t_4bit = time_jax(lambda w4: jlowbit.gemv_4bit(x, w4), [(w4,) for w4 in w4s])
+  t_dense = time_jax_device(lambda w: x @ w.T, [(w,) for w in weights])
+  t_4bit = time_jax_device(lambda w4: jlowbit.gemv_4bit(x, w4), [(w4,) for w4 in w4s])
   bytes_4bit = out_features * in_features // 2 + 4 * out_features * in_features // 64
   row = dict(shape=f"{out_features}x{in_features}", dense_bf16_us=t_dense * 1e6,
              nf4_gemv_us=t_4bit * 1e6, speedup=t_dense / t_4bit,

@@ -1,0 +1,40 @@
+"""benchmarks/timing.py: kernel durations from a JAX profiler trace."""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+import timing  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _thread(pid, tid, name):
+  return {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+          "args": {"name": name}}
+
+
+def test_device_kernel_events_keeps_gpu_stream_kernels_only():
+  # The shape of a JAX GPU trace (seen on an H200): kernels are complete
+  # events on "Stream #N(Compute)" threads; host threads also have them.
+  events = [
+      _thread(1, 10, "Stream #14(Compute)"),
+      _thread(1, 11, "Stream #15(MemcpyD2H)"),
+      _thread(2, 20, "python3"),
+      {"ph": "X", "pid": 1, "tid": 10, "name": "gemv_4bit_kernel", "ts": 5.0, "dur": 24.5},
+      {"ph": "X", "pid": 1, "tid": 10, "name": "loop_convert_fusion", "ts": 40.0, "dur": 1.5},
+      {"ph": "X", "pid": 1, "tid": 11, "name": "memcpy", "ts": 50.0, "dur": 3.0},
+      {"ph": "X", "pid": 2, "tid": 20, "name": "PjitFunction(many)", "ts": 0.0, "dur": 90.0},
+      {"ph": "i", "pid": 1, "tid": 10, "name": "marker", "ts": 1.0},
+  ]
+  got = timing.device_kernel_events(events)
+  assert [name for name, _ in got] == ["gemv_4bit_kernel", "loop_convert_fusion", "memcpy"]
+  assert sum(seconds for _, seconds in got) == pytest.approx(29e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU error path")
+def test_time_jax_device_needs_a_gpu():
+  with pytest.raises(RuntimeError, match="no GPU kernels"):
+    timing.time_jax_device(lambda x: x * 2, [(jnp.ones(8),)], repeats=1)
