@@ -11,7 +11,9 @@ are timed by the GPU durations of their kernels in a profiler trace
 dispatch, which for kernels of tens of microseconds is as large as the
 kernel. gemv times ``x @ W.T`` for batch-1 ``x`` with W 4-bit NF4
 (block_size 64) against the same product with W dense bf16, each over
-several distinct weights so nothing stays in L2. ``--bnb`` adds bitsandbytes' own kernels, timed in the
+several distinct weights so nothing stays in L2. batch times ``x @ W.T`` for 4-1024 rows of ``x`` the same way
+(``jlowbit.matmul_4bit``: the fused small-batch kernel up to 16 rows,
+dequantize + dense product for prefill-sized batches). ``--bnb`` adds bitsandbytes' own kernels, timed in the
 same run with torch CUDA events.
 """
 
@@ -114,6 +116,22 @@ def bench_gemv(out_features: int, in_features: int, copies: int, bnb: bool) -> d
   return row
 
 
+def bench_batch(out_features: int, in_features: int, rows: int,
+                copies: int) -> dict:
+  """``x [rows, K] @ W.T``: ``jlowbit.matmul_4bit`` (the fused small-batch
+  kernel up to 16 rows, dequantize + dense product beyond) against dense
+  bf16 ``x @ W.T``, kernel time of each."""
+  keys = jax.random.split(jax.random.key(1), copies)
+  weights = [jax.random.normal(k, (out_features, in_features), jnp.bfloat16) * 0.02 for k in keys]
+  x = jax.random.normal(jax.random.key(2), (rows, in_features), jnp.bfloat16)
+  w4s = [jlowbit.quantize_4bit(w, block_size=64, quant_type="nf4") for w in weights]
+  t_dense = time_jax_device(lambda w: x @ w.T, [(w,) for w in weights])
+  t_4bit = time_jax_device(lambda w4: jlowbit.matmul_4bit(x, w4), [(w4,) for w4 in w4s])
+  return dict(shape=f"{out_features}x{in_features}", rows=rows,
+              dense_bf16_us=t_dense * 1e6, nf4_us=t_4bit * 1e6,
+              nf4_vs_dense=t_4bit / t_dense)
+
+
 def _bnb_gemv(out_features: int, in_features: int, copies: int) -> dict:
   import bitsandbytes as bnb  # pylint: disable=g-import-not-at-top
   import bitsandbytes.functional as F  # pylint: disable=g-import-not-at-top
@@ -130,12 +148,15 @@ def _bnb_gemv(out_features: int, in_features: int, copies: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", nargs="+", default=["64M", "256M"])
-  parser.add_argument("--sections", nargs="+", default=["q8", "q4", "gemv"])
+  parser.add_argument("--sections", nargs="+", default=["q8", "q4", "gemv", "batch"])
+  parser.add_argument("--rows", nargs="+", type=int, default=[4, 16, 256, 1024],
+                      help="batch section: rows of x")
   parser.add_argument("--bnb", action="store_true", help="also time bitsandbytes")
   parser.add_argument("--json", help="write all rows to this file")
   args = parser.parse_args()
   print("device:", jax.devices()[0].device_kind, "| impl:", jlowbit.resolve_impl(None))
-  results = {"device": jax.devices()[0].device_kind, "quant": [], "gemv": []}
+  results = {"device": jax.devices()[0].device_kind, "quant": [], "gemv": [],
+             "batch": []}
   for size in map(_parse_size, args.sizes):
     copies = 4 if size <= (64 << 20) else 2
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -153,6 +174,12 @@ def main():
       results["gemv"].append(bench_gemv(*shape, copies, args.bnb))
     print(table(results["gemv"], ["shape", "dense_bf16_us", "nf4_gemv_us", "speedup", "nf4_TBps",
                                   "bnb_nf4_us", "torch_dense_us"]))
+  if "batch" in args.sections:
+    for shape in GEMV_SHAPES:
+      copies = max(2, 8 * 4096 * 4096 // (shape[0] * shape[1]))
+      for rows in args.rows:
+        results["batch"].append(bench_batch(*shape, rows, copies))
+    print(table(results["batch"], ["shape", "rows", "dense_bf16_us", "nf4_us", "nf4_vs_dense"]))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)

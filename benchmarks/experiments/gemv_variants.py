@@ -15,6 +15,16 @@ Run on the GPU machine from the repository root::
 Variant ``bcast``: the candidate kernel of ``gemv_candidate.py`` (``x``
 loaded with the tile's shape), same configs, bf16 ``x``.
 
+Variant ``prmt``: ``gemv_candidate.gemv_prmt_kernel``, the ``bcast`` kernel
+with the table in registers (``prmt`` lookups, no shared memory).
+
+Variant ``dot``: ``gemv_candidate.matmul_dot_kernel`` (``prmt`` lookups to
+bfloat16, ``tl.dot`` with ``x`` padded to 16 rows), also at 4 and 16 rows.
+
+Variants ``rows gather`` / ``rows prmt``: ``gemv_candidate.gemv_rows_kernel``
+(a thread owns one chunk of 2 or 4 rows, so ``x`` is loaded once per step
+for all of them), table gathered or in registers.
+
 Variant ``words``: ``jlowbit.triton_kernels.gemv4.gemv_4bit_kernel`` (int32
 words, codes unpacked in registers, the 16-entry table gathered with
 ``tl.gather``) over a grid of tile configs, ``x`` passed as bf16 or as a
@@ -106,9 +116,10 @@ def _bench(fn) -> float:
   return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
 
 
-def run(shapes, quick: bool) -> list[dict]:
+def run(shapes, quick: bool, variants) -> list[dict]:
   torch.manual_seed(0)
   lut = torch.tensor(NF4, device="cuda")
+  table = gemv_candidate.register_table(lut)
   rows = []
   for n, k in shapes:
     packed = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device="cuda")
@@ -123,7 +134,11 @@ def run(shapes, quick: bool) -> list[dict]:
     base = dict(shape=f"{n}x{k}", bytes=nbytes)
 
     def record(variant, config, fn, out=None, nb=nbytes):
-      us = _bench(fn)
+      try:
+        us = _bench(fn)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"{variant} {config} failed: {e!r}"[:2000], flush=True)
+        return
       err = None
       if out is not None:
         fn()
@@ -171,21 +186,55 @@ def run(shapes, quick: bool) -> list[dict]:
           if split_k > 1:
             return y.sum(0)
           return y
-        record("words", f"n{bn} k{bk} v{v} w{warps} s{split_k} x{xdt}",
-               launch, out)
+        if "words" in variants and not (quick and (warps == 8 or split_k > 1)):
+          record("words", f"n{bn} k{bk} v{v} w{warps} s{split_k} x{xdt}",
+                 launch, out)
         if v != 4 or xdt != "bf16":
           continue
-        def launch_bcast(bn=bn, bk=bk, warps=warps, y=y, split_k=split_k):
-          gemv_candidate.gemv_bcast_kernel[(triton.cdiv(n, bn), split_k)](
-              x, packed, lut, absmax, absmax, absmax, absmax, n, y, K=k,
-              BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k,
-              NESTED=False, NESTED_BLOCK=1, EVEN_N=n % bn == 0,
+        for name, kernel, table_arg in (
+            ("bcast", gemv_candidate.gemv_bcast_kernel, lut),
+            ("prmt", gemv_candidate.gemv_prmt_kernel, table)):
+          if name not in variants:
+            continue
+          def launch_candidate(bn=bn, bk=bk, warps=warps, y=y,
+                               split_k=split_k, kernel=kernel,
+                               table_arg=table_arg):
+            kernel[(triton.cdiv(n, bn), split_k)](
+                x, packed, table_arg, absmax, absmax, absmax, absmax, n, y,
+                K=k, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk,
+                SPLIT_K=split_k, NESTED=False, NESTED_BLOCK=1,
+                EVEN_N=n % bn == 0, num_warps=warps)
+            if split_k > 1:
+              return y.sum(0)
+            return y
+          record(name, f"n{bn} k{bk} w{warps} s{split_k}", launch_candidate,
+                 out)
+    if "rows" in variants:
+      for bk, warps, nrows, use_prmt in itertools.product(
+          (1024, 2048, 4096), (1, 2, 4), (2, 4), (False, True)):
+        if k % bk or bk // 32 < 32 * warps or n % nrows:
+          continue
+        y1 = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        def launch_rows(bk=bk, warps=warps, nrows=nrows, use_prmt=use_prmt,
+                        y1=y1):
+          gemv_candidate.gemv_rows_kernel[(n // nrows,)](
+              x, packed, table if use_prmt else lut, absmax, n, y1, K=k,
+              BLOCK_SIZE=BLOCK_SIZE, BLOCK_K=bk, ROWS=nrows, PRMT=use_prmt,
               num_warps=warps)
-          if split_k > 1:
-            return y.sum(0)
-          return y
-        record("bcast", f"n{bn} k{bk} w{warps} s{split_k}", launch_bcast, out)
-    for m in (4, 16):
+          return y1
+        record("rows prmt" if use_prmt else "rows gather",
+               f"k{bk} w{warps} r{nrows}", launch_rows, launch_rows)
+    if "dot" in variants:
+      for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 3)):
+        y1 = torch.empty((1, n), device="cuda", dtype=torch.bfloat16)
+        def launch_dot(bn=bn, warps=warps, stages=stages, y1=y1):
+          gemv_candidate.matmul_dot_kernel[(triton.cdiv(n, bn),)](
+              x, packed, table, absmax, 1, n, y1, K=k, BLOCK_SIZE=BLOCK_SIZE,
+              BLOCK_M=16, BLOCK_N=bn, EVEN_N=n % bn == 0, num_warps=warps,
+              num_stages=stages)
+          return y1[0]
+        record("dot", f"n{bn} w{warps} st{stages}", launch_dot, launch_dot)
+    for m in (4, 16) if "small" in variants else ():
       xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
       wd = (lut[torch.stack([packed >> 4, packed & 15], 1).reshape(n, k).long()]
             * absmax.repeat_interleave(BLOCK_SIZE).reshape(n, k)).to(torch.bfloat16)
@@ -210,6 +259,26 @@ def run(shapes, quick: bool) -> list[dict]:
                    us=us, TBps=nbytes / us / 1e6, err=err)
         rows.append(row)
         print(json.dumps(row), flush=True)
+      if "dot" not in variants:
+        continue
+      for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 3)):
+        def launch_dot(bn=bn, warps=warps, stages=stages, xm=xm, ym=ym, m=m):
+          gemv_candidate.matmul_dot_kernel[(triton.cdiv(n, bn),)](
+              xm, packed, table, absmax, m, n, ym, K=k, BLOCK_SIZE=BLOCK_SIZE,
+              BLOCK_M=16, BLOCK_N=bn, EVEN_N=n % bn == 0, num_warps=warps,
+              num_stages=stages)
+          return ym
+        try:
+          us = _bench(launch_dot)
+        except Exception as e:  # pylint: disable=broad-except
+          print(f"dot m{m} failed: {e!r}"[:2000], flush=True)
+          continue
+        launch_dot()
+        err = float((ym.float() - refm).abs().max() / refm.abs().max())
+        row = dict(base, variant=f"dot m{m}", config=f"n{bn} w{warps} st{stages}",
+                   us=us, TBps=nbytes / us / 1e6, err=err)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
   return rows
 
 
@@ -219,10 +288,13 @@ def main():
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--shapes", nargs="*")
   parser.add_argument("--dequant", action="store_true")
+  parser.add_argument("--variants", nargs="*",
+                      default=["words", "bcast", "prmt", "rows", "dot", "small"],
+                      help="of words, bcast, prmt, rows, dot, small")
   args = parser.parse_args()
   shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes]
             if args.shapes is not None else SHAPES)
-  rows = run(shapes, args.quick) if shapes else []
+  rows = run(shapes, args.quick, set(args.variants)) if shapes else []
   if args.dequant:
     rows += dequant_rows(args.quick)
   if args.json:
