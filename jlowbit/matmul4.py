@@ -107,18 +107,42 @@ class SmallBatchConfig:
   Attributes:
     block_m: rows of ``x`` per program (power of two, >= 16: ``tl.dot``).
     block_n: output features per program (power of two, >= 16).
-    block_k: input columns per loop step (power of two, >= 32).
+    block_k: input columns per loop step (power of two, >= 32; capped by
+      ``in_features / split_k``).
     num_warps: warps per program.
     num_stages: software-pipelining depth of the K loop.
+    split_k: independent ranges ``K`` is cut into (power of two, float32
+      partial products added after the kernel); the launcher halves it
+      until ``in_features`` is a multiple of ``split_k * block_size``.
   """
   block_m: int = 16
   block_n: int = 64
-  block_k: int = 256
+  block_k: int = 128
   num_warps: int = 4
   num_stages: int = 1
+  split_k: int = 1
 
   def __post_init__(self):
-    _check_tiles(self, block_m=16, block_n=16, block_k=32, num_warps=1)
+    _check_tiles(self, block_m=16, block_n=16, block_k=32, num_warps=1,
+                 split_k=1)
+
+  @classmethod
+  def get_default(cls, out_features: int | None = None,
+                  in_features: int | None = None) -> "SmallBatchConfig":
+    """Defaults measured on an H200 (``benchmarks/RESULTS.md``, session 8).
+
+    64 features x 128 columns per step, 4 warps, K split 4 ways: the
+    fastest of 9 configs at 8192 x 8192 and 28672 x 8192 and within 6% of
+    the best at 4096 x 4096 and 11008 x 4096, at 4 and 16 rows. Without
+    the split a layer of a few thousand features runs a program per SM or
+    fewer (``ncu``: 6% occupancy), 1.2-2.1x slower. Narrow inputs split
+    less (each range keeps at least two steps).
+    """
+    split_k = 1
+    if in_features is not None:
+      while split_k < 4 and in_features >= 4 * split_k * cls.block_k:
+        split_k *= 2
+    return cls(split_k=split_k)
 
 
 def _dense(x2d: jax.Array, w: jax.Array) -> jax.Array:
@@ -182,12 +206,12 @@ def _forward(x2d, w4, impl, config):
     return y[None, :]
   if impl != "xla" and _uses_small_batch(x2d, w4):
     if not isinstance(config, SmallBatchConfig):
-      config = SmallBatchConfig()
+      config = SmallBatchConfig.get_default(n, k)
     return _kernels().matmul_4bit_small(
         x2d, w4.packed, w4.quant_map, absmax, nested, n, w4.block_size, impl,
         block_m=config.block_m, block_n=config.block_n,
         block_k=config.block_k, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        num_stages=config.num_stages, split_k=config.split_k)
   return _dense(x2d, quant4.dequantize_4bit(w4, x2d.dtype, impl=impl))
 
 

@@ -111,17 +111,27 @@ def test_small_batch_kernel_matches_dense(impl, rows, out_features, in_features,
                                           block_size, nested, dtype):
   w4 = _weight(out_features, in_features, block_size, nested=nested)
   x = _normal((rows, in_features), dtype, seed=14)
-  config = jlowbit.SmallBatchConfig(block_n=16, block_k=64)
-  y = jlowbit.matmul_4bit(x, w4, impl=impl, config=config)
-  assert y.shape == (rows, out_features) and y.dtype == jnp.dtype(dtype)
-  # The tile is rounded to x's dtype before the tensor-core product: one
-  # more rounding than the dense reference, within the same bound.
-  _assert_close_to_dense(y, x, w4)
+  for split_k in (1, 2):
+    config = jlowbit.SmallBatchConfig(block_n=16, block_k=64, split_k=split_k)
+    y = jlowbit.matmul_4bit(x, w4, impl=impl, config=config)
+    assert y.shape == (rows, out_features) and y.dtype == jnp.dtype(dtype)
+    # The tile is rounded to x's dtype before the tensor-core product: one
+    # more rounding than the dense reference, within the same bound.
+    _assert_close_to_dense(y, x, w4)
 
 
 def test_small_batch_config_errors():
   assert jlowbit.SmallBatchConfig() == jlowbit.SmallBatchConfig(
-      block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=1)
+      block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=1,
+      split_k=1)
+  # K is split 4 ways unless in_features is too narrow for two steps each.
+  assert jlowbit.SmallBatchConfig.get_default(8192, 8192).split_k == 4
+  assert jlowbit.SmallBatchConfig.get_default(28672, 4096).split_k == 4
+  assert jlowbit.SmallBatchConfig.get_default(64, 512).split_k == 2
+  assert jlowbit.SmallBatchConfig.get_default(64, 256).split_k == 1
+  assert jlowbit.SmallBatchConfig.get_default().split_k == 1
+  with pytest.raises(ValueError, match=r"split_k=3 must be a power of two"):
+    jlowbit.SmallBatchConfig(split_k=3)
   with pytest.raises(ValueError, match=r"block_m=8 must be a power of two >= 16"):
     jlowbit.SmallBatchConfig(block_m=8)
   with pytest.raises(TypeError, match=r"block_n=64.0 must be an int"):

@@ -229,31 +229,38 @@ def matmul_4bit_small_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
                              M, N, y_ptr, K: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             V: tl.constexpr, NESTED: tl.constexpr,
-                             NESTED_BLOCK: tl.constexpr, EVEN_N: tl.constexpr):
-  """``y`` ``[M, N]`` = ``x`` ``[M, K]`` times ``W``^T for a few rows of ``x``.
+                             V: tl.constexpr, SPLIT_K: tl.constexpr,
+                             NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+                             EVEN_N: tl.constexpr):
+  """``y`` ``[SPLIT_K, M, N]`` = ``x`` ``[M, K]`` times ``W``^T for a few rows of ``x``.
 
-  ``K % BLOCK_SIZE == 0``, ``BLOCK_SIZE % (8 V) == 0``. Grid ``(N /
-  BLOCK_N, M / BLOCK_M)``: a program dequantizes its ``[BLOCK_N, BLOCK_K]``
-  tile of ``W`` in registers (as the gemv does, times absmax, in ``x``'s
-  dtype) and multiplies it with ``x`` ``[BLOCK_M, BLOCK_K]`` on the tensor
-  cores (``tl.dot``, float32 accumulation): ``W`` is read once per
-  ``BLOCK_M`` rows of ``x`` and never written out.
+  ``K % (SPLIT_K * BLOCK_SIZE) == 0``, ``BLOCK_SIZE % (8 V) == 0``. Grid
+  ``(N / BLOCK_N, M / BLOCK_M, SPLIT_K)``: a program dequantizes its
+  ``[BLOCK_N, BLOCK_K]`` tiles of ``W`` in its range of K in registers (as
+  the gemv does, times absmax, in ``x``'s dtype) and multiplies them with
+  ``x`` ``[BLOCK_M, BLOCK_K]`` on the tensor cores (``tl.dot``, float32
+  accumulation): ``W`` is read once per ``BLOCK_M`` rows of ``x`` and never
+  written out. ``SPLIT_K > 1`` writes float32 partial products (one per
+  range of K) that the launcher adds: a layer with few row blocks still
+  occupies every SM.
   """
   CHUNKS: tl.constexpr = BLOCK_K // (8 * V)
-  TAIL: tl.constexpr = K % BLOCK_K
+  K_SPLIT: tl.constexpr = K // SPLIT_K
+  TAIL: tl.constexpr = K_SPLIT % BLOCK_K
+  k_first = tl.program_id(2) * K_SPLIT
   words_ptrs, absmax_index = _tile_pointers(
-      packed_ptr, N, 0, K, BLOCK_SIZE, BLOCK_N, CHUNKS, V, EVEN_N)
+      packed_ptr, N, k_first, K, BLOCK_SIZE, BLOCK_N, CHUNKS, V, EVEN_N)
   m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
   m_ok = m < M
-  x_ptrs = x_ptr + m.to(tl.int64)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+  x_ptrs = (x_ptr + m.to(tl.int64)[:, None] * K + k_first
+            + tl.arange(0, BLOCK_K)[None, :])
   lut = tl.load(quant_map_ptr + tl.arange(0, 16))
   offset = 0.0
   if NESTED:
     offset = tl.load(offset_ptr)
   stats = (absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset)
   acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-  for step in range(K // BLOCK_K):
+  for step in range(K_SPLIT // BLOCK_K):
     k0 = step * BLOCK_K
     words, absmax = _load_step(
         words_ptrs + k0 // 8, absmax_index + k0 // BLOCK_SIZE, *stats,
@@ -261,7 +268,7 @@ def matmul_4bit_small_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
     x = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
     acc = _dot_step(acc, x, words, absmax, lut)
   if TAIL > 0:
-    k0 = K - TAIL
+    k0 = K_SPLIT - TAIL
     words, absmax = _load_step(
         words_ptrs + k0 // 8, absmax_index + k0 // BLOCK_SIZE, *stats, TAIL,
         CHUNKS, V, NESTED, NESTED_BLOCK)
@@ -269,7 +276,8 @@ def matmul_4bit_small_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
                 mask=m_ok[:, None] & (tl.arange(0, BLOCK_K) < TAIL)[None, :])
     acc = _dot_step(acc, x, words, absmax, lut)
   n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-  y_ptrs = y_ptr + m.to(tl.int64)[:, None] * N + n[None, :]
+  y_ptrs = (y_ptr + tl.program_id(2).to(tl.int64) * M * N
+            + m.to(tl.int64)[:, None] * N + n[None, :])
   tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty),
            mask=m_ok[:, None] & (n < N)[None, :])
 
@@ -387,7 +395,7 @@ def matmul_4bit_small(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
                       absmax: jax.Array, nested: tuple | None,
                       out_features: int, block_size: int, impl: str, *,
                       block_m: int, block_n: int, block_k: int, num_warps: int,
-                      num_stages: int) -> jax.Array:
+                      num_stages: int, split_k: int) -> jax.Array:
   """Launches the fused small-batch product: ``x`` ``[M, K]`` times ``W``^T.
 
   Args:
@@ -395,8 +403,8 @@ def matmul_4bit_small(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
       % block_size == 0``.
     packed, quant_map, absmax, nested, out_features, block_size, impl: see
       :func:`gemv_4bit`.
-    block_m, block_n, block_k, num_warps, num_stages: the tile sizes of
-      :class:`jlowbit.matmul4.SmallBatchConfig`.
+    block_m, block_n, block_k, num_warps, num_stages, split_k: the tile
+      sizes of :class:`jlowbit.matmul4.SmallBatchConfig`.
 
   Returns:
     ``[M, N]`` in ``x.dtype``.
@@ -404,13 +412,17 @@ def matmul_4bit_small(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
   (m, k), n = x.shape, out_features
   statistics, nested_block = _statistics(absmax, nested)
   words = chunk_words(block_size)
-  block_k = max(8 * words, min(block_k, 1 << (k.bit_length() - 1)))
+  split_k = _split_k(k, block_size, split_k)
+  block_k = max(8 * words, min(block_k, 1 << ((k // split_k).bit_length() - 1)))
+  out_dtype = x.dtype if split_k == 1 else jnp.float32
   (y,) = launch(
       __name__, "matmul_4bit_small_kernel", x, packed, quant_map, *statistics,
-      m, n, out_shape=(jax.ShapeDtypeStruct((m, n), x.dtype),),
-      grid=(cdiv(n, block_n), cdiv(m, block_m)), impl=impl,
+      m, n, out_shape=(jax.ShapeDtypeStruct((split_k, m, n), out_dtype),),
+      grid=(cdiv(n, block_n), cdiv(m, block_m), split_k), impl=impl,
       num_warps=num_warps, num_stages=num_stages, K=k, BLOCK_SIZE=block_size,
       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, V=words,
-      NESTED=nested is not None, NESTED_BLOCK=nested_block,
+      SPLIT_K=split_k, NESTED=nested is not None, NESTED_BLOCK=nested_block,
       EVEN_N=n % block_n == 0)
-  return y
+  if split_k == 1:
+    return y[0]
+  return jnp.sum(y, axis=0).astype(x.dtype)
