@@ -23,23 +23,12 @@ from jlowbit.triton_kernels import gemv4
 
 
 @triton.jit
-def _bcast_step(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
-               nested_code_ptr, nested_absmax_ptr, offset,
-               VALID: tl.constexpr, NESTED: tl.constexpr,
-               NESTED_BLOCK: tl.constexpr):
-  """``[BLOCK_N, CHUNKS]`` chunk sums of ``W x`` for one K step, each scaled
-  by its block's absmax.
-
-  A chunk is 32 consecutive elements of a row: 4 int32 words, read as four
-  ``[BLOCK_N, CHUNKS]`` word tensors (``words_ptrs`` points at the first),
-  with ``x`` as four ``[BLOCK_N, CHUNKS, 8]`` tensors (``x_ptrs``, the same
-  ``x`` for every row). Giving ``x`` the tile's full shape makes Triton load
-  it straight into the registers of the thread that owns the chunk, instead
-  of loading it once and redistributing it through shared memory (which
-  doubled the shared-memory traffic: the kernel is bound by it). Chunks
-  from column ``VALID`` on count as 0.
-  """
-  block_n: tl.constexpr = words_ptrs.shape[0]
+def _step_loads(words_ptrs, x_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
+                nested_absmax_ptr, offset, VALID: tl.constexpr,
+                NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+  """One K step's absmax ``[BLOCK_N, CHUNKS]``, the chunks' four words
+  ``w0..w3`` ``[BLOCK_N, CHUNKS]`` and their ``x`` ``x0..x3`` ``[BLOCK_N,
+  CHUNKS, 8]``; chunks from column ``VALID`` on read as 0."""
   chunks: tl.constexpr = words_ptrs.shape[1]
   if VALID == chunks * 32:
     absmax = gemv4._block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
@@ -60,6 +49,31 @@ def _bcast_step(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
     x1 = tl.load(x_ptrs + 8, mask=ok[:, :, None], other=0.0)
     x2 = tl.load(x_ptrs + 16, mask=ok[:, :, None], other=0.0)
     x3 = tl.load(x_ptrs + 24, mask=ok[:, :, None], other=0.0)
+  return absmax, w0, w1, w2, w3, x0, x1, x2, x3
+
+
+@triton.jit
+def _bcast_step(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
+               nested_code_ptr, nested_absmax_ptr, offset,
+               VALID: tl.constexpr, NESTED: tl.constexpr,
+               NESTED_BLOCK: tl.constexpr):
+  """``[BLOCK_N, CHUNKS]`` chunk sums of ``W x`` for one K step, each scaled
+  by its block's absmax.
+
+  A chunk is 32 consecutive elements of a row: 4 int32 words, read as four
+  ``[BLOCK_N, CHUNKS]`` word tensors (``words_ptrs`` points at the first),
+  with ``x`` as four ``[BLOCK_N, CHUNKS, 8]`` tensors (``x_ptrs``, the same
+  ``x`` for every row). Giving ``x`` the tile's full shape makes Triton load
+  it straight into the registers of the thread that owns the chunk, instead
+  of loading it once and redistributing it through shared memory (which
+  doubled the shared-memory traffic: the kernel is bound by it). Chunks
+  from column ``VALID`` on count as 0.
+  """
+  block_n: tl.constexpr = words_ptrs.shape[0]
+  chunks: tl.constexpr = words_ptrs.shape[1]
+  absmax, w0, w1, w2, w3, x0, x1, x2, x3 = _step_loads(
+      words_ptrs, x_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
+      nested_absmax_ptr, offset, VALID, NESTED, NESTED_BLOCK)
   shape: tl.constexpr = (block_n, chunks, 8)
   c0 = tl.reshape(gemv4._word_codes(w0), shape)
   c1 = tl.reshape(gemv4._word_codes(w1), shape)
@@ -82,9 +96,11 @@ def gemv_bcast_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
                      K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, NESTED: tl.constexpr,
-                     NESTED_BLOCK: tl.constexpr, EVEN_N: tl.constexpr):
+                     NESTED_BLOCK: tl.constexpr, EVEN_N: tl.constexpr,
+                     PRMT: tl.constexpr):
   """``K % (SPLIT_K * BLOCK_SIZE) == 0``, ``BLOCK_SIZE >= 32``; ``y`` is
-  ``[SPLIT_K, N]``.
+  ``[SPLIT_K, N]``. ``PRMT``: variant ``prmt`` (below), ``quant_map_ptr``
+  holding :func:`register_table`.
 
   A program owns ``BLOCK_N`` rows and one of ``SPLIT_K`` ranges of K, read
   ``BLOCK_K`` columns (``BLOCK_K / 32`` chunks per row) per step;
@@ -107,7 +123,10 @@ def gemv_bcast_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
             + (chunk * 32)[None, :, None] + tl.arange(0, 8)[None, None, :])
   absmax_index = ((load_rows * (K // BLOCK_SIZE) + k_first // BLOCK_SIZE)[:, None]
                   + (chunk * 32 // BLOCK_SIZE)[None, :])
-  lut = tl.load(quant_map_ptr + tl.arange(0, 16))
+  if PRMT:
+    lut = _spread_table(quant_map_ptr, BLOCK_N, CHUNKS)
+  else:
+    lut = tl.load(quant_map_ptr + tl.arange(0, 16))
   offset = 0.0
   if NESTED:
     offset = tl.load(offset_ptr)
@@ -115,14 +134,14 @@ def gemv_bcast_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
   acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
   for step in range(K_SPLIT // BLOCK_K):
     k0 = step * BLOCK_K
-    acc += _bcast_step(words_ptrs + k0 // 8, x_ptrs + k0,
-                      absmax_index + k0 // BLOCK_SIZE, lut, *stats, BLOCK_K,
-                      NESTED, NESTED_BLOCK)
+    acc += _candidate_step(words_ptrs + k0 // 8, x_ptrs + k0,
+                           absmax_index + k0 // BLOCK_SIZE, lut, *stats,
+                           BLOCK_K, NESTED, NESTED_BLOCK, PRMT)
   if TAIL > 0:
     k0 = K_SPLIT - TAIL
-    acc += _bcast_step(words_ptrs + k0 // 8, x_ptrs + k0,
-                      absmax_index + k0 // BLOCK_SIZE, lut, *stats, TAIL,
-                      NESTED, NESTED_BLOCK)
+    acc += _candidate_step(words_ptrs + k0 // 8, x_ptrs + k0,
+                           absmax_index + k0 // BLOCK_SIZE, lut, *stats, TAIL,
+                           NESTED, NESTED_BLOCK, PRMT)
   y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
   if EVEN_N:
     tl.store(y_ptr + tl.program_id(1) * N + rows, y)
@@ -215,26 +234,9 @@ def _prmt_step(words_ptrs, x_ptrs, absmax_index, table, absmax_ptr,
                VALID: tl.constexpr, NESTED: tl.constexpr,
                NESTED_BLOCK: tl.constexpr):
   """As ``_bcast_step``, the table read from registers."""
-  chunks: tl.constexpr = words_ptrs.shape[1]
-  if VALID == chunks * 32:
-    absmax = gemv4._block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, True, NESTED, NESTED_BLOCK)
-    w0, w1 = tl.load(words_ptrs), tl.load(words_ptrs + 1)
-    w2, w3 = tl.load(words_ptrs + 2), tl.load(words_ptrs + 3)
-    x0, x1 = tl.load(x_ptrs), tl.load(x_ptrs + 8)
-    x2, x3 = tl.load(x_ptrs + 16), tl.load(x_ptrs + 24)
-  else:
-    ok = (tl.arange(0, chunks) * 32 < VALID)[None, :]
-    absmax = gemv4._block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, ok, NESTED, NESTED_BLOCK)
-    w0 = tl.load(words_ptrs, mask=ok, other=0)
-    w1 = tl.load(words_ptrs + 1, mask=ok, other=0)
-    w2 = tl.load(words_ptrs + 2, mask=ok, other=0)
-    w3 = tl.load(words_ptrs + 3, mask=ok, other=0)
-    x0 = tl.load(x_ptrs, mask=ok[:, :, None], other=0.0)
-    x1 = tl.load(x_ptrs + 8, mask=ok[:, :, None], other=0.0)
-    x2 = tl.load(x_ptrs + 16, mask=ok[:, :, None], other=0.0)
-    x3 = tl.load(x_ptrs + 24, mask=ok[:, :, None], other=0.0)
+  absmax, w0, w1, w2, w3, x0, x1, x2, x3 = _step_loads(
+      words_ptrs, x_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
+      nested_absmax_ptr, offset, VALID, NESTED, NESTED_BLOCK)
   products = (_word_values(w0, table) * x0.to(tl.float32)
               + _word_values(w1, table) * x1.to(tl.float32)
               + _word_values(w2, table) * x2.to(tl.float32)
@@ -243,59 +245,36 @@ def _prmt_step(words_ptrs, x_ptrs, absmax_index, table, absmax_ptr,
 
 
 @triton.jit
-def gemv_prmt_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
-                     nested_code_ptr, nested_absmax_ptr, offset_ptr, N, y_ptr,
-                     K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr, NESTED: tl.constexpr,
-                     NESTED_BLOCK: tl.constexpr, EVEN_N: tl.constexpr):
-  """``gemv_bcast_kernel`` with ``table_ptr`` the 8 words of
-  :func:`register_table` instead of the float32 table."""
-  CHUNKS: tl.constexpr = BLOCK_K // 32
-  K_SPLIT: tl.constexpr = K // SPLIT_K
-  TAIL: tl.constexpr = K_SPLIT % BLOCK_K
-  k_first = tl.program_id(1) * K_SPLIT
-  rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-  load_rows = rows
-  if not EVEN_N:
-    load_rows = tl.minimum(rows, N - 1)
-  load_rows = load_rows.to(tl.int64)
-  chunk = tl.arange(0, CHUNKS)
-  words_ptrs = (packed_ptr.to(tl.pointer_type(tl.int32))
-                + (load_rows * (K // 8) + k_first // 8)[:, None]
-                + (chunk * 4)[None, :])
-  x_ptrs = (x_ptr + k_first + (load_rows * 0)[:, None, None]
-            + (chunk * 32)[None, :, None] + tl.arange(0, 8)[None, None, :])
-  absmax_index = ((load_rows * (K // BLOCK_SIZE) + k_first // BLOCK_SIZE)[:, None]
-                  + (chunk * 32 // BLOCK_SIZE)[None, :])
-  # The table is stored 32 times and each element reads copy ``i % 32``:
-  # ptxas keeps a value it can prove warp-uniform in a uniform register and
-  # copies it back before every ``prmt`` (one extra instruction per lookup).
+def _spread_table(table_ptr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+  """The 8 table words, each a ``[BLOCK_N, CHUNKS]`` tensor.
+
+  The table is stored 32 times and each element reads copy ``i % 32``:
+  ptxas keeps a value it can prove warp-uniform in a uniform register and
+  copies it back before every ``prmt`` (one extra instruction per lookup).
+  """
   spread = table_ptr + (tl.arange(0, BLOCK_N)[:, None] * CHUNKS
                         + tl.arange(0, CHUNKS)[None, :]) % 32
-  table = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
-           tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
-           tl.load(spread + 192), tl.load(spread + 224))
-  offset = 0.0
-  if NESTED:
-    offset = tl.load(offset_ptr)
-  stats = (absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset)
-  acc = tl.zeros([BLOCK_N, CHUNKS], tl.float32)
-  for step in range(K_SPLIT // BLOCK_K):
-    k0 = step * BLOCK_K
-    acc += _prmt_step(words_ptrs + k0 // 8, x_ptrs + k0,
-                      absmax_index + k0 // BLOCK_SIZE, table, *stats, BLOCK_K,
+  return (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
+          tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
+          tl.load(spread + 192), tl.load(spread + 224))
+
+
+@triton.jit
+def _candidate_step(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
+                    nested_code_ptr, nested_absmax_ptr, offset,
+                    VALID: tl.constexpr, NESTED: tl.constexpr,
+                    NESTED_BLOCK: tl.constexpr, PRMT: tl.constexpr):
+  """``_prmt_step`` or ``_bcast_step`` (one return: Triton compiles the
+  code after a returning ``if`` even when the ``if`` is constant)."""
+  if PRMT:
+    sums = _prmt_step(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
+                      nested_code_ptr, nested_absmax_ptr, offset, VALID,
                       NESTED, NESTED_BLOCK)
-  if TAIL > 0:
-    k0 = K_SPLIT - TAIL
-    acc += _prmt_step(words_ptrs + k0 // 8, x_ptrs + k0,
-                      absmax_index + k0 // BLOCK_SIZE, table, *stats, TAIL,
-                      NESTED, NESTED_BLOCK)
-  y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
-  if EVEN_N:
-    tl.store(y_ptr + tl.program_id(1) * N + rows, y)
   else:
-    tl.store(y_ptr + tl.program_id(1) * N + rows, y, mask=rows < N)
+    sums = _bcast_step(words_ptrs, x_ptrs, absmax_index, lut, absmax_ptr,
+                       nested_code_ptr, nested_absmax_ptr, offset, VALID,
+                       NESTED, NESTED_BLOCK)
+  return sums
 
 
 # --- Variant "dot": table in registers, products on the tensor cores. ---
@@ -349,11 +328,7 @@ def matmul_dot_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, M, N, y_ptr,
   absmax_ptrs = absmax_ptr + load_rows * (K // BLOCK_SIZE)
   m = tl.arange(0, BLOCK_M)
   x_ptrs = x_ptr + m[:, None] * K + tl.arange(0, BLOCK_SIZE)[None, :]
-  spread = table_ptr + (tl.arange(0, BLOCK_N)[:, None] * WORDS
-                        + tl.arange(0, WORDS)[None, :]) % 32
-  table = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
-           tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
-           tl.load(spread + 192), tl.load(spread + 224))
+  table = _spread_table(table_ptr, BLOCK_N, WORDS)
   acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
   for step in range(K // BLOCK_SIZE):
     words = tl.load(words_ptrs + step * WORDS)
@@ -411,11 +386,7 @@ def gemv_rows_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, N, y_ptr,
   a_base = absmax_ptr + chunk * 32 // BLOCK_SIZE
   x_ptrs = x_ptr + chunk[:, None] * 32 + tl.arange(0, 32)[None, :]
   if PRMT:
-    spread = table_ptr + (chunk[:, None] * 4 + tl.arange(0, 4)[None, :]) % 32
-    lut = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
-           tl.load(spread + 96), tl.load(spread + 128),
-           tl.load(spread + 160), tl.load(spread + 192),
-           tl.load(spread + 224))
+    lut = _spread_table(table_ptr, CHUNKS, 4)
   else:
     lut = tl.load(table_ptr + tl.arange(0, 16))
   acc0 = tl.zeros([CHUNKS], tl.float32)

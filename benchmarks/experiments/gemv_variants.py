@@ -15,8 +15,8 @@ Run on the GPU machine from the repository root::
 Variant ``bcast``: the candidate kernel of ``gemv_candidate.py`` (``x``
 loaded with the tile's shape), same configs, bf16 ``x``.
 
-Variant ``prmt``: ``gemv_candidate.gemv_prmt_kernel``, the ``bcast`` kernel
-with the table in registers (``prmt`` lookups, no shared memory).
+Variant ``prmt``: ``gemv_candidate.gemv_bcast_kernel`` with ``PRMT=True``,
+the table in registers (``prmt`` lookups, no shared memory).
 
 Variant ``dot``: ``gemv_candidate.matmul_dot_kernel`` (``prmt`` lookups to
 bfloat16, ``tl.dot`` with ``x`` padded to 16 rows), also at 4 and 16 rows.
@@ -191,19 +191,18 @@ def run(shapes, quick: bool, variants) -> list[dict]:
                  launch, out)
         if v != 4 or xdt != "bf16":
           continue
-        for name, kernel, table_arg in (
-            ("bcast", gemv_candidate.gemv_bcast_kernel, lut),
-            ("prmt", gemv_candidate.gemv_prmt_kernel, table)):
+        for name, use_prmt, table_arg in (("bcast", False, lut),
+                                          ("prmt", True, table)):
           if name not in variants:
             continue
           def launch_candidate(bn=bn, bk=bk, warps=warps, y=y,
-                               split_k=split_k, kernel=kernel,
+                               split_k=split_k, use_prmt=use_prmt,
                                table_arg=table_arg):
-            kernel[(triton.cdiv(n, bn), split_k)](
+            gemv_candidate.gemv_bcast_kernel[(triton.cdiv(n, bn), split_k)](
                 x, packed, table_arg, absmax, absmax, absmax, absmax, n, y,
                 K=k, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=bn, BLOCK_K=bk,
                 SPLIT_K=split_k, NESTED=False, NESTED_BLOCK=1,
-                EVEN_N=n % bn == 0, num_warps=warps)
+                EVEN_N=n % bn == 0, PRMT=use_prmt, num_warps=warps)
             if split_k > 1:
               return y.sum(0)
             return y
