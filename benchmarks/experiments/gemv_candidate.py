@@ -417,3 +417,213 @@ def gemv_rows_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, N, y_ptr,
   if ROWS > 2:
     tl.store(y_ptr + row0 + 2, tl.sum(acc2).to(out))
     tl.store(y_ptr + row0 + 3, tl.sum(acc3).to(out))
+
+
+# --- Variant "mma": dequantize into tensor-core operand registers. ---
+#
+# Every CUDA-core design above needs ~5-6 instructions per weight (table
+# lookup, conversion to float32, FMA, x) and stalls on latency. Here a warp
+# multiplies 16 rows of ``W`` by ``x`` with ``mma.sync.m16n8k16`` (bf16 in,
+# float32 accumulation): the ``prmt`` lookups stop at bfloat16 pairs, which
+# are already the A operand's registers, and the tensor core does the
+# multiply-adds and the sum over the 4 lanes of a row group. ``x`` goes in
+# all 8 columns of B, so each of those lanes ends up with its rows' full
+# sums (columns are equal) and no cross-lane reduction is left.
+#
+# Lane ``l`` (group ``g = l // 4``, ``t = l % 4``) owns rows ``g`` and
+# ``g + 8`` of its warp's 16 and, per 64-column absmax block, the int32
+# words ``t`` and ``4 + t`` of each (elements ``8 t .. 8 t + 7`` and
+# ``32 + 8 t ..``). The sum over K does not depend on the order of K, so the
+# word's 8 elements are fed as the A fragment's logical columns ``2t, 2t+1,
+# 2t+8, 2t+9`` of two mmas, and the lane puts the same 8 elements of ``x``
+# in B's matching rows: 4 mmas per block, then one absmax FMA per row.
+#
+# The kernel is written with 1-D tensors of one element per thread whose
+# roles come from ``%tid.x`` (read by inline asm), not from Triton's layout:
+# whatever layout Triton picks, each thread computes for the lane it is.
+_MMA_LOOKUP = """
+  and.b32 s7, {w}, 0x7777;
+  shr.u32 t, {w}, 1;
+  and.b32 t, t, 0x4444;
+  or.b32 sel, t, 0x3210;
+  prmt.b32 la, {t0}, {t1}, s7;
+  prmt.b32 lb, {t2}, {t3}, s7;
+  prmt.b32 lo, la, lb, sel;
+  prmt.b32 ha, {t4}, {t5}, s7;
+  prmt.b32 hb, {t6}, {t7}, s7;
+  prmt.b32 hi, ha, hb, sel;
+  prmt.b32 {p}0, lo, hi, 0x4051;
+  prmt.b32 {p}1, lo, hi, 0x6273;
+  shr.u32 s, {w}, 16;
+  and.b32 s7, s, 0x7777;
+  shr.u32 t, s, 1;
+  and.b32 t, t, 0x4444;
+  or.b32 sel, t, 0x3210;
+  prmt.b32 la, {t0}, {t1}, s7;
+  prmt.b32 lb, {t2}, {t3}, s7;
+  prmt.b32 lo, la, lb, sel;
+  prmt.b32 ha, {t4}, {t5}, s7;
+  prmt.b32 hb, {t6}, {t7}, s7;
+  prmt.b32 hi, ha, hb, sel;
+  prmt.b32 {p}2, lo, hi, 0x4051;
+  prmt.b32 {p}3, lo, hi, 0x6273;
+"""
+_MMA = ("  mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{{d0, d1, d2, d3}}, {{{a}}}, {{{b}}}, {{d0, d1, d2, d3}};\n")
+
+
+def _mma_blocks_asm(blocks: int) -> str:
+  """The asm of ``blocks`` 64-column blocks. Operands: the row g and row
+  g + 8 sums of each block (``2 blocks`` outputs), then per block its 4
+  words (row g pair 0, pair 1, row g + 8 pair 0, pair 1), then per block
+  its 8 ``x`` pairs (pair 0's four, pair 1's four), then the 8 table words."""
+  words, xs = 2 * blocks, 6 * blocks
+  table = {f"t{i}": f"${14 * blocks + i}" for i in range(8)}
+  text = ("{\n.reg .b32 s, s7, t, sel, la, lb, lo, ha, hb, hi, "
+          "g0, g1, g2, g3, h0, h1, h2, h3;\n.reg .f32 d0, d1, d2, d3;\n")
+  for block in range(blocks):
+    w, x = words + 4 * block, xs + 8 * block
+    text += "".join(f"mov.f32 d{i}, 0f00000000;\n" for i in range(4))
+    for pair in range(2):
+      text += _MMA_LOOKUP.format(w=f"${w + pair}", p="g", **table)
+      text += _MMA_LOOKUP.format(w=f"${w + 2 + pair}", p="h", **table)
+      b = x + 4 * pair
+      text += _MMA.format(a="g0, h0, g1, h1", b=f"${b}, ${b + 1}")
+      text += _MMA.format(a="g2, h2, g3, h3", b=f"${b + 2}, ${b + 3}")
+    text += f"mov.b32 ${2 * block}, d0;\nmov.b32 ${2 * block + 1}, d2;\n"
+  return text + "}"
+
+
+_MMA_BLOCK_ASM = tl.constexpr(_mma_blocks_asm(1))
+_MMA_2BLOCK_ASM = tl.constexpr(_mma_blocks_asm(2))
+
+
+@triton.jit
+def _thread_ids(like):
+  """``(lane, warp)`` of the thread that holds each element of ``like``."""
+  tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [like],
+                                  dtype=tl.int32, is_pure=True, pack=1)
+  return tid % 32, tid // 32
+
+
+@triton.jit
+def gemv_mma_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, N, y_ptr,
+                    K: tl.constexpr, SPLIT_K: tl.constexpr,
+                    NUM_WARPS: tl.constexpr, BLOCKS: tl.constexpr):
+  """block_size 64, ``N % 16 == 0``, ``K % (64 BLOCKS SPLIT_K) == 0``; one
+  asm (all its loads issued first) takes ``BLOCKS`` (1 or 2) blocks; ``y`` is
+  ``[SPLIT_K, N]``; launch with ``num_warps=NUM_WARPS``. A warp owns 16
+  rows; ``table_ptr`` holds :func:`register_table`."""
+  THREADS: tl.constexpr = 32 * NUM_WARPS
+  K_SPLIT: tl.constexpr = K // SPLIT_K
+  lane, warp = _thread_ids(tl.zeros([THREADS], tl.int32))
+  g = lane // 4
+  t = lane % 4
+  row_g = ((tl.program_id(0) * NUM_WARPS + warp) * 16 + g).to(tl.int64)
+  row_h = row_g + 8
+  k_first = tl.program_id(1) * K_SPLIT
+  words = packed_ptr.to(tl.pointer_type(tl.int32))
+  wg_ptr = words + row_g * (K // 8) + k_first // 8 + t
+  wh_ptr = words + row_h * (K // 8) + k_first // 8 + t
+  xp_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + k_first // 2 + 4 * t
+  ag_ptr = absmax_ptr + row_g * (K // 64) + k_first // 64
+  ah_ptr = absmax_ptr + row_h * (K // 64) + k_first // 64
+  spread = table_ptr + lane
+  table = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
+           tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
+           tl.load(spread + 192), tl.load(spread + 224))
+  acc_g = tl.zeros([THREADS], tl.float32)
+  acc_h = tl.zeros([THREADS], tl.float32)
+  for step in range(K_SPLIT // (64 * BLOCKS)):
+    if BLOCKS == 1:
+      block = step
+      xb = xp_ptr + block * 32
+      sums = tl.inline_asm_elementwise(
+          _MMA_BLOCK_ASM, "=r,=r" + ",r" * 20,
+          [tl.load(wg_ptr + block * 8), tl.load(wg_ptr + block * 8 + 4),
+           tl.load(wh_ptr + block * 8), tl.load(wh_ptr + block * 8 + 4),
+           tl.load(xb), tl.load(xb + 1), tl.load(xb + 2), tl.load(xb + 3),
+           tl.load(xb + 16), tl.load(xb + 17), tl.load(xb + 18),
+           tl.load(xb + 19), table[0], table[1], table[2], table[3],
+           table[4], table[5], table[6], table[7]], (tl.float32, tl.float32),
+          is_pure=True, pack=1)
+      acc_g += sums[0] * tl.load(ag_ptr + block)
+      acc_h += sums[1] * tl.load(ah_ptr + block)
+    else:
+      b0 = 2 * step
+      xa = xp_ptr + b0 * 32
+      xc = xa + 32
+      sums = tl.inline_asm_elementwise(
+          _MMA_2BLOCK_ASM, "=r,=r,=r,=r" + ",r" * 32,
+          [tl.load(wg_ptr + b0 * 8), tl.load(wg_ptr + b0 * 8 + 4),
+           tl.load(wh_ptr + b0 * 8), tl.load(wh_ptr + b0 * 8 + 4),
+           tl.load(wg_ptr + b0 * 8 + 8), tl.load(wg_ptr + b0 * 8 + 12),
+           tl.load(wh_ptr + b0 * 8 + 8), tl.load(wh_ptr + b0 * 8 + 12),
+           tl.load(xa), tl.load(xa + 1), tl.load(xa + 2), tl.load(xa + 3),
+           tl.load(xa + 16), tl.load(xa + 17), tl.load(xa + 18),
+           tl.load(xa + 19),
+           tl.load(xc), tl.load(xc + 1), tl.load(xc + 2), tl.load(xc + 3),
+           tl.load(xc + 16), tl.load(xc + 17), tl.load(xc + 18),
+           tl.load(xc + 19), table[0], table[1], table[2], table[3],
+           table[4], table[5], table[6], table[7]],
+          (tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True,
+          pack=1)
+      acc_g += sums[0] * tl.load(ag_ptr + b0) + sums[2] * tl.load(ag_ptr + b0 + 1)
+      acc_h += sums[1] * tl.load(ah_ptr + b0) + sums[3] * tl.load(ah_ptr + b0 + 1)
+  out = y_ptr + tl.program_id(1) * N
+  tl.store(out + row_g, acc_g.to(y_ptr.dtype.element_ty), mask=t == 0)
+  tl.store(out + row_h, acc_h.to(y_ptr.dtype.element_ty), mask=t == 0)
+
+
+@triton.jit
+def _fold(v):
+  """int32 ``[THREADS, 4]`` -> ``[THREADS]`` xor of each row (all loaded
+  bits reach the output, so no load is optimized away)."""
+  return tl.reduce(v, 1, _xor)
+
+
+@triton.jit
+def _xor(a, b):
+  return a ^ b
+
+
+@triton.jit
+def stream_rows_kernel(x_ptr, packed_ptr, absmax_ptr, N, y_ptr,
+                       K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       NUM_WARPS: tl.constexpr, WIDE: tl.constexpr):
+  """The memory traffic of :func:`gemv_mma_kernel` with trivial arithmetic:
+  is its access pattern what limits it? Lane ``(g, t)`` of a warp reads
+  rows ``g`` and ``g + 8`` of 16 per 128 columns: ``WIDE`` = one 16-byte
+  load of words ``4t .. 4t+3`` per row (64 contiguous bytes per row per warp
+  load) and 64 bytes of ``x``; else ``gemv_mma_kernel``'s pattern, words
+  ``t, 4+t, 8+t, 12+t`` as four 4-byte loads."""
+  THREADS: tl.constexpr = 32 * NUM_WARPS
+  K_SPLIT: tl.constexpr = K // SPLIT_K
+  lane, warp = _thread_ids(tl.zeros([THREADS], tl.int32))
+  g = lane // 4
+  t = lane % 4
+  row_g = ((tl.program_id(0) * NUM_WARPS + warp) * 16 + g).to(tl.int64)
+  row_h = row_g + 8
+  k_first = tl.program_id(1) * K_SPLIT
+  words = packed_ptr.to(tl.pointer_type(tl.int32))
+  four = tl.arange(0, 4)
+  if WIDE:
+    wg_ptr = (words + row_g * (K // 8) + k_first // 8 + 4 * t)[:, None] + four[None, :]
+    wh_ptr = (words + row_h * (K // 8) + k_first // 8 + 4 * t)[:, None] + four[None, :]
+  else:
+    wg_ptr = (words + row_g * (K // 8) + k_first // 8 + t)[:, None] + 4 * four[None, :]
+    wh_ptr = (words + row_h * (K // 8) + k_first // 8 + t)[:, None] + 4 * four[None, :]
+  xp_ptr = (x_ptr.to(tl.pointer_type(tl.int32)) + k_first // 2 + 16 * t)[:, None] + four[None, :]
+  ag_ptr = absmax_ptr + row_g * (K // 64) + k_first // 64 + t // 2
+  ah_ptr = absmax_ptr + row_h * (K // 64) + k_first // 64 + t // 2
+  acc = tl.zeros([THREADS], tl.int32)
+  facc = tl.zeros([THREADS], tl.float32)
+  for step in range(K_SPLIT // 128):
+    acc ^= _fold(tl.load(wg_ptr + step * 16)) ^ _fold(tl.load(wh_ptr + step * 16))
+    xb = xp_ptr + step * 64
+    acc ^= (_fold(tl.load(xb)) ^ _fold(tl.load(xb + 4)) ^ _fold(tl.load(xb + 8))
+            ^ _fold(tl.load(xb + 12)))
+    facc += tl.load(ag_ptr + step * 2) + tl.load(ah_ptr + step * 2)
+  out = y_ptr + tl.program_id(1) * N
+  tl.store(out + row_g, (acc.to(tl.float32) + facc).to(y_ptr.dtype.element_ty),
+           mask=t == 0)

@@ -25,6 +25,14 @@ Variants ``rows gather`` / ``rows prmt``: ``gemv_candidate.gemv_rows_kernel``
 (a thread owns one chunk of 2 or 4 rows, so ``x`` is loaded once per step
 for all of them), table gathered or in registers.
 
+Variant ``mma``: ``gemv_candidate.gemv_mma_kernel`` (``prmt`` lookups into
+``mma.sync`` operand registers, a warp per 16 rows), warps x split K.
+
+Variants ``stream mma`` / ``stream wide``:
+``gemv_candidate.stream_rows_kernel``, the loads of ``mma`` (or 16-byte
+loads of 64 contiguous bytes per row) with trivial arithmetic: the
+bandwidth of the access pattern alone.
+
 Variant ``words``: ``jlowbit.triton_kernels.gemv4.gemv_4bit_kernel`` (int32
 words, codes unpacked in registers, the 16-entry table gathered with
 ``tl.gather``) over a grid of tile configs, ``x`` passed as bf16 or as a
@@ -208,6 +216,31 @@ def run(shapes, quick: bool, variants) -> list[dict]:
             return y
           record(name, f"n{bn} k{bk} w{warps} s{split_k}", launch_candidate,
                  out)
+    if "mma" in variants:
+      for warps, split_k, blocks in itertools.product((1, 4), (4, 8, 16),
+                                                      (1, 2)):
+        if n % (16 * warps) or k % (64 * blocks * split_k):
+          continue
+        ym = torch.empty((split_k, n), device="cuda",
+                         dtype=torch.bfloat16 if split_k == 1 else torch.float32)
+        def launch_mma(warps=warps, split_k=split_k, blocks=blocks, ym=ym):
+          gemv_candidate.gemv_mma_kernel[(n // (16 * warps), split_k)](
+              x, packed, table, absmax, n, ym, K=k, SPLIT_K=split_k,
+              NUM_WARPS=warps, BLOCKS=blocks, num_warps=warps)
+          return ym.sum(0) if split_k > 1 else ym[0]
+        record("mma", f"w{warps} s{split_k} b{blocks}", launch_mma, launch_mma)
+    if "stream" in variants:
+      for warps, split_k, wide in itertools.product((1, 4), (4, 8, 16),
+                                                    (False, True)):
+        if n % (16 * warps) or k % (128 * split_k):
+          continue
+        ys = torch.empty((split_k, n), device="cuda", dtype=torch.float32)
+        def launch_stream(warps=warps, split_k=split_k, wide=wide, ys=ys):
+          gemv_candidate.stream_rows_kernel[(n // (16 * warps), split_k)](
+              x, packed, absmax, n, ys, K=k, SPLIT_K=split_k,
+              NUM_WARPS=warps, WIDE=wide, num_warps=warps)
+        record("stream wide" if wide else "stream mma", f"w{warps} s{split_k}",
+               launch_stream)
     if "rows" in variants:
       for bk, warps, nrows, use_prmt in itertools.product(
           (1024, 2048, 4096), (1, 2, 4), (2, 4), (False, True)):
@@ -288,8 +321,9 @@ def main():
   parser.add_argument("--shapes", nargs="*")
   parser.add_argument("--dequant", action="store_true")
   parser.add_argument("--variants", nargs="*",
-                      default=["words", "bcast", "prmt", "rows", "dot", "small"],
-                      help="of words, bcast, prmt, rows, dot, small")
+                      default=["words", "bcast", "prmt", "rows", "dot", "mma", "stream",
+                               "small"],
+                      help="of words, bcast, prmt, rows, dot, mma, stream, small")
   args = parser.parse_args()
   shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes]
             if args.shapes is not None else SHAPES)
