@@ -33,6 +33,11 @@ Variants ``stream mma`` / ``stream wide``:
 loads of 64 contiguous bytes per row) with trivial arithmetic: the
 bandwidth of the access pattern alone.
 
+Variants ``mma tiled`` / ``stream tiled``:
+``gemv_candidate.gemv_mma_tiled_kernel`` on ``W`` repacked by
+``gemv_candidate.repack_tiled`` (each warp load 512 contiguous bytes), with
+the mmas or with trivial arithmetic.
+
 Variant ``words``: ``jlowbit.triton_kernels.gemv4.gemv_4bit_kernel`` (int32
 words, codes unpacked in registers, the 16-entry table gathered with
 ``tl.gather``) over a grid of tile configs, ``x`` passed as bf16 or as a
@@ -229,6 +234,22 @@ def run(shapes, quick: bool, variants) -> list[dict]:
               NUM_WARPS=warps, BLOCKS=blocks, num_warps=warps)
           return ym.sum(0) if split_k > 1 else ym[0]
         record("mma", f"w{warps} s{split_k} b{blocks}", launch_mma, launch_mma)
+    if "tiled" in variants:
+      tiled, tiled_absmax = gemv_candidate.repack_tiled(packed, absmax, n, k)
+      for warps, split_k, stream in itertools.product((1, 2, 4), (1, 2, 4, 8, 16),
+                                                      (False, True)):
+        if n % (16 * warps) or k % (64 * split_k):
+          continue
+        yt = torch.empty((split_k, n), device="cuda",
+                         dtype=torch.bfloat16 if split_k == 1 else torch.float32)
+        def launch_tiled(warps=warps, split_k=split_k, stream=stream, yt=yt):
+          gemv_candidate.gemv_mma_tiled_kernel[(n // (16 * warps), split_k)](
+              x, tiled, table, tiled_absmax, n, yt, K=k, SPLIT_K=split_k,
+              NUM_WARPS=warps, STREAM=stream, num_warps=warps)
+          return yt.sum(0) if split_k > 1 else yt[0]
+        record("stream tiled" if stream else "mma tiled", f"w{warps} s{split_k}",
+               launch_tiled, None if stream else launch_tiled)
+      del tiled, tiled_absmax
     if "stream" in variants:
       for warps, split_k, wide in itertools.product((1, 4), (4, 8, 16),
                                                     (False, True)):
@@ -321,9 +342,10 @@ def main():
   parser.add_argument("--shapes", nargs="*")
   parser.add_argument("--dequant", action="store_true")
   parser.add_argument("--variants", nargs="*",
-                      default=["words", "bcast", "prmt", "rows", "dot", "mma", "stream",
-                               "small"],
-                      help="of words, bcast, prmt, rows, dot, mma, stream, small")
+                      default=["words", "bcast", "prmt", "rows", "dot", "mma", "tiled",
+                               "stream", "small"],
+                      help="of words, bcast, prmt, rows, dot, mma, tiled, stream, "
+                      "small")
   args = parser.parse_args()
   shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes]
             if args.shapes is not None else SHAPES)
