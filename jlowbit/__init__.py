@@ -53,6 +53,7 @@ from jlowbit.optax_transforms import (
     lars_32bit,
     lion_8bit,
     lion_32bit,
+    offload_state,
     percentile_clipping,
     rmsprop_8bit,
     rmsprop_32bit,

@@ -6,6 +6,8 @@
 * :mod:`~jlowbit.optax_transforms.transforms`: the ``scale_by_*_8bit``
   building blocks;
 * :mod:`~jlowbit.optax_transforms.clipping`: ``percentile_clipping``;
+* :mod:`~jlowbit.optax_transforms.offload`: ``offload_state`` (state kept
+  in host memory between steps);
 * :mod:`~jlowbit.optax_transforms.state`: state NamedTuples and
   :class:`Quantized8bitMoment`.
 
@@ -37,6 +39,7 @@ from jlowbit.optax_transforms.clipping import (
     PercentileClippingState,
     percentile_clipping,
 )
+from jlowbit.optax_transforms.offload import offload_state
 from jlowbit.optax_transforms.state import (
     FLOAT32_STATE,
     Quantized8bitMoment,

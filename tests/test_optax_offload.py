@@ -1,0 +1,163 @@
+"""``offload_state``: state in ``pinned_host`` memory, updates bit-identical."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlowbit
+
+HAS_PINNED_HOST = "pinned_host" in {
+    m.kind for m in jax.devices()[0].addressable_memories()}
+pytestmark = pytest.mark.skipif(
+    not HAS_PINNED_HOST, reason="the backend has no pinned_host memory")
+
+
+def _params():
+  keys = jax.random.split(jax.random.key(0), 3)
+  # A leaf with 8-bit state, a small one with float state, a scalar.
+  return {"w": jax.random.normal(keys[0], (64, 128), jnp.float32),
+          "b": jax.random.normal(keys[1], (16,), jnp.float32),
+          "s": jnp.float32(0.5)}
+
+
+def _grads(step):
+  return jax.tree.map(
+      lambda p: jax.random.normal(jax.random.key(100 + step), p.shape, p.dtype),
+      _params())
+
+
+def _assert_offloaded(state):
+  """Arrays of rank >= 1 in pinned_host memory, scalars on the device."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    want = "pinned_host" if leaf.ndim >= 1 else "device"
+    assert leaf.sharding.memory_kind == want, (jax.tree_util.keystr(path), want)
+
+
+def _run(tx, steps, jit):
+  params = _params()
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  history = []
+  for step in range(steps):
+    updates, state = update(_grads(step), state, params)
+    params = optax.apply_updates(params, updates)
+    history.append((updates, state))
+  return history
+
+
+@pytest.mark.parametrize("make", [
+    lambda: jlowbit.adamw_8bit(1e-2, min_8bit_size=4096),
+    lambda: jlowbit.ademamix_8bit(1e-2, min_8bit_size=4096),
+    lambda: jlowbit.lion_8bit(1e-3, min_8bit_size=4096),
+    lambda: optax.chain(jlowbit.percentile_clipping(50),
+                        jlowbit.sgd_8bit(1e-2, momentum=0.9, min_8bit_size=4096)),
+], ids=["adamw_8bit", "ademamix_8bit", "lion_8bit", "chain"])
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_offload_is_bit_identical_and_keeps_state_on_host(make, jit):
+  want = _run(make(), 3, jit)
+  got = _run(jlowbit.offload_state(make()), 3, jit)
+  for (updates, state), (want_updates, want_state) in zip(got, want):
+    _assert_offloaded(state)
+    jax.tree.map(np.testing.assert_array_equal, updates, want_updates)
+    jax.tree.map(np.testing.assert_array_equal, state, want_state)
+
+
+def test_offload_init_state_on_host_and_8bit_codes():
+  state = jlowbit.offload_state(jlowbit.adamw_8bit(1e-3)).init(
+      {"w": jnp.zeros((128, 128))})
+  _assert_offloaded(state)
+  # The 8-bit storage is unchanged: uint8 codes, float32 absmax.
+  adam_state = state[0]
+  assert adam_state.mu.codes["w"].dtype == jnp.uint8
+  assert adam_state.mu.absmax["w"].dtype == jnp.float32
+
+
+def test_offload_without_pinned_host_memory_raises(monkeypatch):
+  class Memory:
+    kind = "device"
+
+  class Device:
+    platform, id = "fake", 0
+
+    def addressable_memories(self):
+      return [Memory()]
+
+  monkeypatch.setattr(jax, "devices", lambda *args: [Device()])
+  with pytest.raises(ValueError, match=r"offload_state needs a 'pinned_host' "
+                     r"memory on fake device 0, which has \['device'\]"):
+    jlowbit.offload_state(optax.adam(1e-3)).init({"w": jnp.zeros(4)})
+
+
+def test_offload_under_multisteps_and_inject_hyperparams():
+  tx = optax.MultiSteps(
+      jlowbit.offload_state(optax.inject_hyperparams(
+          jlowbit.adamw_8bit, static_args=jlowbit.STATIC_ARGS)(
+              learning_rate=1e-2, min_8bit_size=4096)), every_k_schedule=2)
+  plain = optax.MultiSteps(
+      optax.inject_hyperparams(jlowbit.adamw_8bit,
+                               static_args=jlowbit.STATIC_ARGS)(
+          learning_rate=1e-2, min_8bit_size=4096), every_k_schedule=2)
+  for (updates, _), (want, _) in zip(_run(tx, 4, True), _run(plain, 4, True)):
+    jax.tree.map(np.testing.assert_array_equal, updates, want)
+
+
+def test_offload_keeps_sharding_on_a_mesh():
+  """8 host devices (a fresh process: the device count is fixed at start)."""
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np, optax
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      import jlowbit
+      mesh = jax.make_mesh((4, 2), ("fsdp", "tp"),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+      spec = {"w": P("fsdp", "tp"), "b": P("tp")}
+      params = {"w": jnp.arange(32 * 16, dtype=jnp.float32).reshape(32, 16),
+                "b": jnp.ones((16,), jnp.float32)}
+      params = {k: jax.device_put(v, NamedSharding(mesh, spec[k]))
+                for k, v in params.items()}
+      tx = jlowbit.offload_state(optax.adam(1e-2))
+      state = tx.init(params)
+      grads = jax.tree.map(lambda p: p * 0.01, params)
+      updates, state = jax.jit(tx.update)(grads, state, params)
+      plain = optax.adam(1e-2)
+      want_updates, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+      jax.tree.map(np.testing.assert_array_equal, updates, want_updates)
+      mu = state[0].mu
+      for k in params:
+        assert mu[k].sharding.memory_kind == "pinned_host", k
+        assert mu[k].sharding.spec == spec[k], (k, mu[k].sharding.spec)
+      print("ok")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", script], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_offload_with_nnx_optimizer():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  model = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(
+      model, jlowbit.offload_state(jlowbit.adamw_8bit(1e-3)), wrt=nnx.Param)
+  reference = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+  plain = nnx.Optimizer(reference, jlowbit.adamw_8bit(1e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  x = jax.random.normal(jax.random.key(1), (4, 128))
+  for _ in range(2):
+    step(model, optimizer, x)
+    step(reference, plain, x)
+  _assert_offloaded(nnx.state(optimizer, nnx.OptState))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param),
+               nnx.state(reference, nnx.Param))
