@@ -1,0 +1,216 @@
+"""Largest GPT-style model whose training step fits: optax AdamW vs 8-bit vs 8-bit + offload.
+
+Run on a GPU (random weights and tokens, nothing is downloaded)::
+
+  python benchmarks/offload.py [--width 4096] [--depths 8 16 24 32 40 48]
+      [--batch 1] [--seq 1024] [--json offload.json]
+
+and as a CPU smoke test (a tiny model)::
+
+  python benchmarks/offload.py --tiny
+
+The model: token embedding (tied with the output layer), ``depth`` pre-norm
+blocks (causal attention with 128-wide heads, a 4x GELU MLP), float32
+parameters, bfloat16 compute, each block rematerialized in the backward pass
+(so parameters, gradients and optimizer state, not activations, decide what
+fits); the blocks' parameters are stacked and the forward pass scans over
+them. One training step is ``jax.jit``-ed with parameters and state
+donated: loss and gradients, the optimizer's update, ``optax.apply_updates``.
+
+Rows, per optimizer and depth (depths are tried in ascending order until
+one does not fit in device memory):
+
+* ``optax adamw``: ``optax.adamw``, float32 moments (16 bytes per parameter
+  with the parameters and gradients);
+* ``jlowbit adamw_8bit``: 8-bit moments (~10 bytes per parameter);
+* ``jlowbit adamw_8bit + offload``: the same state kept in ``pinned_host``
+  memory between steps by ``jlowbit.offload_state`` (~8 bytes per parameter
+  on the device between steps).
+
+``step_s`` is the median wall time of ``--steps`` steps after one untimed
+(compiling) step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jlowbit
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  width: int
+  depth: int
+  vocab: int
+  heads: int
+
+  @property
+  def params(self) -> int:
+    return self.vocab * self.width + self.depth * (12 * self.width ** 2
+                                                   + 2 * self.width) + self.width
+
+
+def init_params(shape: Shape, key: jax.Array) -> dict:
+  """float32 parameters; block parameters stacked along a leading depth axis."""
+  d, l = shape.width, shape.depth
+  keys = jax.random.split(key, 5)
+  normal = lambda k, s, fan_in: jax.random.normal(k, s, jnp.float32) / fan_in ** 0.5
+  return {
+      "embed": normal(keys[0], (shape.vocab, d), d),
+      "blocks": {
+          "norm1": jnp.ones((l, d), jnp.float32),
+          "qkv": normal(keys[1], (l, d, 3 * d), d),
+          "out": normal(keys[2], (l, d, d), d),
+          "norm2": jnp.ones((l, d), jnp.float32),
+          "up": normal(keys[3], (l, d, 4 * d), d),
+          "down": normal(keys[4], (l, 4 * d, d), 4 * d),
+      },
+      "norm": jnp.ones((d,), jnp.float32),
+  }
+
+
+def _rms_norm(x, scale):
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)
+  return (x32 * scale).astype(jnp.bfloat16)
+
+
+def loss_fn(params: dict, tokens: jax.Array, heads: int) -> jax.Array:
+  """Next-token cross-entropy of a batch of ``tokens`` ``[B, T]``."""
+  bf16 = lambda w: w.astype(jnp.bfloat16)
+  x = bf16(params["embed"])[tokens]
+  b, t, d = x.shape
+
+  @jax.checkpoint
+  def block(x, p):
+    q, k, v = jnp.split(_rms_norm(x, p["norm1"]) @ bf16(p["qkv"]), 3, axis=-1)
+    q, k, v = (a.reshape(b, t, heads, d // heads) for a in (q, k, v))
+    attn = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    x = x + attn.reshape(b, t, d) @ bf16(p["out"])
+    h = jax.nn.gelu(_rms_norm(x, p["norm2"]) @ bf16(p["up"]))
+    return x + h @ bf16(p["down"]), None
+
+  x, _ = jax.lax.scan(block, x, params["blocks"])
+  logits = (_rms_norm(x, params["norm"]) @ bf16(params["embed"]).T).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1], tokens[:, 1:]).mean()
+
+
+def optimizers() -> dict:
+  return {
+      "optax adamw": lambda: optax.adamw(1e-4, weight_decay=0.1),
+      "jlowbit adamw_8bit": lambda: jlowbit.adamw_8bit(1e-4, weight_decay=0.1),
+      "jlowbit adamw_8bit + offload": lambda: jlowbit.offload_state(
+          jlowbit.adamw_8bit(1e-4, weight_decay=0.1)),
+  }
+
+
+def _out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def run_one(name: str, shape: Shape, batch: int, seq: int, steps: int) -> dict:
+  """One optimizer at one depth: fits or not, median step time."""
+  tx = optimizers()[name]()
+  row = dict(optimizer=name, width=shape.width, depth=shape.depth,
+             params=shape.params, fits=False, step_s=None, error=None)
+
+  @jax.jit
+  def setup(key):
+    params = init_params(shape, key)
+    return params, tx.init(params)
+
+  def step(params, state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, shape.heads)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, shape.vocab)
+  params = state = None
+  try:
+    params, state = setup(jax.random.key(0))
+    params, state, loss = step(params, state, tokens)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      params, state, loss = step(params, state, tokens)
+      jax.block_until_ready(loss)
+      times.append(time.perf_counter() - start)
+    row.update(fits=True, step_s=statistics.median(times), loss=float(loss),
+               state_memory_kinds=sorted({
+                   leaf.sharding.memory_kind for leaf in jax.tree.leaves(state)
+                   if leaf.ndim >= 1}))
+  except Exception as e:  # pylint: disable=broad-except
+    if not _out_of_memory(e):
+      raise
+    row["error"] = str(e).splitlines()[0][:300]
+  finally:
+    del params, state
+    gc.collect()
+    jax.clear_caches()
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--width", type=int, default=4096)
+  parser.add_argument("--depths", type=int, nargs="+",
+                      default=[8, 16, 24, 32, 40, 48, 56, 64])
+  parser.add_argument("--vocab", type=int, default=32000)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--seq", type=int, default=1024)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--tiny", action="store_true",
+                      help="CPU smoke test: width 64, depths 1 2, seq 16")
+  parser.add_argument("--json")
+  args = parser.parse_args()
+  if args.tiny:
+    args.width, args.depths, args.vocab = 64, [1, 2], 256
+    args.batch, args.seq, args.steps = 2, 16, 2
+  print("device:", jax.devices()[0].device_kind)
+  rows = []
+  for name in optimizers():
+    for depth in args.depths:
+      shape = Shape(args.width, depth, args.vocab, max(1, args.width // 128))
+      row = run_one(name, shape, args.batch, args.seq, args.steps)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      if not row["fits"]:
+        break
+  largest = {name: max((r["params"] for r in rows
+                        if r["optimizer"] == name and r["fits"]), default=0)
+             for name in optimizers()}
+  summary = dict(largest_params=largest)
+  base, eight, offload = list(optimizers())
+  if largest[base]:
+    summary["offload_params_vs_optax"] = largest[offload] / largest[base]
+  both = [r["depth"] for r in rows if r["optimizer"] == eight and r["fits"]]
+  if both:
+    depth = max(both)
+    times = {r["optimizer"]: r["step_s"] for r in rows
+             if r["depth"] == depth and r["fits"]}
+    if offload in times:
+      summary["offload_step_cost"] = dict(
+          depth=depth, ratio=times[offload] / times[eight])
+  print(json.dumps(summary, indent=1))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, args=vars(args),
+                     rows=rows, summary=summary), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
