@@ -98,6 +98,7 @@ import numpy as np
 from flax import nnx
 
 import jlowbit
+from jlowbit.nn import convert
 from jlowbit.models import Llama, LlamaConfig
 from timing import hbm_tbps, table
 
@@ -123,6 +124,7 @@ class Settings:
   repeats: int
   impl: str | None
   seed: int
+  quantize_head: bool = False
 
 
 def _split_quant_type(name: str) -> tuple[str, bool]:
@@ -184,8 +186,11 @@ def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
                 rngs=nnx.Rngs(s.seed))
   if quant_type is not None:
     base, nested = _split_quant_type(quant_type)
+    # --quantize-head: the lm_head too (the default filter keeps heads float).
+    every_linear = lambda path, module: type(module) in convert.FLOAT_LAYERS  # pylint: disable=unidiomatic-typecheck
     jlowbit.nn.quantize_model(model, quant_type=base, block_size=BLOCK_SIZE,
-                              compress_statistics=nested, impl=s.impl)
+                              compress_statistics=nested, impl=s.impl,
+                              filter=every_linear if s.quantize_head else None)
   graphdef, state = nnx.split(model)
   jax.block_until_ready(state)
   setup_s = time.perf_counter() - start
@@ -446,6 +451,9 @@ def main(argv=None):
                       help="also transformers bf16 and transformers + bitsandbytes rows")
   parser.add_argument("--tmp-dir", help="where the temporary bf16 checkpoint for bitsandbytes goes")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quantize-head", action="store_true",
+                      help="jlowbit rows also quantize the lm_head (1.05 GB of "
+                      "the 8B model's bf16 weights; bitsandbytes keeps it bf16)")
   parser.add_argument("--json", help="write all rows and the environment to this file")
   args = parser.parse_args(argv)
   # Before the first device use: JAX then grows its GPU pool on demand, so
@@ -459,7 +467,8 @@ def main(argv=None):
   s = Settings(prompt_len=args.prompt_len or (4 if tiny else 16),
                new_tokens=args.new_tokens or (8 if tiny else 64),
                repeats=args.repeats or (2 if tiny else 5),
-               impl=args.impl or ("xla" if tiny else None), seed=args.seed)
+               impl=args.impl or ("xla" if tiny else None), seed=args.seed,
+               quantize_head=args.quantize_head)
   device = jax.devices()[0].device_kind
   _log(f"device: {device} | jlowbit impl: {jlowbit.resolve_impl(s.impl)} | "
        f"layers: {layers} | prompt {s.prompt_len} + {s.new_tokens} new tokens, "
@@ -469,7 +478,8 @@ def main(argv=None):
 
   rows = []
   jax_rows = ([] if args.no_bf16 else [("jax bf16", None)]) + [
-      (_row_name("jlowbit", q), q) for q in args.quant_types]
+      (_row_name("jlowbit", q) + (" +head" if args.quantize_head else ""), q)
+      for q in args.quant_types]
   if args.no_jax:
     jax_rows = []
   for name, quant_type in jax_rows:
