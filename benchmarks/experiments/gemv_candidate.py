@@ -472,13 +472,15 @@ _MMA = ("  mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{{d0, d1, d2, d3}}, {{{a}}}, {{{b}}}, {{d0, d1, d2, d3}};\n")
 
 
-def _mma_blocks_asm(blocks: int) -> str:
-  """The asm of ``blocks`` 64-column blocks. Operands: the row g and row
-  g + 8 sums of each block (``2 blocks`` outputs), then per block its 4
+def _mma_blocks_asm(blocks: int, columns: bool = False) -> str:
+  """The asm of ``blocks`` 64-column blocks. Operands: each block's outputs
+  (the row g and row g + 8 sums; with ``columns`` all four accumulators
+  d0..d3, columns 2t and 2t + 1 of rows g and g + 8), then per block its 4
   words (row g pair 0, pair 1, row g + 8 pair 0, pair 1), then per block
   its 8 ``x`` pairs (pair 0's four, pair 1's four), then the 8 table words."""
-  words, xs = 2 * blocks, 6 * blocks
-  table = {f"t{i}": f"${14 * blocks + i}" for i in range(8)}
+  outputs = 4 if columns else 2
+  words, xs = outputs * blocks, (outputs + 4) * blocks
+  table = {f"t{i}": f"${(outputs + 12) * blocks + i}" for i in range(8)}
   text = ("{\n.reg .b32 s, s7, t, sel, la, lb, lo, ha, hb, hi, "
           "g0, g1, g2, g3, h0, h1, h2, h3;\n.reg .f32 d0, d1, d2, d3;\n")
   for block in range(blocks):
@@ -490,12 +492,15 @@ def _mma_blocks_asm(blocks: int) -> str:
       b = x + 4 * pair
       text += _MMA.format(a="g0, h0, g1, h1", b=f"${b}, ${b + 1}")
       text += _MMA.format(a="g2, h2, g3, h3", b=f"${b + 2}, ${b + 3}")
-    text += f"mov.b32 ${2 * block}, d0;\nmov.b32 ${2 * block + 1}, d2;\n"
+    kept = (0, 1, 2, 3) if columns else (0, 2)
+    text += "".join(f"mov.b32 ${outputs * block + i}, d{d};\n"
+                    for i, d in enumerate(kept))
   return text + "}"
 
 
 _MMA_BLOCK_ASM = tl.constexpr(_mma_blocks_asm(1))
 _MMA_2BLOCK_ASM = tl.constexpr(_mma_blocks_asm(2))
+_MMA_COLUMNS_ASM = tl.constexpr(_mma_blocks_asm(1, columns=True))
 
 
 @triton.jit
@@ -710,3 +715,60 @@ def gemv_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, N, y_ptr,
   out = y_ptr + tl.program_id(1) * N + tile * 16 + g
   tl.store(out, acc_g.to(y_ptr.dtype.element_ty), mask=t == 0)
   tl.store(out + 8, acc_h.to(y_ptr.dtype.element_ty), mask=t == 0)
+
+
+@triton.jit
+def matmul_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, M, N,
+                            y_ptr, K: tl.constexpr, SPLIT_K: tl.constexpr,
+                            NUM_WARPS: tl.constexpr):
+  """``y [SPLIT_K, M, N] = x [M, K] W^T`` for ``M <= 8`` bf16 rows of ``x``
+  on the :func:`repack_tiled` layout: :func:`gemv_mma_tiled_kernel` with
+  row ``m`` of ``x`` in column ``m`` of B (lanes of group ``g`` load row
+  ``g``, zeros past ``M``), so up to 8 rows cost one gemv's loads and
+  instructions; a lane keeps the accumulators of columns ``2t, 2t + 1``."""
+  THREADS: tl.constexpr = 32 * NUM_WARPS
+  K_SPLIT: tl.constexpr = K // SPLIT_K
+  lane, warp = _thread_ids(tl.zeros([THREADS], tl.int32))
+  g = lane // 4
+  t = lane % 4
+  tile = (tl.program_id(0) * NUM_WARPS + warp).to(tl.int64)
+  kb_first = tl.program_id(1) * (K_SPLIT // 64)
+  four = tl.arange(0, 4)
+  unit = tile * (K // 64) + kb_first
+  w_ptrs = (tiled_ptr.to(tl.pointer_type(tl.int32)) + unit * 128
+            + 4 * lane)[:, None] + four[None, :]
+  x_ok = (g < M)[:, None]
+  x_ptrs = (x_ptr.to(tl.pointer_type(tl.int32)) + g.to(tl.int64) * (K // 2)
+            + kb_first * 32 + 4 * t)[:, None] + four[None, :]
+  a_ptr = absmax_ptr + unit * 16 + g
+  spread = table_ptr + lane
+  table = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
+           tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
+           tl.load(spread + 192), tl.load(spread + 224))
+  acc0 = tl.zeros([THREADS], tl.float32)  # row g, column 2t
+  acc1 = tl.zeros([THREADS], tl.float32)  # row g, column 2t + 1
+  acc2 = tl.zeros([THREADS], tl.float32)  # row g + 8, column 2t
+  acc3 = tl.zeros([THREADS], tl.float32)  # row g + 8, column 2t + 1
+  for block in range(K_SPLIT // 64):
+    w0, w1, w2, w3 = _split4(tl.load(w_ptrs + block * 128))
+    x0, x1, x2, x3 = _split4(tl.load(x_ptrs + block * 32, mask=x_ok, other=0))
+    x4, x5, x6, x7 = _split4(tl.load(x_ptrs + block * 32 + 16, mask=x_ok,
+                                     other=0))
+    d = tl.inline_asm_elementwise(
+        _MMA_COLUMNS_ASM, "=r,=r,=r,=r" + ",r" * 20,
+        [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, table[0], table[1],
+         table[2], table[3], table[4], table[5], table[6], table[7]],
+        (tl.float32,) * 4, is_pure=True, pack=1)
+    absmax_g = tl.load(a_ptr + block * 16)
+    absmax_h = tl.load(a_ptr + block * 16 + 8)
+    acc0 += d[0] * absmax_g
+    acc1 += d[1] * absmax_g
+    acc2 += d[2] * absmax_h
+    acc3 += d[3] * absmax_h
+  out = y_ptr + tl.program_id(1) * M * N + tile * 16 + g
+  dtype = y_ptr.dtype.element_ty
+  m0 = 2 * t
+  tl.store(out + m0 * N, acc0.to(dtype), mask=m0 < M)
+  tl.store(out + (m0 + 1) * N, acc1.to(dtype), mask=m0 + 1 < M)
+  tl.store(out + m0 * N + 8, acc2.to(dtype), mask=m0 < M)
+  tl.store(out + (m0 + 1) * N + 8, acc3.to(dtype), mask=m0 + 1 < M)

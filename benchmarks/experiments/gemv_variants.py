@@ -36,7 +36,9 @@ bandwidth of the access pattern alone.
 Variants ``mma tiled`` / ``stream tiled``:
 ``gemv_candidate.gemv_mma_tiled_kernel`` on ``W`` repacked by
 ``gemv_candidate.repack_tiled`` (each warp load 512 contiguous bytes), with
-the mmas or with trivial arithmetic.
+the mmas or with trivial arithmetic; ``mma tiled m4`` / ``m8``:
+``gemv_candidate.matmul_mma_tiled_kernel``, 4 or 8 rows of ``x`` in B's
+columns (the cost of one gemv).
 
 Variant ``words``: ``jlowbit.triton_kernels.gemv4.gemv_4bit_kernel`` (int32
 words, codes unpacked in registers, the 16-entry table gathered with
@@ -249,7 +251,31 @@ def run(shapes, quick: bool, variants) -> list[dict]:
           return yt.sum(0) if split_k > 1 else yt[0]
         record("stream tiled" if stream else "mma tiled", f"w{warps} s{split_k}",
                launch_tiled, None if stream else launch_tiled)
-      del tiled, tiled_absmax
+      wf = (lut[torch.stack([packed >> 4, packed & 15], 1).reshape(n, k).long()]
+            * absmax.repeat_interleave(BLOCK_SIZE).reshape(n, k))
+      for m in (4, 8):
+        xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        refm = xm.float() @ wf.t()
+        for warps, split_k in itertools.product((1, 2), (4, 8, 16)):
+          if n % (16 * warps) or k % (64 * split_k):
+            continue
+          ym = torch.empty((split_k, m, n), device="cuda", dtype=torch.float32)
+          def launch_small(warps=warps, split_k=split_k, xm=xm, ym=ym, m=m):
+            gemv_candidate.matmul_mma_tiled_kernel[(n // (16 * warps), split_k)](
+                xm, tiled, table, tiled_absmax, m, n, ym, K=k, SPLIT_K=split_k,
+                NUM_WARPS=warps, num_warps=warps)
+            return ym.sum(0)
+          try:
+            us = _bench(launch_small)
+          except Exception as e:  # pylint: disable=broad-except
+            print(f"mma tiled m{m} failed: {e!r}"[:2000], flush=True)
+            continue
+          err = float((launch_small() - refm).abs().max() / refm.abs().max())
+          row = dict(base, variant=f"mma tiled m{m}", config=f"w{warps} s{split_k}",
+                     us=us, TBps=nbytes / us / 1e6, err=err)
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+      del tiled, tiled_absmax, wf
     if "stream" in variants:
       for warps, split_k, wide in itertools.product((1, 4), (4, 8, 16),
                                                     (False, True)):
