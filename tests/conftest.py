@@ -6,7 +6,11 @@ CPU (CI) and with compiled Triton on an NVIDIA GPU (``gpu`` marker, skipped
 where no GPU is usable).
 """
 
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -49,3 +53,22 @@ def assert_same_cast(got, want, impl):
                                np.asarray(want, np.float32), rtol=2.0**-7, atol=0)
   else:
     np.testing.assert_array_equal(got, want)
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_benchmark_tiny(script: str, tmp_path) -> tuple[dict, str]:
+  """Runs ``benchmarks/<script> --tiny --json`` on this checkout's jlowbit
+  (also where another one is installed); its JSON results and stdout."""
+  out = tmp_path / "results.json"
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--json",
+       str(out)],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return json.loads(out.read_text()), result.stdout

@@ -1,27 +1,10 @@
 """benchmarks/decode.py --tiny runs (CPU smoke test of the decode benchmark)."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import run_benchmark_tiny
 
 
 def test_decode_benchmark_tiny(tmp_path):
-  out = tmp_path / "decode.json"
-  env = dict(os.environ)
-  # This checkout's jlowbit, also where another one is installed.
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-  result = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny",
-       "--json", str(out)],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-      check=False)
-  assert result.returncode == 0, result.stdout + result.stderr
-  results = json.loads(out.read_text())
+  results, stdout = run_benchmark_tiny("decode.py", tmp_path)
   rows = {r["row"]: r for r in results["rows"]}
   assert list(rows) == ["jax bf16", "jlowbit nf4", "jlowbit nf4 nested"]
   assert results["config"]["num_hidden_layers"] == 2
@@ -40,4 +23,4 @@ def test_decode_benchmark_tiny(tmp_path):
     assert rows[name]["weight_bytes"] < rows["jax bf16"]["weight_bytes"]
   assert rows["jax bf16"]["weight_bytes"] == 2 * (2 * 256 * 64 + linear + 5 * 64)
   assert rows["jax bf16"]["vs_bf16"] == 1.0
-  assert result.stdout.rstrip().splitlines()[-1].split()[:2] == ["jlowbit", "nf4"]
+  assert stdout.rstrip().splitlines()[-1].split()[:2] == ["jlowbit", "nf4"]

@@ -1,26 +1,10 @@
 """benchmarks/offload.py --tiny runs (CPU smoke test of the offload benchmark)."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import run_benchmark_tiny
 
 
 def test_offload_benchmark_tiny(tmp_path):
-  out = tmp_path / "offload.json"
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
-  result = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "offload.py"), "--tiny",
-       "--json", str(out)],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-      check=False)
-  assert result.returncode == 0, result.stdout + result.stderr
-  results = json.loads(out.read_text())
+  results, _ = run_benchmark_tiny("offload.py", tmp_path)
   rows = results["rows"]
   names = ["optax adamw", "jlowbit adamw_8bit", "jlowbit adamw_8bit + offload"]
   assert [(r["optimizer"], r["depth"]) for r in rows] == [

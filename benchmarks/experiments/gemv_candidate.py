@@ -504,6 +504,16 @@ _MMA_COLUMNS_ASM = tl.constexpr(_mma_blocks_asm(1, columns=True))
 
 
 @triton.jit
+def _lane_table(table_ptr, lane):
+  """The 8 :func:`register_table` words from copy ``lane`` (ordinary
+  registers: ptxas keeps provably uniform values in uniform registers)."""
+  spread = table_ptr + lane
+  return (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
+          tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
+          tl.load(spread + 192), tl.load(spread + 224))
+
+
+@triton.jit
 def _thread_ids(like):
   """``(lane, warp)`` of the thread that holds each element of ``like``."""
   tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [like],
@@ -533,10 +543,7 @@ def gemv_mma_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, N, y_ptr,
   xp_ptr = x_ptr.to(tl.pointer_type(tl.int32)) + k_first // 2 + 4 * t
   ag_ptr = absmax_ptr + row_g * (K // 64) + k_first // 64
   ah_ptr = absmax_ptr + row_h * (K // 64) + k_first // 64
-  spread = table_ptr + lane
-  table = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
-           tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
-           tl.load(spread + 192), tl.load(spread + 224))
+  table = _lane_table(table_ptr, lane)
   acc_g = tl.zeros([THREADS], tl.float32)
   acc_h = tl.zeros([THREADS], tl.float32)
   for step in range(K_SPLIT // (64 * BLOCKS)):
@@ -668,6 +675,24 @@ def _split4(v):
 
 
 @triton.jit
+def _tiled_lane(tiled_ptr, absmax_ptr, K: tl.constexpr, K_SPLIT: tl.constexpr,
+                NUM_WARPS: tl.constexpr):
+  """This thread's role on the :func:`repack_tiled` layout: ``lane``, its
+  group ``g`` and ``t``, the warp's row tile, the first 64-column block of
+  this program's K range, its 16-byte word pointers ``[THREADS, 4]`` and
+  its row g absmax pointer (row g + 8 is 8 further)."""
+  THREADS: tl.constexpr = 32 * NUM_WARPS
+  lane, warp = _thread_ids(tl.zeros([THREADS], tl.int32))
+  tile = (tl.program_id(0) * NUM_WARPS + warp).to(tl.int64)
+  kb_first = tl.program_id(1) * (K_SPLIT // 64)
+  unit = tile * (K // 64) + kb_first
+  w_ptrs = (tiled_ptr.to(tl.pointer_type(tl.int32)) + unit * 128
+            + 4 * lane)[:, None] + tl.arange(0, 4)[None, :]
+  a_ptr = absmax_ptr + unit * 16 + lane // 4
+  return lane, lane // 4, lane % 4, tile, kb_first, w_ptrs, a_ptr
+
+
+@triton.jit
 def gemv_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, N, y_ptr,
                           K: tl.constexpr, SPLIT_K: tl.constexpr,
                           NUM_WARPS: tl.constexpr, STREAM: tl.constexpr):
@@ -676,22 +701,12 @@ def gemv_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, N, y_ptr,
   mmas (the layout's bandwidth alone)."""
   THREADS: tl.constexpr = 32 * NUM_WARPS
   K_SPLIT: tl.constexpr = K // SPLIT_K
-  lane, warp = _thread_ids(tl.zeros([THREADS], tl.int32))
-  g = lane // 4
-  t = lane % 4
-  tile = (tl.program_id(0) * NUM_WARPS + warp).to(tl.int64)
-  kb_first = tl.program_id(1) * (K_SPLIT // 64)
+  lane, g, t, tile, kb_first, w_ptrs, a_ptr = _tiled_lane(
+      tiled_ptr, absmax_ptr, K, K_SPLIT, NUM_WARPS)
   four = tl.arange(0, 4)
-  unit = tile * (K // 64) + kb_first
-  w_ptrs = (tiled_ptr.to(tl.pointer_type(tl.int32)) + unit * 128
-            + 4 * lane)[:, None] + four[None, :]
   x_ptrs = (x_ptr.to(tl.pointer_type(tl.int32)) + kb_first * 32
             + 4 * t)[:, None] + four[None, :]
-  a_ptr = absmax_ptr + unit * 16 + g
-  spread = table_ptr + lane
-  table = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
-           tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
-           tl.load(spread + 192), tl.load(spread + 224))
+  table = _lane_table(table_ptr, lane)
   acc_g = tl.zeros([THREADS], tl.float32)
   acc_h = tl.zeros([THREADS], tl.float32)
   for block in range(K_SPLIT // 64):
@@ -728,23 +743,13 @@ def matmul_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, M, N,
   instructions; a lane keeps the accumulators of columns ``2t, 2t + 1``."""
   THREADS: tl.constexpr = 32 * NUM_WARPS
   K_SPLIT: tl.constexpr = K // SPLIT_K
-  lane, warp = _thread_ids(tl.zeros([THREADS], tl.int32))
-  g = lane // 4
-  t = lane % 4
-  tile = (tl.program_id(0) * NUM_WARPS + warp).to(tl.int64)
-  kb_first = tl.program_id(1) * (K_SPLIT // 64)
+  lane, g, t, tile, kb_first, w_ptrs, a_ptr = _tiled_lane(
+      tiled_ptr, absmax_ptr, K, K_SPLIT, NUM_WARPS)
   four = tl.arange(0, 4)
-  unit = tile * (K // 64) + kb_first
-  w_ptrs = (tiled_ptr.to(tl.pointer_type(tl.int32)) + unit * 128
-            + 4 * lane)[:, None] + four[None, :]
   x_ok = (g < M)[:, None]
   x_ptrs = (x_ptr.to(tl.pointer_type(tl.int32)) + g.to(tl.int64) * (K // 2)
             + kb_first * 32 + 4 * t)[:, None] + four[None, :]
-  a_ptr = absmax_ptr + unit * 16 + g
-  spread = table_ptr + lane
-  table = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
-           tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
-           tl.load(spread + 192), tl.load(spread + 224))
+  table = _lane_table(table_ptr, lane)
   acc0 = tl.zeros([THREADS], tl.float32)  # row g, column 2t
   acc1 = tl.zeros([THREADS], tl.float32)  # row g, column 2t + 1
   acc2 = tl.zeros([THREADS], tl.float32)  # row g + 8, column 2t
