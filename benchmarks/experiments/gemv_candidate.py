@@ -164,15 +164,29 @@ _LOOKUP_PAIRS = """
   shr.u32 t, {s}, 1;
   and.b32 t, t, 0x4444;
   or.b32 sel, t, 0x3210;
-  prmt.b32 la, $9, $10, s7;
-  prmt.b32 lb, $11, $12, s7;
+  prmt.b32 la, {t0}, {t1}, s7;
+  prmt.b32 lb, {t2}, {t3}, s7;
   prmt.b32 lo, la, lb, sel;
-  prmt.b32 ha, $13, $14, s7;
-  prmt.b32 hb, $15, $16, s7;
+  prmt.b32 ha, {t4}, {t5}, s7;
+  prmt.b32 hb, {t6}, {t7}, s7;
   prmt.b32 hi, ha, hb, sel;
-  prmt.b32 p0, lo, hi, 0x5140;
-  prmt.b32 p1, lo, hi, 0x7362;
+  prmt.b32 {q0}, lo, hi, {order0};
+  prmt.b32 {q1}, lo, hi, {order1};
 """
+_ARG_TABLE = {f"t{i}": f"${9 + i}" for i in range(8)}  # table operands $9-$16
+
+
+def _half_lookup(s: str, table: dict, pairs: tuple[str, str],
+                 element_order: bool) -> str:
+  """The lookup of the 4 codes in the low 16 bits of register ``s`` into
+  the bfloat16 pairs ``pairs``: by nibble (``(n0, n1), (n2, n3)``, low
+  half first), or with ``element_order`` by element (``(e0, e1), (e2,
+  e3)``; element ``e`` is nibble ``e ^ 1``)."""
+  orders = ("0x4051", "0x6273") if element_order else ("0x5140", "0x7362")
+  return _LOOKUP_PAIRS.format(s=s, q0=pairs[0], q1=pairs[1],
+                              order0=orders[0], order1=orders[1], **table)
+
+
 _FLOAT32_OUT = """
   shl.b32 ${0}, p0, 16;
   and.b32 ${1}, p0, 0xFFFF0000;
@@ -189,9 +203,10 @@ def _lookup_asm(out: str) -> str:
   """The asm of one word (``$8``) -> its 8 values (``$0`` .. ``$7``, by
   nibble), ``out`` the template that writes 4 of them from ``p0, p1``."""
   return ("{\n.reg .b32 s, s7, t, sel, la, lb, lo, ha, hb, hi, p0, p1;\n"
-          + _LOOKUP_PAIRS.format(s="$8") + out.format(0, 1, 2, 3)
-          + "shr.u32 s, $8, 16;\n"
-          + _LOOKUP_PAIRS.format(s="s") + out.format(4, 5, 6, 7) + "}")
+          + _half_lookup("$8", _ARG_TABLE, ("p0", "p1"), False)
+          + out.format(0, 1, 2, 3) + "shr.u32 s, $8, 16;\n"
+          + _half_lookup("s", _ARG_TABLE, ("p0", "p1"), False)
+          + out.format(4, 5, 6, 7) + "}")
 
 
 _LOOKUP_ASM = tl.constexpr(_lookup_asm(_FLOAT32_OUT))
@@ -441,33 +456,14 @@ def gemv_rows_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, N, y_ptr,
 # The kernel is written with 1-D tensors of one element per thread whose
 # roles come from ``%tid.x`` (read by inline asm), not from Triton's layout:
 # whatever layout Triton picks, each thread computes for the lane it is.
-_MMA_LOOKUP = """
-  and.b32 s7, {w}, 0x7777;
-  shr.u32 t, {w}, 1;
-  and.b32 t, t, 0x4444;
-  or.b32 sel, t, 0x3210;
-  prmt.b32 la, {t0}, {t1}, s7;
-  prmt.b32 lb, {t2}, {t3}, s7;
-  prmt.b32 lo, la, lb, sel;
-  prmt.b32 ha, {t4}, {t5}, s7;
-  prmt.b32 hb, {t6}, {t7}, s7;
-  prmt.b32 hi, ha, hb, sel;
-  prmt.b32 {p}0, lo, hi, 0x4051;
-  prmt.b32 {p}1, lo, hi, 0x6273;
-  shr.u32 s, {w}, 16;
-  and.b32 s7, s, 0x7777;
-  shr.u32 t, s, 1;
-  and.b32 t, t, 0x4444;
-  or.b32 sel, t, 0x3210;
-  prmt.b32 la, {t0}, {t1}, s7;
-  prmt.b32 lb, {t2}, {t3}, s7;
-  prmt.b32 lo, la, lb, sel;
-  prmt.b32 ha, {t4}, {t5}, s7;
-  prmt.b32 hb, {t6}, {t7}, s7;
-  prmt.b32 hi, ha, hb, sel;
-  prmt.b32 {p}2, lo, hi, 0x4051;
-  prmt.b32 {p}3, lo, hi, 0x6273;
-"""
+def _mma_lookup(word: str, p: str, table: dict) -> str:
+  """The 8 codes of register ``word`` -> bfloat16 pairs ``{p}0 .. {p}3`` in
+  element order (elements 0-1, 2-3, 4-5, 6-7)."""
+  return (_half_lookup(word, table, (f"{p}0", f"{p}1"), True)
+          + f"  shr.u32 s, {word}, 16;\n"
+          + _half_lookup("s", table, (f"{p}2", f"{p}3"), True))
+
+
 _MMA = ("  mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{{d0, d1, d2, d3}}, {{{a}}}, {{{b}}}, {{d0, d1, d2, d3}};\n")
 
@@ -487,8 +483,8 @@ def _mma_blocks_asm(blocks: int, columns: bool = False) -> str:
     w, x = words + 4 * block, xs + 8 * block
     text += "".join(f"mov.f32 d{i}, 0f00000000;\n" for i in range(4))
     for pair in range(2):
-      text += _MMA_LOOKUP.format(w=f"${w + pair}", p="g", **table)
-      text += _MMA_LOOKUP.format(w=f"${w + 2 + pair}", p="h", **table)
+      text += _mma_lookup(f"${w + pair}", "g", table)
+      text += _mma_lookup(f"${w + 2 + pair}", "h", table)
       b = x + 4 * pair
       text += _MMA.format(a="g0, h0, g1, h1", b=f"${b}, ${b + 1}")
       text += _MMA.format(a="g2, h2, g3, h3", b=f"${b + 2}, ${b + 3}")
@@ -522,6 +518,16 @@ def _thread_ids(like):
 
 
 @triton.jit
+def _row_lane(K_SPLIT: tl.constexpr, NUM_WARPS: tl.constexpr):
+  """This thread's ``lane``, its ``t``, its rows ``g`` and ``g + 8`` of
+  the warp's 16 (row-major ``W``) and the first column of the program's K
+  range."""
+  lane, warp = _thread_ids(tl.zeros([32 * NUM_WARPS], tl.int32))
+  row_g = ((tl.program_id(0) * NUM_WARPS + warp) * 16 + lane // 4).to(tl.int64)
+  return lane, lane % 4, row_g, row_g + 8, tl.program_id(1) * K_SPLIT
+
+
+@triton.jit
 def gemv_mma_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, N, y_ptr,
                     K: tl.constexpr, SPLIT_K: tl.constexpr,
                     NUM_WARPS: tl.constexpr, BLOCKS: tl.constexpr):
@@ -531,12 +537,7 @@ def gemv_mma_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, N, y_ptr,
   rows; ``table_ptr`` holds :func:`register_table`."""
   THREADS: tl.constexpr = 32 * NUM_WARPS
   K_SPLIT: tl.constexpr = K // SPLIT_K
-  lane, warp = _thread_ids(tl.zeros([THREADS], tl.int32))
-  g = lane // 4
-  t = lane % 4
-  row_g = ((tl.program_id(0) * NUM_WARPS + warp) * 16 + g).to(tl.int64)
-  row_h = row_g + 8
-  k_first = tl.program_id(1) * K_SPLIT
+  lane, t, row_g, row_h, k_first = _row_lane(K_SPLIT, NUM_WARPS)
   words = packed_ptr.to(tl.pointer_type(tl.int32))
   wg_ptr = words + row_g * (K // 8) + k_first // 8 + t
   wh_ptr = words + row_h * (K // 8) + k_first // 8 + t
@@ -611,12 +612,7 @@ def stream_rows_kernel(x_ptr, packed_ptr, absmax_ptr, N, y_ptr,
   ``t, 4+t, 8+t, 12+t`` as four 4-byte loads."""
   THREADS: tl.constexpr = 32 * NUM_WARPS
   K_SPLIT: tl.constexpr = K // SPLIT_K
-  lane, warp = _thread_ids(tl.zeros([THREADS], tl.int32))
-  g = lane // 4
-  t = lane % 4
-  row_g = ((tl.program_id(0) * NUM_WARPS + warp) * 16 + g).to(tl.int64)
-  row_h = row_g + 8
-  k_first = tl.program_id(1) * K_SPLIT
+  lane, t, row_g, row_h, k_first = _row_lane(K_SPLIT, NUM_WARPS)
   words = packed_ptr.to(tl.pointer_type(tl.int32))
   four = tl.arange(0, 4)
   if WIDE:

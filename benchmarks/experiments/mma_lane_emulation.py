@@ -2,7 +2,7 @@
 
 Checks, without a GPU, the two pieces of ``gemv_candidate``'s tensor-core
 gemv that are easy to get wrong: the ``prmt`` byte-permute lookup of a
-word's 8 codes (the exact instruction sequence of ``_MMA_LOOKUP``, every
+word's 8 codes (the exact instruction sequence of ``_mma_lookup``, every
 code in every nibble), and the mapping of a lane's words and ``x`` pairs
 onto ``mma.m16n8k16``'s A/B fragments (the PTX ISA fragment layouts,
 emulated lane by lane), against a float64 reference::
@@ -57,7 +57,7 @@ def prmt(a: int, b: int, c: int) -> int:
 
 
 def lookup_pairs(word: int, table: list[int]) -> list[int]:
-  """``_MMA_LOOKUP``: a word's 8 codes -> 4 bfloat16 pairs (elements 0-1,
+  """``_mma_lookup``: a word's 8 codes -> 4 bfloat16 pairs (elements 0-1,
   2-3, 4-5, 6-7; element ``e`` is nibble ``e ^ 1``), low half first."""
   pairs = []
   for s in (word & 0xFFFFFFFF, word >> 16):
