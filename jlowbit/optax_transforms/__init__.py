@@ -7,7 +7,8 @@
   building blocks;
 * :mod:`~jlowbit.optax_transforms.clipping`: ``percentile_clipping``;
 * :mod:`~jlowbit.optax_transforms.state`: state NamedTuples and
-  :class:`Quantized8bitMoment`.
+  :class:`Quantized8bitMoment`;
+* :mod:`~jlowbit.optax_transforms.sharding`: ``state_shardings``.
 
 The step itself is the functional op :func:`jlowbit.update8.update_8bit`.
 """
@@ -37,6 +38,7 @@ from jlowbit.optax_transforms.clipping import (
     PercentileClippingState,
     percentile_clipping,
 )
+from jlowbit.optax_transforms.sharding import state_shardings
 from jlowbit.optax_transforms.state import (
     FLOAT32_STATE,
     Quantized8bitMoment,
