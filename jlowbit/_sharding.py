@@ -8,6 +8,7 @@ function on every device's shards of such leaves, with their blocks
 leaves, so the result is the unsharded step's, bit for bit.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,6 +77,8 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
       leaf ``(direction, ((codes, absmax), ...))`` for whole local leaves;
       ``noise`` is per leaf ``noise_type(row_counters, contiguous)`` or
       ``None`` (``noise_type`` is ``None``: no moment rounds stochastically).
+      Hashable (the compiled step is cached on it, so an eager step
+      compiles once).
     mesh: the leaves' mesh.
     grads: leaves with :func:`leaf_sharding` on ``mesh``.
     moments: per leaf its ``(codes, absmax)`` pairs.
@@ -102,6 +105,23 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
                    for c, a in m)
              for m, s, b in zip(moments, specs, blocks)]
   step = jnp.zeros((), jnp.int32) if step is None else step
+  mapped = _mapped(fn, mesh, tuple(shapes), tuple(blocks),
+                   tuple(len(m) for m in moments), tuple(offsets), noise_type)
+  outs = mapped(grads, moments, hyper, step)
+  results = []
+  for (d, new), s, b in zip(outs, specs, blocks):
+    if b != s:
+      d = place(d, mesh, s)
+      new = tuple((place(c, mesh, s), a) for c, a in new)
+    results.append((d, tuple(new)))
+  return results
+
+
+@functools.cache
+def _mapped(fn: Callable, mesh, shapes: tuple, blocks: tuple, moments: tuple,
+            offsets: tuple, noise_type) -> Callable:
+  """The jitted ``jax.shard_map`` of :func:`shard_mapped_update` (cached)."""
+  sizes = axis_sizes(mesh)
 
   def local(grads, moments, hyper, step):
     noise = [None] * len(grads)
@@ -113,19 +133,12 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
         noise.append(noise_type(counters, _layout.contiguous(shape, spec, sizes)))
     return fn(list(grads), list(moments), hyper, step=step, noise=noise)
 
-  leaf_specs = [(b, tuple((b, b) for _ in m)) for b, m in zip(blocks, moments)]
-  outs = jax.shard_map(
+  leaf_specs = [(b, tuple((b, b) for _ in range(k))) for b, k in zip(blocks, moments)]
+  return jax.jit(jax.shard_map(
       local, mesh=mesh,
-      in_specs=(blocks, [spec for _, spec in leaf_specs], PartitionSpec(),
+      in_specs=(list(blocks), [spec for _, spec in leaf_specs], PartitionSpec(),
                 PartitionSpec()),
-      out_specs=leaf_specs, check_vma=False)(grads, moments, hyper, step)
-  results = []
-  for (d, new), s, b in zip(outs, specs, blocks):
-    if b != s:
-      d = place(d, mesh, s)
-      new = tuple((place(c, mesh, s), a) for c, a in new)
-    results.append((d, tuple(new)))
-  return results
+      out_specs=leaf_specs, check_vma=False))
 
 
 def named(mesh, spec: PartitionSpec, like: Any = None) -> NamedSharding:

@@ -25,7 +25,6 @@ fuses into the update's consumer (``optax.apply_updates``).
 small leaves and of the ``*_32bit`` optimizers).
 """
 
-import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -394,6 +393,20 @@ def _update_local(alg: algorithms.Algorithm, grads, moments, hyper,
   return results
 
 
+class _LocalStep(NamedTuple):
+  """:func:`_update_local` of one configuration, hashable (for the cache of
+  compiled sharded steps)."""
+  algorithm: str
+  block_size: int
+  stochastic: tuple[bool, ...]
+  impl: str
+
+  def __call__(self, grads, moments, hyper, *, step, noise):
+    return _update_local(_algorithm(self.algorithm), grads, moments, hyper,
+                         self.block_size, self.stochastic, step, noise,
+                         self.impl)
+
+
 def update_8bit(
     algorithm: str, grads: Sequence[jax.Array],
     moments: Sequence[Sequence[Moment]], hyper: jax.Array, *, block_size: int,
@@ -474,8 +487,7 @@ def update_8bit(
                            stochastic, step, noise, impl)
     else:
       outs = _sharding.shard_mapped_update(
-          functools.partial(_update_local, alg, block_size=block_size,
-                            stochastic=stochastic, impl=impl),
+          _LocalStep(algorithm, block_size, stochastic, impl),
           mesh, [grads[i] for i in leaves], [moments[i] for i in leaves],
           hyper, step, [offsets[i] for i in leaves], block_size,
           noise_type=LeafNoise if any(stochastic) else None)
