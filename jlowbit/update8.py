@@ -427,8 +427,12 @@ def update_8bit(
   gather them, so give such meshes explicit axes or call this inside
   ``jax.shard_map``. Inside a ``jax.shard_map`` of your own the arrays are
   taken as they come (each device's shards as leaves).
-  The result is bit-identical however the leaves are sharded: blocks and
-  rounding noise are keyed by global positions.
+  The result is the same however the leaves are sharded (bit for bit with
+  the kernels; ``xla`` on a CPU within an ulp, as XLA compiles each shard
+  shape on its own): blocks and rounding noise are keyed by global
+  positions. ``impl="interpret"`` on a mesh of CPU devices: leave CPU device
+  0 out of the mesh (``jax.pure_callback`` stages its arguments there, and
+  waits forever when that device is running the same program).
 
   Args:
     algorithm: a key of :data:`jlowbit.algorithms.ALGORITHMS`: ``"adam"``,

@@ -1,4 +1,5 @@
-"""Sharded 8-bit optimizer state (8 host devices: tests/conftest.py).
+"""Sharded 8-bit optimizer state (meshes of 8 of the 9 host devices that
+tests/conftest.py asks for).
 
 Blocks run along each leaf's last axis (``jlowbit._layout``), so a leaf
 sharded along its leading axes, or along whole blocks of its last axis,
@@ -19,10 +20,14 @@ from jax.sharding import PartitionSpec as P
 
 import jlowbit as lowbit
 
-if jax.device_count() < 8:
-  pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, "
+if jax.device_count() < 9:
+  pytest.skip("needs 9 devices (XLA_FLAGS=--xla_force_host_platform_device_count=9, "
               "set by tests/conftest.py before JAX starts)", allow_module_level=True)
 
+# CPU device 0 stays out of the meshes: jax.pure_callback (the Triton
+# interpreter's way in) stages its arguments on it, which deadlocks when
+# that device is itself waiting in a callback of the same program.
+DEVICES = jax.devices()[-8:]
 BLOCK = 64
 # Leaves of a 2-D mesh (fsdp=4, tp=2): FSDP, tensor-parallel, both, a middle
 # axis (heads) sharded, a last axis (100) that is not a multiple of the block
@@ -48,7 +53,8 @@ COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter
 
 def _mesh(name, axis_type=AxisType.Auto):
   shape, axes, leaves = MESHES[name]
-  return jax.make_mesh(shape, axes, axis_types=(axis_type,) * len(axes)), leaves
+  return jax.make_mesh(shape, axes, axis_types=(axis_type,) * len(axes),
+                       devices=DEVICES), leaves
 
 
 def _tree(leaves, seed=0):
@@ -160,7 +166,8 @@ def test_leaf_whose_shards_split_blocks_is_gathered_and_exact(impl):
   """(16, 1000) with its last axis over 8 devices: 125-element shards cut
   64-element blocks, so that leaf is computed with its last axis gathered
   (absmax replicated along it); the result is still the unsharded one."""
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,),
+                       devices=DEVICES)
   tx = _optimizer(impl)
   params = {"w": jax.random.normal(jax.random.key(0), (16, 1000))}
   grads = {"w": jax.random.normal(jax.random.key(1), (16, 1000))}
@@ -191,7 +198,8 @@ def test_optax_state_sharding_checks(name):
   state types (shardings included) equal after init and update, and
   preserved under jax.jit."""
   optimizer = OPTIMIZERS[name]
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,),
+                       devices=DEVICES)
   sharding = NamedSharding(mesh, P(None, "x"))
   with jax.set_mesh(mesh):
     params = jnp.zeros((2, 8, 256), dtype=jnp.float16, out_sharding=sharding)
@@ -268,7 +276,7 @@ def test_orbax_round_trip_onto_another_mesh(tmp_path, target):
   path = tmp_path / "state"
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, state)
-  new_mesh = jax.make_mesh(*target)
+  new_mesh = jax.make_mesh(*target, devices=DEVICES)
   new_specs = {k: P(*[a if a in new_mesh.axis_names else None for a in spec])
                for k, (_, spec) in leaves.items()}
   abstract_params = {k: jax.ShapeDtypeStruct(
