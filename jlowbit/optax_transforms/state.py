@@ -60,8 +60,8 @@ class Quantized8bitMoment(NamedTuple):
     codes: pytree like the params; per leaf uint8 codes (8-bit storage) or
       the float32 moment (float32 storage), in the leaf's shape.
     absmax: pytree like the params; per leaf float32
-      ``[ceil(size / block_size)]`` block scales (8-bit storage) or ``None``
-      (float32 storage).
+      ``shape[:-1] + (ceil(shape[-1] / block_size),)`` block scales (8-bit
+      storage, blocks along the last axis) or ``None`` (float32 storage).
   """
   codes: Any
   absmax: Any
