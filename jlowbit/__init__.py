@@ -65,6 +65,7 @@ from jlowbit.optax_transforms import (
     scale_by_rss_8bit,
     sgd_8bit,
     sgd_32bit,
+    state_shardings,
 )
 
 __version__ = "0.1.0"

@@ -18,12 +18,13 @@ def blocked(x: jax.Array, block_size: int) -> jax.Array:
 
 
 def block_absmax(blocks: jax.Array) -> jax.Array:
-  """``max |x|`` of each row of ``blocks``; NaN anywhere in a row gives NaN.
+  """``max |x|`` over the last axis of ``blocks`` (``[..., block_size]``);
+  NaN anywhere in a block gives NaN.
 
   (XLA's CPU reduce-max drops NaN on its vectorized path, hence the select.)
   """
-  absmax = jnp.max(jnp.abs(blocks), axis=1)
-  return jnp.where(jnp.isnan(blocks).any(axis=1), jnp.float32(jnp.nan), absmax)
+  absmax = jnp.max(jnp.abs(blocks), axis=-1)
+  return jnp.where(jnp.isnan(blocks).any(axis=-1), jnp.float32(jnp.nan), absmax)
 
 
 def unpack_nibbles(packed: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -26,6 +26,7 @@ small leaves and of the ``*_32bit`` optimizers).
 """
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +34,13 @@ import numpy as np
 
 from jlowbit import _formats
 from jlowbit import _impl
-from jlowbit import _noise
+from jlowbit import _layout
+from jlowbit import _search
+from jlowbit import _twins
+from jlowbit import _noise as _noise_lib
+from jlowbit import _sharding
 from jlowbit import _validation as val
 from jlowbit import algorithms
-from jlowbit import blockwise8
 from jlowbit import codebooks
 
 Moment = tuple[jax.Array, jax.Array]  # (uint8 codes, float32 absmax)
@@ -98,7 +102,7 @@ def _check_moments(alg: algorithms.Algorithm, grad, moments, block_size: int,
   if not isinstance(moments, (tuple, list)) or len(moments) != len(alg.moments):
     raise ValueError(f"moments{where} must be {len(alg.moments)} (codes, absmax) "
                      f"pairs {alg.moments} for algorithm={alg.name!r}")
-  absmax_shape = (-(-grad.size // block_size),)
+  absmax_shape = _layout.absmax_shape(grad.shape, block_size)
   for name, moment in zip(alg.moments, moments):
     if not isinstance(moment, (tuple, list)) or len(moment) != 2:
       raise ValueError(f"moment {name!r}{where} must be a (codes, absmax) pair")
@@ -113,8 +117,8 @@ def _check_moments(alg: algorithms.Algorithm, grad, moments, block_size: int,
       raise ValueError(
           f"{name}{where} absmax is {jnp.dtype(absmax.dtype).name}"
           f"{tuple(absmax.shape)}, but block_size={block_size} needs "
-          f"float32{absmax_shape} (ceil({grad.size} / {block_size})): was "
-          "the state made with another block_size?")
+          f"float32{absmax_shape} (blocks along the last axis of "
+          f"{tuple(grad.shape)}): was the state made with another block_size?")
 
 
 def _check_stochastic(alg: algorithms.Algorithm, stochastic,
@@ -166,46 +170,131 @@ def update_float(algorithm: str, grad: jax.Array, moments: Sequence[jax.Array],
   return d.astype(grad.dtype), new
 
 
+def _as_rows(x: jax.Array) -> jax.Array:
+  """``x`` with at least one axis (a 0-d leaf is one row of one element)."""
+  return x.reshape(x.shape or (1,))
+
+
+def _row_blocks(x: jax.Array, block_size: int) -> jax.Array:
+  """float32 ``(..., n)`` -> ``(..., ceil(n / B), B)``, rows zero-padded.
+
+  Only the last axis is split, so a leaf sharded along its leading axes (or
+  along whole blocks of its last axis) stays shard-local under GSPMD."""
+  x = _as_rows(x).astype(jnp.float32)
+  n = x.shape[-1]
+  pad = (-n) % block_size
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(x.shape[:-1] + ((n + pad) // block_size, block_size))
+
+
+def _unblock(blocks: jax.Array, n: int) -> jax.Array:
+  """Inverse of :func:`_row_blocks`: ``(..., k, B)`` -> ``(..., n)``."""
+  return blocks.reshape(blocks.shape[:-2] + (-1,))[..., :n]
+
+
+def dequantize_rows_reference(codes: jax.Array, code: jax.Array,
+                              absmax: jax.Array, block_size: int) -> jax.Array:
+  """float32 ``code[codes] * absmax`` of a moment whose blocks run along
+  the last axis (:mod:`jlowbit._layout`): ``codes`` uint8 of the leaf's
+  shape, ``absmax`` float32 ``shape[:-1] + (ceil(n / block_size),)``."""
+  n = _layout.row_length(codes.shape)
+  blocks = _row_blocks(codes, block_size)  # exact: codes < 256
+  values = code[blocks.astype(jnp.int32)] * absmax[..., None]
+  return _unblock(values, n).reshape(codes.shape)
+
+
+def quantize_rows_reference(
+    x: jax.Array, code, block_size: int,
+    uniform: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Blockwise 8-bit quantization along the last axis (:mod:`jlowbit._layout`).
+
+  The rules of :func:`jlowbit.blockwise8.quantize_blockwise_reference` (its
+  decision-tree search, stochastic rounding with ``uniform``), block by
+  block, with the blocks of :mod:`jlowbit._layout`.
+
+  Args:
+    x: float values, any shape.
+    code: the sorted float32 ``[256]`` codebook (numpy: its search tables
+      are built on the host).
+    block_size: elements per block.
+    uniform: float32 noise in ``[0, 1)`` of ``x``'s shape, or ``None`` for
+      round to nearest.
+
+  Returns:
+    ``(codes uint8 x.shape, absmax float32 shape[:-1] + (ceil(n / B),))``.
+  """
+  n = _layout.row_length(x.shape)
+  blocks = _row_blocks(x, block_size)
+  absmax = _twins.block_absmax(blocks)
+  scale = _twins.block_scale(absmax)[..., None]
+  stochastic = uniform is not None
+  tree = jnp.asarray(_search.code_tree(code, floor=stochastic))
+  codes = _twins.scaled_tree_index(blocks, scale, tree)
+  if stochastic:
+    codes = _twins.stochastic_index(
+        blocks, scale, codes, jnp.asarray(code),
+        jnp.asarray(_search.code_gaps(code)), _row_blocks(uniform, block_size))
+  return (_unblock(codes, n).astype(jnp.uint8).reshape(x.shape),
+          absmax.reshape(_layout.absmax_shape(x.shape, block_size)))
+
+
 def _dequantized(alg: algorithms.Algorithm, moments,
                  block_size: int) -> tuple[jax.Array, ...]:
-  """Flat float32 values of 8-bit ``moments`` (the codebooks of ``alg``)."""
-  return tuple(
-      blockwise8.dequantize_blockwise_reference(
-          codes.reshape(-1), codebook(s), absmax, block_size, jnp.float32)
-      for (codes, absmax), s in zip(moments, alg.signed))
+  """float32 values of 8-bit ``moments`` (the codebooks of ``alg``)."""
+  return tuple(dequantize_rows_reference(codes, codebook(s), absmax, block_size)
+               for (codes, absmax), s in zip(moments, alg.signed))
 
 
 def _math_8bit(alg, grad, moments, hyper, block_size):
-  """Direction (``grad``'s dtype, flat) and new float32 moments (flat)."""
-  d, new = update_float(alg.name, grad.reshape(-1).astype(jnp.float32),
+  """Direction (``grad``'s dtype and shape) and new float32 moments."""
+  d, new = update_float(alg.name, grad.astype(jnp.float32),
                         _dequantized(alg, moments, block_size),
                         hyper.astype(jnp.float32))
   return d.astype(grad.dtype), new
+
+
+def _noise(shape, row_counters: jax.Array, step) -> jax.Array:
+  """float32 noise of a leaf of ``shape`` whose rows start at the counters
+  ``row_counters`` (uint32 ``shape[:-1]``; ``[1]`` for 0-d)."""
+  n = _layout.row_length(shape)
+  counters = (row_counters[..., None]
+              + jax.lax.broadcasted_iota(jnp.uint32, row_counters.shape + (n,),
+                                         row_counters.ndim))
+  return _noise_lib.quasi_uniform(counters, _noise_lib.weyl_offset(step)).reshape(shape)
 
 
 def update_8bit_reference(
     algorithm: str, grad: jax.Array, moments: Sequence[Moment],
     hyper: jax.Array, *, block_size: int,
     stochastic: tuple[bool, ...] | None = None, step: jax.Array | None = None,
-    counter_offset: int = 0) -> tuple[jax.Array, tuple[Moment, ...]]:
+    counter_offset: int = 0, row_counters: jax.Array | None = None
+) -> tuple[jax.Array, tuple[Moment, ...]]:
   """One step of ``algorithm`` for one leaf with 8-bit moments (``jax.numpy``).
 
   The twin of the fused kernel; :func:`update_8bit` with ``impl="xla"``.
+  It computes in the leaf's shape (blocks along the last axis), so under
+  ``jax.jit`` a leaf sharded along whole blocks stays shard-local.
 
   Args:
     algorithm: a key of :data:`jlowbit.algorithms.ALGORITHMS`.
     grad: floating gradient, any shape (math in float32).
     moments: per moment (state order) a pair ``(codes uint8 grad.shape,
-      absmax float32 [ceil(grad.size / block_size)])``.
+      absmax float32 grad.shape[:-1] + (ceil(grad.shape[-1] / block_size),))``
+      (:mod:`jlowbit._layout`).
     hyper: float32 vector in the algorithm's ``hyper`` layout.
     block_size: elements per quantization block.
     stochastic: per moment, whether it is requantized by stochastic rounding
       instead of to the nearest code; ``None``: none is.
     step: the step number (int scalar, may be traced), keying the rounding
-      noise (:func:`jlowbit._noise.weyl_offset`); needed when a moment rounds
+      noise (:func:`jlowbit._noise_lib.weyl_offset`); needed when a moment rounds
       stochastically.
     counter_offset: the noise counter of the leaf's first element; the
-      elements of one step must not share one.
+      elements of one step must not share one. Element ``i`` (row-major)
+      has the counter ``counter_offset + i``.
+    row_counters: instead of ``counter_offset``, uint32 ``grad.shape[:-1]``:
+      the counter of each row's first element (a shard of a larger leaf:
+      :func:`jlowbit._layout.row_counters`).
 
   Returns:
     ``(direction, new_moments)``: direction in ``grad``'s dtype and shape, new
@@ -216,16 +305,17 @@ def update_8bit_reference(
   _check_moments(alg, grad, moments, block_size)
   stochastic = _check_stochastic(alg, stochastic, step)
   d, new = _math_8bit(alg, grad, moments, hyper, block_size)
+  if any(stochastic) and row_counters is None:
+    row_counters = _layout.row_counters(grad.shape, grad.shape, None,
+                                        counter_offset)
   requantized = []
   for value, signed, rounds in zip(new, alg.signed, stochastic):
     if alg.saturates:
       value = jnp.clip(value, -algorithms.MOMENT_LIMIT, algorithms.MOMENT_LIMIT)
-    uniform = (_noise.element_uniform(value.size, _noise.weyl_offset(step),
-                                      counter_offset) if rounds else None)
-    codes, absmax = blockwise8.quantize_blockwise_reference(
-        value, codebooks.dynamic(signed), block_size, uniform)
-    requantized.append((codes.reshape(grad.shape), absmax))
-  return d.reshape(grad.shape), tuple(requantized)
+    uniform = _noise(grad.shape, row_counters, step) if rounds else None
+    requantized.append(quantize_rows_reference(
+        value, codebooks.dynamic(signed), block_size, uniform))
+  return d, tuple(requantized)
 
 
 def direction_8bit_reference(algorithm: str, grad: jax.Array,
@@ -236,7 +326,85 @@ def direction_8bit_reference(algorithm: str, grad: jax.Array,
   alg = _algorithm(algorithm)
   _check_hyper(alg, hyper)
   _check_moments(alg, grad, moments, block_size)
-  return _math_8bit(alg, grad, moments, hyper, block_size)[0].reshape(grad.shape)
+  return _math_8bit(alg, grad, moments, hyper, block_size)[0]
+
+
+class LeafNoise(NamedTuple):
+  """Where a (local) leaf's rounding noise starts.
+
+  Attributes:
+    row_counters: uint32 ``shape[:-1]`` (``[1]`` for 0-d): the noise
+      counter of each row's first element.
+    contiguous: whether the counters of the whole leaf are its first one
+      plus the row-major local position (an unsharded leaf, or a shard that
+      is one run of the global leaf), which the kernel exploits.
+  """
+  row_counters: jax.Array
+  contiguous: bool
+
+
+def _update_local(alg: algorithms.Algorithm, grads, moments, hyper,
+                  block_size: int, stochastic: tuple[bool, ...], step,
+                  noise: Sequence[LeafNoise | None], impl: str):
+  """The step of leaves that are whole on this device (or one shard each,
+  inside ``jax.shard_map``), already validated."""
+  if impl == "xla":
+    return [update_8bit_reference(
+        alg.name, g, m, hyper, block_size=block_size, stochastic=stochastic,
+        step=step, row_counters=None if n is None else n.row_counters)
+            for g, m, n in zip(grads, moments, noise)]
+  from jlowbit.triton_kernels import optim8  # pylint: disable=g-import-not-at-top
+  # Per leaf the noise offsets the kernel adds: the step's Weyl offset plus
+  # counter * PHASE_MULTIPLIER of its first element (contiguous) or of each
+  # of its rows; one uint32 vector for all leaves.
+  keys, key_at = [], []
+  if any(stochastic):
+    weyl = _noise_lib.weyl_offset(step)
+    start = 0
+    for leaf_noise in noise:
+      counters = leaf_noise.row_counters.reshape(-1)
+      if leaf_noise.contiguous:
+        counters = counters[:1]
+      keys.append(weyl + counters * jnp.uint32(_noise_lib.PHASE_MULTIPLIER))
+      key_at.append((start, not leaf_noise.contiguous))
+      start += counters.shape[0]
+  else:
+    key_at = [(0, False)] * len(grads)
+  keys = jnp.concatenate(keys) if keys else jnp.zeros((1,), jnp.uint32)
+  # Kernels take float32/bfloat16/float16; float64 gradients run in float32.
+  kernel_grads = [_as_rows(g.astype(jnp.float32) if g.dtype == jnp.float64 else g)
+                  for g in grads]
+  kernel_moments = [tuple((_as_rows(c), a) for c, a in m) for m in moments]
+  results = [None] * len(grads)
+  for dtype in {jnp.dtype(g.dtype) for g in kernel_grads}:
+    leaves = [i for i, g in enumerate(kernel_grads) if g.dtype == dtype]
+    write = writes_direction(alg.name, dtype)
+    outs = optim8.fused_update(
+        alg.name, [kernel_grads[i] for i in leaves],
+        [kernel_moments[i] for i in leaves], hyper, keys,
+        [key_at[i] for i in leaves], block_size=block_size, impl=impl,
+        stochastic=stochastic, write_direction=write)
+    for i, (d, new) in zip(leaves, outs):
+      if d is None:  # not written, or an empty gradient
+        d = direction_8bit_reference(alg.name, grads[i], moments[i], hyper,
+                                     block_size=block_size)
+      new = tuple((c.reshape(grads[i].shape), a) for c, a in new)
+      results[i] = (d.astype(grads[i].dtype).reshape(grads[i].shape), new)
+  return results
+
+
+class _LocalStep(NamedTuple):
+  """:func:`_update_local` of one configuration, hashable (for the cache of
+  compiled sharded steps)."""
+  algorithm: str
+  block_size: int
+  stochastic: tuple[bool, ...]
+  impl: str
+
+  def __call__(self, grads, moments, hyper, *, step, noise):
+    return _update_local(_algorithm(self.algorithm), grads, moments, hyper,
+                         self.block_size, self.stochastic, step, noise,
+                         self.impl)
 
 
 def update_8bit(
@@ -246,6 +414,26 @@ def update_8bit(
     impl: str | None = None) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
   r"""One optimizer step of many leaves with 8-bit blockwise moments.
 
+  **Sharded leaves** run shard-locally: the leaves whose sharding is known
+  (a concrete array's ``NamedSharding``, or the type of a traced one on a
+  mesh with ``AxisType.Explicit`` axes) are updated inside one
+  ``jax.shard_map`` over their mesh, every device running the kernel (or the
+  reference) on its own shards, with no communication when the blocks lie
+  within shards (:mod:`jlowbit._layout`; a leaf whose sharded last axis
+  splits blocks is gathered along that axis, and its results sliced back).
+  Traced leaves on ``AxisType.Auto`` axes (whose shardings JAX decides
+  later) are computed in their own shape: with ``impl="xla"`` GSPMD keeps
+  them shard-local; a kernel (a custom call GSPMD cannot split) would
+  gather them, so give such meshes explicit axes or call this inside
+  ``jax.shard_map``. Inside a ``jax.shard_map`` of your own the arrays are
+  taken as they come (each device's shards as leaves).
+  The result is the same however the leaves are sharded (bit for bit with
+  the kernels; ``xla`` on a CPU within an ulp, as XLA compiles each shard
+  shape on its own): blocks and rounding noise are keyed by global
+  positions. ``impl="interpret"`` on a mesh of CPU devices: leave CPU device
+  0 out of the mesh (``jax.pure_callback`` stages its arguments there, and
+  waits forever when that device is running the same program).
+
   Args:
     algorithm: a key of :data:`jlowbit.algorithms.ALGORITHMS`: ``"adam"``,
       ``"ademamix"``, ``"lion"``, ``"momentum"``, ``"rmsprop"`` or
@@ -254,21 +442,23 @@ def update_8bit(
       computed in float32), any shapes.
     moments: per gradient, one ``(codes, absmax)`` pair per moment of the
       algorithm (state order): ``codes`` uint8 of the gradient's shape,
-      ``absmax`` float32 ``[ceil(size / block_size)]``.
+      ``absmax`` float32 ``shape[:-1] + (ceil(shape[-1] / block_size),)``
+      (blocks along the last axis, :mod:`jlowbit._layout`).
     hyper: float32 vector in the algorithm's ``hyper`` layout (may be
       traced: new values never recompile).
     block_size: elements per quantization block, one of 64, 128, ..., 4096.
     stochastic: per moment, whether it rounds stochastically; ``None``: none.
     step: the step number (int scalar, may be traced) keying the rounding
       noise; needed when a moment rounds stochastically. Each element's noise
-      counter is its position among ``grads`` taken one after the other.
+      counter is its row-major position among ``grads`` taken one after the
+      other.
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"`` (see
       :mod:`jlowbit._impl`).
 
   Returns:
     Per gradient ``(direction, new_moments)``: direction of the gradient's
-    shape and dtype, new moments like ``moments``. The kernels update the
-    moments in place when the caller donates them.
+    shape, dtype and sharding, new moments like ``moments``. The kernels
+    update the moments in place when the caller donates them.
   """
   alg = _algorithm(algorithm)
   val.check_block_size(block_size, "block_size", _formats.BLOCK_SIZES_8BIT)
@@ -279,34 +469,32 @@ def update_8bit(
     raise ValueError(f"got {len(grads)} grads but {len(moments)} moment tuples")
   grads = [val.as_float_array(g, f"grads[{i}]", float64=True)
            for i, g in enumerate(grads)]
+  moments = [tuple(tuple(pair) for pair in m) for m in moments]
   for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
     _check_moments(alg, grad, leaf_moments, block_size, where=f" of grads[{i}]")
   hyper = jnp.asarray(hyper, jnp.float32)
-  counters = np.cumsum([0] + [g.size for g in grads[:-1]]).tolist()
+  offsets = np.cumsum([0] + [g.size for g in grads[:-1]]).tolist()
   impl = _impl.resolve_impl(impl)
-  if impl == "xla":
-    return [update_8bit_reference(algorithm, g, m, hyper, block_size=block_size,
-                                  stochastic=stochastic, step=step,
-                                  counter_offset=c)
-            for g, m, c in zip(grads, moments, counters)]
-  from jlowbit.triton_kernels import optim8  # pylint: disable=g-import-not-at-top
-  key = (jnp.zeros((1,), jnp.uint32) if step is None
-         else _noise.weyl_offset(step).reshape(1))
-  # Kernels take float32/bfloat16/float16; float64 gradients run in float32.
-  kernel_grads = [g.astype(jnp.float32) if g.dtype == jnp.float64 else g
-                  for g in grads]
+  if any(stochastic):
+    step = jnp.asarray(step)
   results = [None] * len(grads)
-  for dtype in {jnp.dtype(g.dtype) for g in kernel_grads}:
-    leaves = [i for i, g in enumerate(kernel_grads) if g.dtype == dtype]
-    write = writes_direction(algorithm, dtype)
-    outs = optim8.fused_update(
-        algorithm, [kernel_grads[i] for i in leaves],
-        [tuple(moments[i]) for i in leaves], hyper, key,
-        [counters[i] for i in leaves], block_size=block_size, impl=impl,
-        stochastic=stochastic, write_direction=write)
-    for i, (d, new) in zip(leaves, outs):
-      if d is None:  # not written, or an empty gradient
-        d = direction_8bit_reference(algorithm, grads[i], moments[i], hyper,
-                                     block_size=block_size)
-      results[i] = (d.astype(grads[i].dtype), new)
+  groups: dict[Any, list[int]] = {}
+  for i, grad in enumerate(grads):
+    groups.setdefault(_sharding.mesh_of(grad), []).append(i)
+  for mesh, leaves in groups.items():
+    if mesh is None:
+      noise = [LeafNoise(_layout.row_counters(grads[i].shape, grads[i].shape,
+                                              None, offsets[i]), True)
+               if any(stochastic) else None for i in leaves]
+      outs = _update_local(alg, [grads[i] for i in leaves],
+                           [moments[i] for i in leaves], hyper, block_size,
+                           stochastic, step, noise, impl)
+    else:
+      outs = _sharding.shard_mapped_update(
+          _LocalStep(algorithm, block_size, stochastic, impl),
+          mesh, [grads[i] for i in leaves], [moments[i] for i in leaves],
+          hyper, step, [offsets[i] for i in leaves], block_size,
+          noise_type=LeafNoise if any(stochastic) else None)
+    for i, out in zip(leaves, outs):
+      results[i] = out
   return results

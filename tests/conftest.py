@@ -13,6 +13,11 @@ import subprocess
 import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Eight host (CPU) devices for the sharding tests (tests/test_optax_sharding.py),
+# set before JAX initializes its backends; arrays still default to device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=9").strip()
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -3,13 +3,16 @@ launched through the functional op ``jlowbit.update8.update_8bit``.
 
 Each kernel is checked against a pure-jnp implementation of the optimizer
 contract written here (dequantize with ``dequantize_blockwise_reference``,
-float32 math, requantize with ``quantize_blockwise_reference``) and against
+float32 math, requantize with ``quantize_blockwise_reference``, both applied
+row by row: the blocks of 8-bit optimizer state run along the last axis,
+``jlowbit._layout``) and against
 the library twin ``update_8bit_reference``. The interpreter must agree bit
 for bit (bfloat16 directions: one ulp, see ``assert_same_cast``); compiled
 Triton may contract ``a * b + c`` into an FMA, so on the GPU directions agree
 to a few ulp and rare moment codes sit one step away.
 """
 
+import math
 import re
 
 import jax
@@ -24,6 +27,24 @@ from jlowbit import codebooks
 from jlowbit import update8
 from jlowbit.blockwise8 import (dequantize_blockwise_reference,
                                 quantize_blockwise_reference)
+
+
+def quantize_rows(x, code, block_size):
+  """The flat reference on every row of the last axis (0-d: one row)."""
+  n = x.shape[-1] if x.ndim else 1
+  rows = x.reshape(math.prod(x.shape[:-1]), n)
+  codes, absmax = jax.vmap(
+      lambda r: quantize_blockwise_reference(r, code, block_size))(rows)
+  return codes.reshape(x.shape), absmax.reshape(x.shape[:-1] + (-(-n // block_size),))
+
+
+def dequantize_rows(codes, code, absmax, block_size):
+  n = codes.shape[-1] if codes.ndim else 1
+  rows = math.prod(codes.shape[:-1])
+  values = jax.vmap(lambda c, a: dequantize_blockwise_reference(
+      c, code, a, block_size, jnp.float32))(codes.reshape(rows, n),
+                                            absmax.reshape(rows, -(-n // block_size)))
+  return values.reshape(codes.shape)
 
 pytest.importorskip("triton")
 from jlowbit.triton_kernels import optim8  # noqa: E402
@@ -102,15 +123,13 @@ MATH = {"adam": _adam, "ademamix": _ademamix, "lion": _lion,
 def contract_reference(algorithm, grad, moments, hyper, block_size):
   """The optimizer contract in plain jnp: dequantize, fp32 math, requantize."""
   codes = [jnp.asarray(codebooks.dynamic(s)) for s in SIGNED[algorithm]]
-  old = [dequantize_blockwise_reference(c.reshape(-1), code, a, block_size, jnp.float32)
+  old = [dequantize_rows(c, code, a, block_size)
          for (c, a), code in zip(moments, codes)]
   h = [hyper[i] for i in range(hyper.shape[0])]
-  d, new = MATH[algorithm](grad.reshape(-1).astype(jnp.float32), old, h)
-  requantized = []
-  for value, code in zip(new, codes):
-    c, a = quantize_blockwise_reference(value, code, block_size)
-    requantized.append((c.reshape(grad.shape), a))
-  return d.astype(grad.dtype).reshape(grad.shape), tuple(requantized)
+  d, new = MATH[algorithm](grad.astype(jnp.float32), old, h)
+  requantized = [quantize_rows(value, code, block_size)
+                 for value, code in zip(new, codes)]
+  return d.astype(grad.dtype), tuple(requantized)
 
 
 def _inputs(algorithm, shape, dtype, block_size, seed=0):
@@ -122,8 +141,7 @@ def _inputs(algorithm, shape, dtype, block_size, seed=0):
     x = jax.random.normal(keys[i + 1], shape)
     x = 0.05 * x if signed else 1e-3 * x * x
     code = jnp.asarray(codebooks.dynamic(signed))
-    codes, absmax = quantize_blockwise_reference(x, code, block_size)
-    moments.append((codes.reshape(shape), absmax))
+    moments.append(quantize_rows(x, code, block_size))
   return grad, tuple(moments), jnp.asarray(HYPER[algorithm], jnp.float32)
 
 
@@ -260,11 +278,13 @@ def test_launches_group_leaves_by_dtype_and_pointer_budget(monkeypatch,
 
 
 def test_generated_kernel_dispatches_by_binary_search():
-  layout = tuple((3 * i, 100 + i, 1000 * i) for i in range(5))
+  # (first tile, rows, row chunks, blocks per row, first key, aligned, per-row keys)
+  layout = tuple((3 * i, 2, 100 + i, 1, i, i % 2 == 0, i == 3) for i in range(5))
   source = optim8._kernel_source("lion", layout, (False,), True)
   assert len(re.findall(r"_update_tile\(g_\d", source)) == 5
   assert source.count("if tile <") == 4
-  assert "tile - 12, 104, 4000," in source
+  assert "tile - 12, 2, 104, 1, 208, 2, 4, BLOCK_SIZE" in source
+  assert "CODE_BITS, False, True)" in source and "CODE_BITS, True, False)" in source
   assert "uniform" not in source.split("def lion_update_kernel")[0].split("):", 1)[1]
   kernel = optim8.update_kernel("lion", layout, (False,), True)
   assert optim8.update_kernel("lion", layout, (False,), True) is kernel
@@ -276,7 +296,7 @@ def test_kernel_writes_the_direction_or_leaves_it_to_xla():
              if update8.writes_direction(a, jnp.dtype(d))}
   assert written == {("lion", "float32"), ("adam", "bfloat16"), ("adam", "float16"),
                      *(("ademamix", d) for d in ("float32", "bfloat16", "float16"))}
-  layout = ((0, 100, 0), (4, 50, 1600))
+  layout = ((0, 1, 100, 7, 0, True, False), (4, 1, 50, 4, 1, True, False))
   adam = optim8._kernel_source("adam", layout, (False, False), False)
   assert "_store_direction" not in adam and "d_0" not in adam
   assert "_store_direction(d_ptr" in optim8._kernel_source("lion", layout, (False,), True)

@@ -108,7 +108,7 @@ def test_a_tree_updates_in_one_launch_per_dtype(impl):
   from jlowbit import adamw_8bit  # pylint: disable=g-import-not-at-top
   shapes = {f"w{i}": (64 * (i + 1),) for i in range(4)} | {"b": (7,)}
   params = {k: jnp.ones(s, jnp.float32) for k, s in shapes.items()}
-  params |= {"h0": jnp.ones((32, 8), jnp.bfloat16),
+  params |= {"h0": jnp.ones((4, 64), jnp.bfloat16),
              "h1": jnp.ones((1008,), jnp.bfloat16)}
   tx = adamw_8bit(1e-3, block_size=64, min_8bit_size=64, impl=impl)
   state = tx.init(params)

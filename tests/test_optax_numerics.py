@@ -44,10 +44,8 @@ def dequantize(moment, signed, block_size=256):
   def leaf(codes, absmax):
     if absmax is None:
       return codes
-    flat = blockwise8.dequantize_blockwise_reference(
-        codes.reshape(-1), update8.codebook(signed), absmax, block_size,
-        jnp.float32)
-    return flat.reshape(codes.shape)
+    return update8.dequantize_rows_reference(
+        codes, update8.codebook(signed), absmax, block_size)
   return jax.tree.map(leaf, moment.codes, moment.absmax)
 
 
@@ -169,22 +167,35 @@ def _np_step(algorithm, g, moments, h):
   return g / (np.sqrt(v) + eps), (v,)
 
 
-def _np_quantize(x, code, block_size):
-  """Nearest-code quantization of SPEC section 4 (ties to the lower index)."""
-  blocks = np.pad(x.reshape(-1), (0, -x.size % block_size)).reshape(
+def _np_blocks(x, block_size):
+  """``[blocks, block_size]``: each row of the last axis cut into blocks
+  (the 8-bit state's layout, ``jlowbit._layout``), zero-padded."""
+  rows = x.reshape(-1, x.shape[-1])
+  return np.pad(rows, ((0, 0), (0, -x.shape[-1] % block_size))).reshape(
       -1, block_size)
+
+
+def _np_unblock(values, shape):
+  """Inverse of :func:`_np_blocks` (drops the padding)."""
+  return values.reshape(int(np.prod(shape[:-1])), -1)[:, :shape[-1]].reshape(shape)
+
+
+def _np_quantize(x, code, block_size):
+  """Nearest-code quantization of SPEC section 4 (ties to the lower index),
+  blocks along the last axis."""
+  blocks = _np_blocks(x, block_size)
   absmax = np.abs(blocks).max(axis=1)
   scale = np.float32(1) / np.where(absmax > 0, absmax, np.float32(1))
   v = blocks * scale[:, None]
   codes = np.abs(v[..., None] - code).argmin(axis=-1)
-  return codes.reshape(-1)[:x.size].reshape(x.shape), absmax
+  return _np_unblock(codes, x.shape), absmax.reshape(x.shape[:-1] + (-1,))
 
 
 def _np_bracket(x, code, block_size):
   """Indices of the codes just below and above ``x / absmax`` (equal on a code)."""
-  blocks = np.pad(x.reshape(-1), (0, -x.size % block_size)).reshape(-1, block_size)
+  blocks = _np_blocks(x, block_size)
   absmax = np.abs(blocks).max(axis=1)
-  v = (blocks / np.where(absmax > 0, absmax, 1)[:, None]).reshape(-1)[:x.size]
+  v = _np_unblock(blocks / np.where(absmax > 0, absmax, 1)[:, None], x.shape)
   lo = np.clip(np.searchsorted(code, v, side="right") - 1, 0, code.size - 1)
   hi = np.where(code[lo] == v, lo, np.minimum(lo + 1, code.size - 1))
   return lo.reshape(x.shape), hi.reshape(x.shape)
@@ -237,7 +248,7 @@ def test_one_step_matches_spec_formula(algorithm, t):
   moments = _known_state(algorithm, shape, rng)
   quantized = [_np_quantize(m, codebooks.dynamic(s), block_size)
                for m, s in zip(moments, signed)]
-  old = [codebooks.dynamic(s)[c] * np.repeat(a, block_size)[:c.size].reshape(shape)
+  old = [codebooks.dynamic(s)[c] * np.repeat(a, block_size, axis=-1)[..., :shape[-1]]
          for (c, a), s in zip(quantized, signed)]
   d_ref, new_ref = _np_step(algorithm, g, old, _hyper(algorithm, t))
 
@@ -405,7 +416,8 @@ def test_min_8bit_size_decides_storage(shape, eight_bit):
     assert codes.shape == shape
     if eight_bit:
       assert codes.dtype == jnp.uint8
-      assert absmax.shape == (-(-math.prod(shape) // 512),)
+      # Blocks along the last axis (jlowbit._layout).
+      assert absmax.shape == shape[:-1] + (-(-shape[-1] // 512),)
       assert absmax.dtype == jnp.float32
     else:
       assert codes.dtype == jnp.float32 and absmax is None
@@ -433,8 +445,8 @@ def test_initial_8bit_state_is_quantized_zeros(algorithm):
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_update_8bit_reference_shapes(algorithm, shape):
   block_size = 64
-  blocks = -(-math.prod(shape) // block_size)
-  moments = tuple((jnp.full(shape, 7, jnp.uint8), jnp.ones((blocks,)))
+  blocks = shape[:-1] + (-(-shape[-1] // block_size),)  # along the last axis
+  moments = tuple((jnp.full(shape, 7, jnp.uint8), jnp.ones(blocks))
                   for _ in ALGORITHMS[algorithm].signed)
   hyper = jnp.full((len(ALGORITHMS[algorithm].hyper),), 0.5)
   d, new = update8.update_8bit_reference(

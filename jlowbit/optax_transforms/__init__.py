@@ -9,7 +9,8 @@
 * :mod:`~jlowbit.optax_transforms.offload`: ``offload_state`` (state kept
   in host memory between steps);
 * :mod:`~jlowbit.optax_transforms.state`: state NamedTuples and
-  :class:`Quantized8bitMoment`.
+  :class:`Quantized8bitMoment`;
+* :mod:`~jlowbit.optax_transforms.sharding`: ``state_shardings``.
 
 The step itself is the functional op :func:`jlowbit.update8.update_8bit`.
 """
@@ -40,6 +41,7 @@ from jlowbit.optax_transforms.clipping import (
     percentile_clipping,
 )
 from jlowbit.optax_transforms.offload import offload_state
+from jlowbit.optax_transforms.sharding import state_shardings
 from jlowbit.optax_transforms.state import (
     FLOAT32_STATE,
     Quantized8bitMoment,

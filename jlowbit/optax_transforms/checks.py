@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jlowbit import _formats
 from jlowbit import _impl
+from jlowbit import _layout
 from jlowbit import _validation as val
 from jlowbit import algorithms
 from jlowbit.optax_transforms import state as state_lib
@@ -110,13 +111,24 @@ def check_state(state: Any, state_cls: type, alg: algorithms.Algorithm,
                   storage)
 
 
+def in_shard_map() -> bool:
+  """Whether we are tracing inside a ``jax.shard_map`` (manual mesh axes):
+  the arrays are then each device's shards of the global leaves."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return bool(getattr(mesh, "manual_axes", ()))
+
+
 def _check_leaf(name: str, key: str, grad, codes, absmax,
                 storage: state_lib.Storage) -> None:
   where = f"state.{name}{key}"
   if tuple(codes.shape) != tuple(grad.shape):
     raise ValueError(f"updates{key}.shape={tuple(grad.shape)} does not match "
                      f"the optimizer state's {where}.shape={tuple(codes.shape)}")
-  eightbit = storage.uses_8bit(tuple(grad.shape))
+  if in_shard_map():
+    # Local shards of leaves whose storage init chose from the global size.
+    eightbit = absmax is not None
+  else:
+    eightbit = storage.uses_8bit(tuple(grad.shape))
   if eightbit and absmax is None:
     raise ValueError(
         f"{where} is unquantized but this optimizer keeps a leaf of "
@@ -129,16 +141,16 @@ def _check_leaf(name: str, key: str, grad, codes, absmax,
         f"elements unquantized (min_8bit_size={storage.min_8bit_size}): was "
         "the state made with another min_8bit_size?")
   if eightbit:
-    blocks = -(-grad.size // storage.block_size)
+    blocks = _layout.absmax_shape(grad.shape, storage.block_size)
     if codes.dtype != jnp.uint8:
       raise ValueError(f"{where} codes are {jnp.dtype(codes.dtype).name}, "
                        "expected uint8")
-    if tuple(absmax.shape) != (blocks,) or absmax.dtype != jnp.float32:
+    if tuple(absmax.shape) != blocks or absmax.dtype != jnp.float32:
       raise ValueError(
           f"{where} absmax is {jnp.dtype(absmax.dtype).name}"
           f"{tuple(absmax.shape)}, but block_size={storage.block_size} needs "
-          f"float32({blocks},) for {grad.size} elements: was the state made "
-          "with another block_size?")
+          f"float32{blocks} for shape {tuple(grad.shape)} (blocks along the "
+          "last axis): was the state made with another block_size?")
   elif jnp.dtype(codes.dtype) not in _FLOAT_STATE_DTYPES:
     raise ValueError(f"{where} is {jnp.dtype(codes.dtype).name}, expected a "
                      "float32 (or float64) moment")

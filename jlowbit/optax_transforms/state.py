@@ -5,7 +5,10 @@ Every moment (Adam's ``mu``/``nu``, AdEMAMix's ``m1``/``m2``/``nu``, ...) is a
 parameters' structure. Per parameter leaf, **either**
 
 * 8-bit storage: ``codes`` uint8 in the leaf's shape and ``absmax`` float32
-  ``[ceil(size / block_size)]`` over blocks of the row-major flattened leaf;
+  ``shape[:-1] + (ceil(shape[-1] / block_size),)`` over blocks that run along
+  the leaf's last axis (:mod:`jlowbit._layout`; for a 1-D leaf, or a last
+  axis that ``block_size`` divides, bitsandbytes' blocks of the flattened
+  leaf, byte for byte);
   the moment is ``codebook[codes] * absmax[block]`` with the codebook a
   package constant (:func:`jlowbit.codebooks.dynamic`, signed for first
   moments, unsigned for second moments), never part of the state; **or**
@@ -20,6 +23,16 @@ So a leaf's storage shows in the state (``absmax`` is ``None`` or not, the
 parameter's shape alone. Every array sits at a parameter's position in a
 params-shaped tree (no per-parameter sub-structure), which is what
 ``flax.nnx.Optimizer`` and sharding rules written for the parameters expect.
+
+**Sharding.** ``init`` of a parameter whose sharding is known (a concrete
+array with a ``NamedSharding``; a traced one on ``AxisType.Explicit`` axes)
+gives its codes (and float moments) the parameter's sharding and its
+``absmax`` the same ``PartitionSpec`` (:func:`jlowbit._layout.block_spec`:
+the last axis unsharded where the sharding would split blocks), so no block
+straddles two devices. The layout depends on the shape alone, never on the
+mesh: a checkpoint restores onto any mesh.
+:func:`jlowbit.state_shardings` gives these shardings for
+``jax.jit(out_shardings=...)`` and checkpoint restores.
 """
 
 import math
@@ -30,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlowbit import _layout
+from jlowbit import _sharding
 from jlowbit import codebooks
 
 DEFAULT_BLOCK_SIZE = 256  # bitsandbytes' optimizer block size
@@ -45,8 +60,8 @@ class Quantized8bitMoment(NamedTuple):
     codes: pytree like the params; per leaf uint8 codes (8-bit storage) or
       the float32 moment (float32 storage), in the leaf's shape.
     absmax: pytree like the params; per leaf float32
-      ``[ceil(size / block_size)]`` block scales (8-bit storage) or ``None``
-      (float32 storage).
+      ``shape[:-1] + (ceil(shape[-1] / block_size),)`` block scales (8-bit
+      storage, blocks along the last axis) or ``None`` (float32 storage).
   """
   codes: Any
   absmax: Any
@@ -146,6 +161,22 @@ class Storage(NamedTuple):
     return jax.dtypes.canonicalize_dtype(jnp.promote_types(jnp.float32, dtype))
 
 
+def absmax_spec(param, sharding, block_size: int):
+  """The ``PartitionSpec`` of an 8-bit ``absmax`` of ``param`` sharded by
+  ``sharding`` (:func:`jlowbit._layout.block_spec`)."""
+  return _layout.block_spec(tuple(param.shape), sharding.spec,
+                            _sharding.axis_sizes(sharding.mesh), block_size)
+
+
+def _full(shape, value, dtype, param, sharding) -> jax.Array:
+  """``jnp.full`` placed by ``sharding`` (``None``: JAX's default)."""
+  if sharding is None:
+    return jnp.full(shape, value, dtype)
+  if isinstance(param, jax.core.Tracer):
+    return jnp.full(shape, value, dtype, out_sharding=sharding)
+  return jnp.full(shape, value, dtype, device=sharding)
+
+
 def zero_code_index(signed: bool) -> int:
   """Index of the code 0.0 in the signed/unsigned dynamic codebook."""
   return int(np.argmin(np.abs(codebooks.dynamic(signed))))
@@ -157,18 +188,24 @@ def init_moment(params: Any, *, signed: bool,
 
   8-bit leaves (:meth:`Storage.uses_8bit`) get codes that all point at the
   code 0.0 (what quantizing zeros gives) and zero absmax; the others float
-  zeros (:meth:`Storage.float_dtype`).
+  zeros (:meth:`Storage.float_dtype`). Sharded as the module docstring says.
   """
   def codes(p):
+    sharding = _sharding.leaf_sharding(p)
     if storage.uses_8bit(tuple(p.shape)):
-      return jnp.full(p.shape, zero_code_index(signed), dtype=jnp.uint8)
-    return jnp.zeros(p.shape, storage.float_dtype(p.dtype))
+      return _full(p.shape, zero_code_index(signed), jnp.uint8, p, sharding)
+    return _full(p.shape, 0, storage.float_dtype(p.dtype), p, sharding)
 
   def absmax(p):
     if not storage.uses_8bit(tuple(p.shape)):
       return None
-    return jnp.zeros((-(-math.prod(p.shape) // storage.block_size),),
-                     jnp.float32)
+    sharding = _sharding.leaf_sharding(p)
+    if sharding is not None:
+      sharding = _sharding.named(sharding.mesh, absmax_spec(p, sharding,
+                                                            storage.block_size),
+                                 like=sharding)
+    return _full(_layout.absmax_shape(p.shape, storage.block_size), 0,
+                 jnp.float32, p, sharding)
 
   return Quantized8bitMoment(jax.tree.map(codes, params),
                              jax.tree.map(absmax, params))

@@ -6,10 +6,13 @@ the float32 update math of its algorithm, writes the *direction* in the
 gradient's dtype (unless the caller computes it: ``write_direction``) and
 requantizes every new moment blockwise in place (``absmax`` = max |moment|
 per block, nearest code, ties to the lower index, or stochastic rounding,
-exactly as :func:`jlowbit.blockwise8.quantize_blockwise_reference`).
+exactly as :func:`jlowbit.update8.quantize_rows_reference`). Blocks run
+along each leaf's last axis (:mod:`jlowbit._layout`).
 
-A program owns ``TILE`` consecutive elements of one flattened leaf, i.e.
-``TILE // BLOCK_SIZE`` whole quantization blocks, as one flat tile (reshaped to
+A program owns ``TILE // BLOCK_SIZE`` whole quantization blocks of one
+leaf: ``TILE`` consecutive elements of the flattened leaf when the block
+size divides its rows (the common case), else of the leaf with every row
+padded to whole blocks (the padding lanes masked), as one flat tile (reshaped to
 ``[blocks, BLOCK_SIZE]`` only for the per-block absmax, so the table gathers
 keep a coalesced one-dimensional layout); lanes past the end are masked:
 their moments are zeroed before the absmax and never stored.
@@ -182,15 +185,29 @@ def adagrad_math(g, v, hyper_ptr):
 
 
 @triton.jit
-def _leaf_tile(tile, n_chunks, CHUNK: tl.constexpr, TILE: tl.constexpr):
-  """Tile ``tile`` of a leaf: int64 offsets ``[TILE]``, their mask, ``n``.
+def _leaf_tile(tile, rows, row_chunks, row_blocks, leaf_chunks,
+               BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr,
+               TILE: tl.constexpr, ALIGNED: tl.constexpr):
+  """Tile ``tile`` of a leaf of ``rows`` rows of ``n = row_chunks * CHUNK``
+  elements (``leaf_chunks * CHUNK`` in all), each cut into ``row_blocks``
+  blocks (the last one partial unless ``ALIGNED``): int64 element offsets
+  ``[TILE]``, their mask, ``n``.
 
-  ``n = n_chunks * CHUNK``: with ``CHUNK = 16`` Triton knows that the mask is
-  constant over 16 lanes and vectorizes the loads and stores.
+  Lane ``i`` is position ``tile * TILE + i`` of the leaf with every row
+  padded to ``row_blocks * BLOCK_SIZE`` elements, so a tile holds whole
+  blocks. ``ALIGNED`` (``BLOCK_SIZE`` divides ``n``): no padding, the
+  offsets are the positions themselves. With ``CHUNK = 16`` Triton knows
+  that the mask is constant over 16 lanes and vectorizes the loads and
+  stores.
   """
-  n = n_chunks * CHUNK
-  offsets = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
-  return offsets, offsets < n, n
+  n = row_chunks * CHUNK
+  position = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
+  if ALIGNED:
+    return position, position < leaf_chunks * CHUNK, n
+  padded = row_blocks * BLOCK_SIZE
+  row = position // padded
+  column = position - row * padded
+  return row * n + column, (row < rows) & (column < n), n
 
 
 @triton.jit
@@ -199,19 +216,20 @@ def _load_grad(g_ptr, offsets, mask):
 
 
 @triton.jit
-def _tile_blocks(tile, n, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
-  """Block indices ``[TILE // BLOCK_SIZE]`` of leaf tile ``tile``; their mask."""
+def _tile_blocks(tile, n_blocks, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+  """Block indices ``[TILE // BLOCK_SIZE]`` of leaf tile ``tile`` (row-major
+  over ``rows x row_blocks``, the absmax layout); their mask."""
   block = tile * (TILE // BLOCK_SIZE) + tl.arange(0, TILE // BLOCK_SIZE)
-  return block, block < tl.cdiv(n, BLOCK_SIZE)
+  return block, block < n_blocks
 
 
 @triton.jit
-def _load_moment(codes_ptr, absmax_ptr, code_ptr, tile, offsets, mask, n,
+def _load_moment(codes_ptr, absmax_ptr, code_ptr, tile, offsets, mask, n_blocks,
                  BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
   """Loads and dequantizes one moment tile (float32 ``[TILE]``; lanes off
   ``mask`` hold garbage, which :func:`_store_moment` and the stores drop)."""
   codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-  block, block_mask = _tile_blocks(tile, n, BLOCK_SIZE, TILE)
+  block, block_mask = _tile_blocks(tile, n_blocks, BLOCK_SIZE, TILE)
   absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
   return tl.load(code_ptr + codes) * common.broadcast_rows(
       absmax, TILE // BLOCK_SIZE, BLOCK_SIZE)
@@ -219,7 +237,7 @@ def _load_moment(codes_ptr, absmax_ptr, code_ptr, tile, offsets, mask, n,
 
 @triton.jit
 def _store_moment(value, codes_ptr, absmax_ptr, search_ptr, buckets_ptr,
-                  pairs_ptr, tile, offsets, mask, n, BLOCK_SIZE: tl.constexpr,
+                  pairs_ptr, tile, offsets, mask, n_blocks, BLOCK_SIZE: tl.constexpr,
                   TILE: tl.constexpr, units, CODE_BITS: tl.constexpr,
                   STEPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                   SATURATE: tl.constexpr, SIGNED: tl.constexpr):
@@ -242,18 +260,26 @@ def _store_moment(value, codes_ptr, absmax_ptr, search_ptr, buckets_ptr,
       tl.where(mask, value, 0.0), search_ptr, buckets_ptr, BLOCK_SIZE,
       TILE // BLOCK_SIZE, CODE_BITS, STEPS, pairs_ptr, units, STOCHASTIC)
   tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
-  block, block_mask = _tile_blocks(tile, n, BLOCK_SIZE, TILE)
+  block, block_mask = _tile_blocks(tile, n_blocks, BLOCK_SIZE, TILE)
   tl.store(absmax_ptr + block, absmax, mask=block_mask)
 
 
 @triton.jit
-def _tile_noise(key_ptr, tile, counter, TILE: tl.constexpr):
-  """Rounding noise of leaf tile ``tile`` (:func:`common.quasi_uniform_units`)
-  at the step offset ``key``: element ``j`` of the leaf has the counter
-  ``counter + j`` (modulo ``2**32``)."""
-  first = (tile.to(tl.uint32) * TILE + counter).to(tl.uint32)
-  return common.quasi_uniform_units(first + tl.arange(0, TILE).to(tl.uint32),
-                                    tl.load(key_ptr))
+def _tile_noise(keys_ptr, key_at, offsets, mask, n, ROW_NOISE: tl.constexpr):
+  """Rounding noise of a leaf tile (:func:`common.quasi_uniform_units`).
+
+  Element ``(row, column)`` (its offset ``row * n + column``) draws with
+  the counter ``column`` at the key ``keys[key_at + row]`` with
+  ``ROW_NOISE`` (a shard whose rows lie apart in the global leaf), else with
+  the counter ``offset`` at the key ``keys[key_at]``; a key is the step's
+  Weyl offset plus ``PHASE_MULTIPLIER`` times the counter of the row's (the
+  leaf's) first element, so both give the element's global counter."""
+  if ROW_NOISE:
+    row = offsets // n
+    key = tl.load(keys_ptr + key_at + row, mask=mask, other=0)
+    return common.quasi_uniform_units((offsets - row * n).to(tl.uint32), key)
+  return common.quasi_uniform_units(offsets.to(tl.uint32),
+                                    tl.load(keys_ptr + key_at))
 
 
 @triton.jit
@@ -261,9 +287,10 @@ def _store_direction(d_ptr, d, offsets, mask):
   tl.store(d_ptr + offsets, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-# Leaf layout of a launch: per leaf (first tile in the grid, n // CHUNK,
-# noise counter of its first element).
-Layout = tuple[tuple[int, int, int], ...]
+# Leaf layout of a launch: per leaf (first tile in the grid, rows, row length
+# // CHUNK, blocks per row, index of its first noise key, whether its rows
+# are whole blocks, whether its noise is keyed per row).
+Layout = tuple[tuple[int, int, int, int, int, bool, bool], ...]
 
 
 def _leaf_pointers(suffix: str, moments: int,
@@ -281,11 +308,13 @@ def _leaf_dispatch(layout: Layout, moments: int, direction: bool, lo: int,
   """Nested ``if``\\ s calling the tile function on the leaf (of ``lo:hi``)
   that owns ``tile``."""
   if hi - lo == 1:
-    first, n_chunks, counter = layout[lo]
+    first, rows, row_chunks, row_blocks, key_at, aligned, row_noise = layout[lo]
     ins, outs = _leaf_pointers(f"_{lo}", moments, direction)
     return [f"{indent}_update_tile({', '.join(ins + outs)}, qmaps_ptr, "
-            f"buckets_ptr, hyper_ptr, key_ptr, tile - {first}, {n_chunks}, "
-            f"{counter}, BLOCK_SIZE, TILE, CHUNK, CODE_BITS)"]
+            f"buckets_ptr, hyper_ptr, keys_ptr, tile - {first}, {rows}, "
+            f"{row_chunks}, {row_blocks}, {rows * row_chunks}, "
+            f"{rows * row_blocks}, {key_at}, BLOCK_SIZE, TILE, CHUNK, "
+            f"CODE_BITS, {aligned}, {row_noise})"]
   mid = (lo + hi) // 2
   return ([f"{indent}if tile < {layout[mid][0]}:"]
           + _leaf_dispatch(layout, moments, direction, lo, mid, indent + "  ")
@@ -311,13 +340,17 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
       f"{qmap(j, 1)}")
   steps = lambda j: _search_tables()[2][book(j)][stochastic[j]]
   moments = ", ".join(f"m{j}" for j in range(k))
-  tile_args = "tile, offsets, mask, n, BLOCK_SIZE, TILE"
+  tile_args = "tile, offsets, mask, leaf_blocks, BLOCK_SIZE, TILE"
   ins, outs = _leaf_pointers("_ptr", k, direction)
-  tile_params = [*ins, *outs, "qmaps_ptr", "buckets_ptr", "hyper_ptr", "key_ptr",
-                 "tile", "n_chunks", "counter", *constexprs]
-  noise = ["units = _tile_noise(key_ptr, tile, counter, TILE)"] if any(stochastic) else []
+  tile_params = [*ins, *outs, "qmaps_ptr", "buckets_ptr", "hyper_ptr", "keys_ptr",
+                 "tile", "rows", "row_chunks", "row_blocks", "leaf_chunks",
+                 "leaf_blocks", "key_at", *constexprs,
+                 *(f"{c}: tl.constexpr" for c in ("ALIGNED", "ROW_NOISE"))]
+  noise = (["units = _tile_noise(keys_ptr, key_at, offsets, mask, n, ROW_NOISE)"]
+           if any(stochastic) else [])
   tile_body = [
-      "offsets, mask, n = _leaf_tile(tile, n_chunks, CHUNK, TILE)",
+      "offsets, mask, n = _leaf_tile(tile, rows, row_chunks, row_blocks, "
+      "leaf_chunks, BLOCK_SIZE, CHUNK, TILE, ALIGNED)",
       "grad = _load_grad(g_ptr, offsets, mask)",
       *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j, 0)}, {tile_args})"
         for j in range(k)),
@@ -330,7 +363,7 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
   ]
   ins, outs = zip(*(_leaf_pointers(f"_{i}", k, direction)
                     for i in range(len(layout))))
-  params = [*sum(ins, []), "qmaps_ptr", "buckets_ptr", "hyper_ptr", "key_ptr",
+  params = [*sum(ins, []), "qmaps_ptr", "buckets_ptr", "hyper_ptr", "keys_ptr",
             *sum(outs, []), *constexprs]
   body = ["tile = tl.program_id(0)",
           *_leaf_dispatch(layout, k, direction, 0, len(layout), "")]
@@ -346,8 +379,8 @@ def update_kernel(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
   """The ``@triton.jit`` update kernel of ``algorithm`` over ``layout``.
 
   Arguments: per leaf ``g, (codes, absmax) per moment``; then ``qmaps``,
-  ``buckets``, ``hyper``, ``key`` (uint32 ``[1]``, the rounding noise's
-  step offset, read only when a moment of ``stochastic`` is true); then per
+  ``buckets``, ``hyper``, ``keys`` (uint32, the rounding noise's keys:
+  :func:`fused_update`, read only when a moment of ``stochastic`` is true); then per
   leaf the outputs ``d`` (if ``direction``),
   ``(codes, absmax)`` per moment; then the constexprs.
   The source is registered with :mod:`linecache` so that Triton (and its
@@ -403,31 +436,40 @@ Moment = tuple[jax.Array, jax.Array]
 
 def _launches(algorithm: str, grads: Sequence[jax.Array]) -> list[list[int]]:
   """Leaf indices per launch: non-empty leaves grouped by gradient dtype and
-  by whether 16 divides their size, at most MAX_KERNEL_POINTERS each."""
+  by whether 16 divides their rows' length, at most MAX_KERNEL_POINTERS each."""
   per_leaf = 2 + 4 * len(algorithms.ALGORITHMS[algorithm].moments)
   groups: dict[tuple, list[int]] = {}
   for i, grad in enumerate(grads):
     if grad.size:
-      key = (jnp.dtype(grad.dtype), grad.size % VECTOR_CHUNK == 0)
+      key = (jnp.dtype(grad.dtype), _row_length(grad) % VECTOR_CHUNK == 0)
       groups.setdefault(key, []).append(i)
   most = MAX_KERNEL_POINTERS // per_leaf
   return [leaves[i:i + most] for leaves in groups.values()
           for i in range(0, len(leaves), most)]
 
 
+def _row_length(grad: jax.Array) -> int:
+  return grad.shape[-1] if grad.ndim else 1
+
+
 def _launch(algorithm: str, grads: Sequence[jax.Array],
             moments: Sequence[tuple[Moment, ...]], hyper: jax.Array,
-            key: jax.Array, counters: Sequence[int], block_size: int, impl: str,
+            keys: jax.Array, key_at: Sequence[tuple[int, bool]],
+            block_size: int, impl: str,
             stochastic: tuple[bool, ...], write_direction: bool
             ) -> list[tuple[jax.Array | None, tuple[Moment, ...]]]:
   """One kernel launch over non-empty leaves of one dtype."""
   alg = algorithms.ALGORITHMS[algorithm]
   tile = max(TILE_ELEMENTS, block_size)
-  chunk = VECTOR_CHUNK if all(g.size % VECTOR_CHUNK == 0 for g in grads) else 1
+  chunk = (VECTOR_CHUNK if all(_row_length(g) % VECTOR_CHUNK == 0 for g in grads)
+           else 1)
   layout, first = [], 0
-  for grad, counter in zip(grads, counters):
-    layout.append((first, grad.size // chunk, counter % (1 << 32)))
-    first += cdiv(grad.size, tile)
+  for grad, (at, row_noise) in zip(grads, key_at):
+    n = _row_length(grad)
+    rows, row_blocks = grad.size // n, cdiv(n, block_size)
+    layout.append((first, rows, n // chunk, row_blocks, at,
+                   n == row_blocks * block_size, row_noise))
+    first += cdiv(rows * row_blocks * block_size, tile)
   args, out_shape, aliases = [], [], {}
   for grad, leaf_moments in zip(grads, moments):
     n = grad.size
@@ -436,13 +478,13 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
       out_shape.append(jax.ShapeDtypeStruct(
           (n,), alg.exact_direction_dtype or grad.dtype))
     for codes, absmax in leaf_moments:
-      for array in (codes.reshape(-1), absmax):
+      for array in (codes.reshape(-1), absmax.reshape(-1)):
         aliases[len(args)] = len(out_shape)
         args.append(array)
         out_shape.append(jax.ShapeDtypeStruct(array.shape, array.dtype))
   outs = launch(
       __name__, "update_kernel", *args, jnp.asarray(qmaps()),
-      jnp.asarray(bucket_entries()), hyper, key,
+      jnp.asarray(bucket_entries()), hyper, keys,
       kernel_args=(algorithm, tuple(layout), stochastic, write_direction),
       out_shape=out_shape,
       grid=(first,), impl=impl, input_output_aliases=aliases,
@@ -450,21 +492,23 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
       TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS)
   per_leaf = 2 * len(alg.moments) + write_direction
   results = []
-  for i, grad in enumerate(grads):
+  for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
     flat = outs[i * per_leaf:(i + 1) * per_leaf]
     d = None
     if write_direction:
       d, *flat = flat
       d = d.astype(grad.dtype).reshape(grad.shape)
-    results.append((d, tuple((flat[j].reshape(grad.shape), flat[j + 1])
-                             for j in range(0, len(flat), 2))))
+    results.append((d, tuple(
+        (flat[j].reshape(grad.shape),
+         flat[j + 1].reshape(leaf_moments[j // 2][1].shape))
+        for j in range(0, len(flat), 2))))
   return results
 
 
 def fused_update(
     algorithm: str, grads: Sequence[jax.Array],
-    moments: Sequence[tuple[Moment, ...]], hyper: jax.Array, key: jax.Array,
-    counters: Sequence[int], *, block_size: int, impl: str,
+    moments: Sequence[tuple[Moment, ...]], hyper: jax.Array, keys: jax.Array,
+    key_at: Sequence[tuple[int, bool]], *, block_size: int, impl: str,
     stochastic: tuple[bool, ...], write_direction: bool,
 ) -> list[tuple[jax.Array | None, tuple[Moment, ...]]]:
   r"""Launches the fused 8-bit optimizer step of many leaves (few launches).
@@ -474,15 +518,20 @@ def fused_update(
 
   Args:
     algorithm: a key of :data:`jlowbit.algorithms.ALGORITHMS`.
-    grads: float32, bfloat16 or float16 gradients, any shapes.
+    grads: float32, bfloat16 or float16 gradients, at least 1-D.
     moments: per gradient, one ``(codes, absmax)`` pair per moment of
       ``algorithm``: ``codes`` uint8 of the gradient's shape, ``absmax``
-      float32 ``[ceil(size / block_size)]``.
+      float32 ``shape[:-1] + (ceil(shape[-1] / block_size),)`` (blocks
+      along the last axis, :mod:`jlowbit._layout`).
     hyper: float32 vector in the algorithm's ``hyper`` layout, may be traced.
-    key: uint32 ``[1]``: the step's noise offset
-      (:func:`jlowbit._noise.weyl_offset`), read when a moment rounds
-      stochastically.
-    counters: per gradient, the noise counter of its first element.
+    keys: uint32 noise keys, read when a moment rounds stochastically: a
+      key is the step's offset (:func:`jlowbit._noise.weyl_offset`) plus
+      ``PHASE_MULTIPLIER`` times the noise counter of a leaf's (or a row's)
+      first element.
+    key_at: per gradient ``(index of its first key, per_row)``: one key for
+      the leaf (its elements' counters run on row-major) or, with
+      ``per_row``, one per row (a shard whose rows lie apart in the global
+      leaf).
     block_size: elements per quantization block.
     impl: ``"triton"`` or ``"interpret"``.
     stochastic: per moment, whether it rounds stochastically.
@@ -498,8 +547,8 @@ def fused_update(
   results = [(None, tuple(m)) for m in moments]
   for leaves in _launches(algorithm, grads):
     outs = _launch(algorithm, [grads[i] for i in leaves],
-                   [moments[i] for i in leaves], hyper, key,
-                   [counters[i] for i in leaves], block_size, impl, stochastic,
+                   [moments[i] for i in leaves], hyper, keys,
+                   [key_at[i] for i in leaves], block_size, impl, stochastic,
                    write_direction)
     for i, out in zip(leaves, outs):
       results[i] = out
