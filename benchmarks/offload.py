@@ -120,6 +120,19 @@ def _out_of_memory(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
+def _memory(compiled) -> dict:
+  """The compiled step's planned memory: device bytes (arguments, outputs
+  not aliased to donated arguments, temporaries) and host bytes."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  device = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  host = (getattr(stats, "host_argument_size_in_bytes", 0)
+          + getattr(stats, "host_temp_size_in_bytes", 0))
+  return dict(step_device_gb=device / 1e9, step_host_gb=host / 1e9)
+
+
 def run_one(name: str, shape: Shape, batch: int, seq: int, steps: int) -> dict:
   """One optimizer at one depth: fits or not, median step time."""
   tx = optimizers()[name]()
@@ -141,6 +154,7 @@ def run_one(name: str, shape: Shape, batch: int, seq: int, steps: int) -> dict:
   params = state = None
   try:
     params, state = setup(jax.random.key(0))
+    row.update(_memory(step.lower(params, state, tokens).compile()))
     params, state, loss = step(params, state, tokens)
     jax.block_until_ready(loss)
     times = []
@@ -175,6 +189,9 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--tiny", action="store_true",
                       help="CPU smoke test: width 64, depths 1 2, seq 16")
+  parser.add_argument("--optimizers", nargs="+", choices=list(optimizers()),
+                      default=list(optimizers()), metavar="NAME",
+                      help=f"a subset of {list(optimizers())}")
   parser.add_argument("--json")
   args = parser.parse_args()
   if args.tiny:
@@ -182,7 +199,7 @@ def main():
     args.batch, args.seq, args.steps = 2, 16, 2
   print("device:", jax.devices()[0].device_kind)
   rows = []
-  for name in optimizers():
+  for name in args.optimizers:
     for depth in args.depths:
       shape = Shape(args.width, depth, args.vocab, max(1, args.width // 128))
       row = run_one(name, shape, args.batch, args.seq, args.steps)
@@ -192,10 +209,10 @@ def main():
         break
   largest = {name: max((r["params"] for r in rows
                         if r["optimizer"] == name and r["fits"]), default=0)
-             for name in optimizers()}
+             for name in args.optimizers}
   summary = dict(largest_params=largest)
   base, eight, offload = list(optimizers())
-  if largest[base]:
+  if largest.get(base) and largest.get(offload):
     summary["offload_params_vs_optax"] = largest[offload] / largest[base]
   both = [r["depth"] for r in rows if r["optimizer"] == eight and r["fits"]]
   if both:

@@ -691,10 +691,12 @@ def _tiled_lane(tiled_ptr, absmax_ptr, K: tl.constexpr, K_SPLIT: tl.constexpr,
 @triton.jit
 def gemv_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, N, y_ptr,
                           K: tl.constexpr, SPLIT_K: tl.constexpr,
-                          NUM_WARPS: tl.constexpr, STREAM: tl.constexpr):
+                          NUM_WARPS: tl.constexpr, STREAM: tl.constexpr,
+                          UNROLL: tl.constexpr = 1):
   """:func:`gemv_mma_kernel` (one block per asm) reading the layout of
   :func:`repack_tiled`; ``STREAM``: trivial arithmetic instead of the
-  mmas (the layout's bandwidth alone)."""
+  mmas (the layout's bandwidth alone); ``UNROLL`` blocks per loop step (their
+  loads issued together: more bytes in flight per warp)."""
   THREADS: tl.constexpr = 32 * NUM_WARPS
   K_SPLIT: tl.constexpr = K // SPLIT_K
   lane, g, t, tile, kb_first, w_ptrs, a_ptr = _tiled_lane(
@@ -705,24 +707,26 @@ def gemv_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, N, y_ptr,
   table = _lane_table(table_ptr, lane)
   acc_g = tl.zeros([THREADS], tl.float32)
   acc_h = tl.zeros([THREADS], tl.float32)
-  for block in range(K_SPLIT // 64):
-    w0, w1, w2, w3 = _split4(tl.load(w_ptrs + block * 128))
-    x0, x1, x2, x3 = _split4(tl.load(x_ptrs + block * 32))
-    x4, x5, x6, x7 = _split4(tl.load(x_ptrs + block * 32 + 16))
-    if STREAM:
-      bits = w0 ^ w1 ^ w2 ^ w3 ^ x0 ^ x1 ^ x2 ^ x3 ^ x4 ^ x5 ^ x6 ^ x7
-      sum_g = bits.to(tl.float32)
-      sum_h = sum_g
-    else:
-      sums = tl.inline_asm_elementwise(
-          _MMA_BLOCK_ASM, "=r,=r" + ",r" * 20,
-          [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, table[0],
-           table[1], table[2], table[3], table[4], table[5], table[6],
-           table[7]], (tl.float32, tl.float32), is_pure=True, pack=1)
-      sum_g = sums[0]
-      sum_h = sums[1]
-    acc_g += sum_g * tl.load(a_ptr + block * 16)
-    acc_h += sum_h * tl.load(a_ptr + block * 16 + 8)
+  for block0 in range(0, K_SPLIT // 64, UNROLL):
+    for u in tl.static_range(UNROLL):
+      block = block0 + u
+      w0, w1, w2, w3 = _split4(tl.load(w_ptrs + block * 128))
+      x0, x1, x2, x3 = _split4(tl.load(x_ptrs + block * 32))
+      x4, x5, x6, x7 = _split4(tl.load(x_ptrs + block * 32 + 16))
+      if STREAM:
+        bits = w0 ^ w1 ^ w2 ^ w3 ^ x0 ^ x1 ^ x2 ^ x3 ^ x4 ^ x5 ^ x6 ^ x7
+        sum_g = bits.to(tl.float32)
+        sum_h = sum_g
+      else:
+        sums = tl.inline_asm_elementwise(
+            _MMA_BLOCK_ASM, "=r,=r" + ",r" * 20,
+            [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, table[0],
+             table[1], table[2], table[3], table[4], table[5], table[6],
+             table[7]], (tl.float32, tl.float32), is_pure=True, pack=1)
+        sum_g = sums[0]
+        sum_h = sums[1]
+      acc_g += sum_g * tl.load(a_ptr + block * 16)
+      acc_h += sum_h * tl.load(a_ptr + block * 16 + 8)
   out = y_ptr + tl.program_id(1) * N + tile * 16 + g
   tl.store(out, acc_g.to(y_ptr.dtype.element_ty), mask=t == 0)
   tl.store(out + 8, acc_h.to(y_ptr.dtype.element_ty), mask=t == 0)
@@ -731,7 +735,7 @@ def gemv_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, N, y_ptr,
 @triton.jit
 def matmul_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, M, N,
                             y_ptr, K: tl.constexpr, SPLIT_K: tl.constexpr,
-                            NUM_WARPS: tl.constexpr):
+                            NUM_WARPS: tl.constexpr, UNROLL: tl.constexpr = 1):
   """``y [SPLIT_K, M, N] = x [M, K] W^T`` for ``M <= 8`` bf16 rows of ``x``
   on the :func:`repack_tiled` layout: :func:`gemv_mma_tiled_kernel` with
   row ``m`` of ``x`` in column ``m`` of B (lanes of group ``g`` load row
@@ -750,22 +754,24 @@ def matmul_mma_tiled_kernel(x_ptr, tiled_ptr, table_ptr, absmax_ptr, M, N,
   acc1 = tl.zeros([THREADS], tl.float32)  # row g, column 2t + 1
   acc2 = tl.zeros([THREADS], tl.float32)  # row g + 8, column 2t
   acc3 = tl.zeros([THREADS], tl.float32)  # row g + 8, column 2t + 1
-  for block in range(K_SPLIT // 64):
-    w0, w1, w2, w3 = _split4(tl.load(w_ptrs + block * 128))
-    x0, x1, x2, x3 = _split4(tl.load(x_ptrs + block * 32, mask=x_ok, other=0))
-    x4, x5, x6, x7 = _split4(tl.load(x_ptrs + block * 32 + 16, mask=x_ok,
-                                     other=0))
-    d = tl.inline_asm_elementwise(
-        _MMA_COLUMNS_ASM, "=r,=r,=r,=r" + ",r" * 20,
-        [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, table[0], table[1],
-         table[2], table[3], table[4], table[5], table[6], table[7]],
-        (tl.float32,) * 4, is_pure=True, pack=1)
-    absmax_g = tl.load(a_ptr + block * 16)
-    absmax_h = tl.load(a_ptr + block * 16 + 8)
-    acc0 += d[0] * absmax_g
-    acc1 += d[1] * absmax_g
-    acc2 += d[2] * absmax_h
-    acc3 += d[3] * absmax_h
+  for block0 in range(0, K_SPLIT // 64, UNROLL):
+    for u in tl.static_range(UNROLL):
+      block = block0 + u
+      w0, w1, w2, w3 = _split4(tl.load(w_ptrs + block * 128))
+      x0, x1, x2, x3 = _split4(tl.load(x_ptrs + block * 32, mask=x_ok, other=0))
+      x4, x5, x6, x7 = _split4(tl.load(x_ptrs + block * 32 + 16, mask=x_ok,
+                                       other=0))
+      d = tl.inline_asm_elementwise(
+          _MMA_COLUMNS_ASM, "=r,=r,=r,=r" + ",r" * 20,
+          [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, table[0], table[1],
+           table[2], table[3], table[4], table[5], table[6], table[7]],
+          (tl.float32,) * 4, is_pure=True, pack=1)
+      absmax_g = tl.load(a_ptr + block * 16)
+      absmax_h = tl.load(a_ptr + block * 16 + 8)
+      acc0 += d[0] * absmax_g
+      acc1 += d[1] * absmax_g
+      acc2 += d[2] * absmax_h
+      acc3 += d[3] * absmax_h
   out = y_ptr + tl.program_id(1) * M * N + tile * 16 + g
   dtype = y_ptr.dtype.element_ty
   m0 = 2 * t

@@ -238,32 +238,35 @@ def run(shapes, quick: bool, variants) -> list[dict]:
         record("mma", f"w{warps} s{split_k} b{blocks}", launch_mma, launch_mma)
     if "tiled" in variants:
       tiled, tiled_absmax = gemv_candidate.repack_tiled(packed, absmax, n, k)
-      for warps, split_k, stream in itertools.product((1, 2, 4), (1, 2, 4, 8, 16),
-                                                      (False, True)):
-        if n % (16 * warps) or k % (64 * split_k):
+      for warps, split_k, stream, unroll in itertools.product(
+          (1, 2), (2, 4, 8, 16), (False, True), (1, 2, 4)):
+        if n % (16 * warps) or k % (64 * split_k * unroll):
           continue
         yt = torch.empty((split_k, n), device="cuda",
                          dtype=torch.bfloat16 if split_k == 1 else torch.float32)
-        def launch_tiled(warps=warps, split_k=split_k, stream=stream, yt=yt):
+        def launch_tiled(warps=warps, split_k=split_k, stream=stream, yt=yt,
+                         unroll=unroll):
           gemv_candidate.gemv_mma_tiled_kernel[(n // (16 * warps), split_k)](
               x, tiled, table, tiled_absmax, n, yt, K=k, SPLIT_K=split_k,
-              NUM_WARPS=warps, STREAM=stream, num_warps=warps)
+              NUM_WARPS=warps, STREAM=stream, UNROLL=unroll, num_warps=warps)
           return yt.sum(0) if split_k > 1 else yt[0]
-        record("stream tiled" if stream else "mma tiled", f"w{warps} s{split_k}",
+        record("stream tiled" if stream else "mma tiled",
+               f"w{warps} s{split_k} u{unroll}",
                launch_tiled, None if stream else launch_tiled)
       wf = (lut[torch.stack([packed >> 4, packed & 15], 1).reshape(n, k).long()]
             * absmax.repeat_interleave(BLOCK_SIZE).reshape(n, k))
       for m in (4, 8):
         xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         refm = xm.float() @ wf.t()
-        for warps, split_k in itertools.product((1, 2), (4, 8, 16)):
-          if n % (16 * warps) or k % (64 * split_k):
+        for warps, split_k, unroll in itertools.product((1,), (4, 8, 16), (1, 2, 4)):
+          if n % (16 * warps) or k % (64 * split_k * unroll):
             continue
           ym = torch.empty((split_k, m, n), device="cuda", dtype=torch.float32)
-          def launch_small(warps=warps, split_k=split_k, xm=xm, ym=ym, m=m):
+          def launch_small(warps=warps, split_k=split_k, xm=xm, ym=ym, m=m,
+                           unroll=unroll):
             gemv_candidate.matmul_mma_tiled_kernel[(n // (16 * warps), split_k)](
                 xm, tiled, table, tiled_absmax, m, n, ym, K=k, SPLIT_K=split_k,
-                NUM_WARPS=warps, num_warps=warps)
+                NUM_WARPS=warps, UNROLL=unroll, num_warps=warps)
             return ym.sum(0)
           try:
             us = _bench(launch_small)
@@ -271,7 +274,8 @@ def run(shapes, quick: bool, variants) -> list[dict]:
             print(f"mma tiled m{m} failed: {e!r}"[:2000], flush=True)
             continue
           err = float((launch_small() - refm).abs().max() / refm.abs().max())
-          row = dict(base, variant=f"mma tiled m{m}", config=f"w{warps} s{split_k}",
+          row = dict(base, variant=f"mma tiled m{m}",
+                     config=f"w{warps} s{split_k} u{unroll}",
                      us=us, TBps=nbytes / us / 1e6, err=err)
           rows.append(row)
           print(json.dumps(row), flush=True)
