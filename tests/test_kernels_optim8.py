@@ -225,6 +225,10 @@ def _leaves(algorithm, cases, block_size):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_many_leaves_match_contract_reference(impl, block_size, algorithm):
   cases = INTERPRET_LEAVES if impl == "interpret" else GPU_LEAVES
+  if impl == "interpret" and block_size > 64:
+    # Each row of a 2-D leaf is its own (partial) block: (300, 7) would be
+    # 300 interpreted programs 4096 lanes wide. Block 64 covers 2-D leaves.
+    cases = [(shape, dtype) for shape, dtype in cases if len(shape) < 2]
   grads, moments, hyper = _leaves(algorithm, cases, block_size)
   out = fused_leaves(algorithm, grads, moments, hyper,
                                    block_size=block_size, impl=impl)
