@@ -38,6 +38,8 @@ import dataclasses
 import gc
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -178,6 +180,23 @@ def run_one(name: str, shape: Shape, batch: int, seq: int, steps: int) -> dict:
   return row
 
 
+_ROW_PREFIX = "ROW "
+
+
+def _run_child(name: str, shape: Shape, args) -> dict:
+  """:func:`run_one` in a fresh Python process."""
+  config = json.dumps(dict(optimizer=name, shape=dataclasses.asdict(shape)))
+  result = subprocess.run(
+      [sys.executable, __file__, "--one", config, "--batch", str(args.batch),
+       "--seq", str(args.seq), "--steps", str(args.steps)],
+      capture_output=True, text=True, check=False)
+  for line in result.stdout.splitlines():
+    if line.startswith(_ROW_PREFIX):
+      return json.loads(line[len(_ROW_PREFIX):])
+  raise RuntimeError(f"{name} at depth {shape.depth} failed:\n"
+                     f"{result.stderr[-3000:]}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--width", type=int, default=4096)
@@ -192,17 +211,32 @@ def main():
   parser.add_argument("--optimizers", nargs="+", choices=list(optimizers()),
                       default=list(optimizers()), metavar="NAME",
                       help=f"a subset of {list(optimizers())}")
+  parser.add_argument("--in-process", action="store_true",
+                      help="run every configuration in this process (by "
+                      "default each runs in a fresh one, so that memory a "
+                      "failed configuration held cannot fail the next)")
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # a child's config
   parser.add_argument("--json")
   args = parser.parse_args()
+  if args.one:
+    config = json.loads(args.one)
+    row = run_one(config["optimizer"], Shape(**config["shape"]), args.batch,
+                  args.seq, args.steps)
+    print(_ROW_PREFIX + json.dumps(row), flush=True)
+    return
   if args.tiny:
     args.width, args.depths, args.vocab = 64, [1, 2], 256
     args.batch, args.seq, args.steps = 2, 16, 2
+    args.in_process = True
   print("device:", jax.devices()[0].device_kind)
   rows = []
   for name in args.optimizers:
     for depth in args.depths:
       shape = Shape(args.width, depth, args.vocab, max(1, args.width // 128))
-      row = run_one(name, shape, args.batch, args.seq, args.steps)
+      if args.in_process:
+        row = run_one(name, shape, args.batch, args.seq, args.steps)
+      else:
+        row = _run_child(name, shape, args)
       rows.append(row)
       print(json.dumps(row), flush=True)
       if not row["fits"]:
