@@ -169,6 +169,9 @@ def run_one(name: str, shape: Shape, batch: int, seq: int, steps: int) -> dict:
                state_memory_kinds=sorted({
                    leaf.sharding.memory_kind for leaf in jax.tree.leaves(state)
                    if leaf.ndim >= 1}))
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # of this process (each config has one)
+      row["peak_device_gb"] = stats["peak_bytes_in_use"] / 1e9
   except Exception as e:  # pylint: disable=broad-except
     if not _out_of_memory(e):
       raise
