@@ -2,9 +2,11 @@
 
 Each helper has a ``jax.numpy`` twin in :mod:`jlowbit._twins` that does
 the same float32 operations in the same order, so codes agree bit for bit.
-The one exception is :func:`scaled_bucket_index`, a faster route to the
-index of the reference's :func:`scaled_tree_index` through the same
-comparisons (equal for every input: ``tests/test_ground_search.py``).
+The exceptions are faster routes to the same results: the bucketed search
+(:func:`bucket_operands`, :func:`scaled_bucket_index`) finds the index of
+the reference's
+:func:`scaled_tree_index` through the same comparisons (equal for every
+input: ``tests/test_ground_search.py``, ``tests/test_ops_blockwise8.py``).
 """
 
 import os
@@ -27,6 +29,7 @@ UNIFORM_SHIFT = tl.constexpr(32 - _noise.UNIFORM_BITS)
 # compiled ones take GPU approximations with no interpreter counterpart.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 INV_TINY_SCALE = tl.constexpr(1 / _twins.TINY_SCALE)
+INF_SCALE_FACTOR = tl.constexpr(2.0 ** -126)  # bucket_operands
 RECIPROCAL_MIN_SCALE = tl.constexpr(_twins.RECIPROCAL_MIN_SCALE)
 RECIPROCAL_MAX_SCALE = tl.constexpr(_twins.RECIPROCAL_MAX_SCALE)
 
@@ -87,17 +90,14 @@ def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCK_SIZE: tl.constexpr,
   absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCK_SIZE)))
   scale = block_scale(absmax)
   if STEPS > 0:
-    factor = tiny_scale_factor(scale)  # exact_comparison_operands, per block
-    scale = scale * factor
+    factor, scale, inv_scale = bucket_operands(scale)
+    x = x * broadcast_rows(factor, BLOCKS, BLOCK_SIZE)
+    scale = broadcast_rows(scale, BLOCKS, BLOCK_SIZE)
     codes = scaled_bucket_index(
-        x * broadcast_rows(factor, BLOCKS, BLOCK_SIZE),
-        broadcast_rows(scale, BLOCKS, BLOCK_SIZE),
-        broadcast_rows(1.0 / scale, BLOCKS, BLOCK_SIZE), search_ptr, buckets_ptr,
-        STEPS)
+        x, scale, broadcast_rows(inv_scale, BLOCKS, BLOCK_SIZE), search_ptr,
+        buckets_ptr, STEPS)
     if STOCHASTIC:
-      codes = stochastic_step(
-          x * broadcast_rows(factor, BLOCKS, BLOCK_SIZE),
-          broadcast_rows(scale, BLOCKS, BLOCK_SIZE), codes, pairs_ptr, units)
+      codes = stochastic_step(x, scale, codes, pairs_ptr, units)
   else:
     tl.static_assert(not STOCHASTIC, "stochastic rounding needs STEPS > 0")
     codes = scaled_tree_index(x, broadcast_rows(scale, BLOCKS, BLOCK_SIZE),
@@ -158,21 +158,41 @@ def scaled_tree_index(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
 
 
 @triton.jit
+def bucket_operands(scale):
+  """Per block scale ``s`` (> 0, from :func:`block_scale`): ``(f, s * f,
+  inv_scale)`` for :func:`scaled_bucket_index` on ``x * f``.
+
+  ``f`` is :func:`exact_comparison_operands`' factor (``2**64`` where ``s <
+  2**-64``), which leaves every comparison ``t * s <= x`` as it was, and
+  ``inv_scale`` is about ``1 / (s * f)``. A block of
+  scale ``inf`` takes ``f = inv_scale = 2**-126`` instead (its comparisons
+  ``t * inf <= x * f`` depend only on the sign of ``t`` and on whether
+  ``x`` is finite, both kept): its key operand ``x * f * inv_scale`` is
+  then ``+-inf`` for ``x = +-inf`` and below ``2**-124`` in magnitude for
+  a finite ``x``, keys of the same start as ``+-0``
+  (``jlowbit._search.ZERO_KEYS_BOUND``), so no ``x`` but NaN gives a NaN
+  key: no select per element.
+  """
+  infinite = scale == float("inf")
+  factor = tl.where(infinite, INF_SCALE_FACTOR, tiny_scale_factor(scale))
+  scale = scale * factor
+  return factor, scale, tl.where(infinite, INF_SCALE_FACTOR, 1.0 / scale)
+
+
+@triton.jit
 def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
                         STEPS: tl.constexpr):
   """:func:`scaled_tree_index`'s index in ``STEPS`` gathers instead of 8.
 
-  ``x``, ``scale`` (> 0) and ``inv_scale`` (about ``1 / scale``) as after
-  :func:`exact_comparison_operands`. The top 16 bits of ``r = x *
-  inv_scale`` are a key of ``jlowbit._search.bucket_search_table``, whose
-  entry (one 64-bit gather) holds a lower bound ``start`` of the index and
-  the threshold ``t[start]``; ``STEPS`` comparisons ``t[index] * scale <=
-  x`` of the sorted thresholds ``t`` finish it, the first against the
-  entry's threshold. ``r`` is NaN for a NaN ``x`` (a NaN key: index 0) and
-  for ``x = +-inf`` in a block of scale ``inf``, which then keys by ``x``.
+  ``x``, ``scale`` (> 0) and ``inv_scale`` per :func:`bucket_operands`.
+  The top 16 bits of ``r = x * inv_scale`` are a key of
+  ``jlowbit._search.bucket_search_table``, whose entry (one 64-bit gather)
+  holds a lower bound ``start`` of the index and the threshold
+  ``t[start]``; ``STEPS`` comparisons ``t[index] * scale <= x`` of the
+  sorted thresholds ``t`` finish it, the first against the entry's
+  threshold. A NaN ``x`` has a NaN key: index 0.
   """
   r = x * inv_scale
-  r = tl.where(r == r, r, x)
   key = r.to(tl.uint32, bitcast=True) >> BUCKET_KEY_SHIFT
   entry = tl.load(buckets_ptr.to(tl.pointer_type(tl.int64)) + key)
   first_threshold = entry.to(tl.int32).to(tl.float32, bitcast=True)
@@ -232,8 +252,8 @@ def quasi_uniform_units(counters, offset):
 @triton.jit
 def stochastic_step(x, scale, floor, pairs_ptr, units):
   """``jlowbit._twins.stochastic_index`` on the operands ``x``, ``scale``
-  of :func:`exact_comparison_operands`: ``floor``, the lower bracketing code
-  of ``x / scale``, or the next code, by the noise ``units``
+  of :func:`bucket_operands`: ``floor``, the lower bracketing code of ``x /
+  scale``, or the next code, by the noise ``units``
   (:func:`quasi_uniform_units`). ``pairs_ptr``: float32 ``[2**k, 2]`` of
   ``code[i]`` and its gap to the next code times ``2**-24`` (so ``units *
   gap`` is the reference's ``uniform * gap``: both scalings by powers of two
