@@ -6,7 +6,8 @@ The exceptions are faster routes to the same results: the bucketed search
 (:func:`bucket_operands`, :func:`scaled_bucket_index`) finds the index of
 the reference's
 :func:`scaled_tree_index` through the same comparisons (equal for every
-input: ``tests/test_ground_search.py``, ``tests/test_ops_blockwise8.py``).
+input: ``tests/test_ground_search.py``, ``tests/test_ops_blockwise8.py``),
+and :func:`tile_absmax` reduces in integers.
 """
 
 import os
@@ -30,6 +31,7 @@ UNIFORM_SHIFT = tl.constexpr(32 - _noise.UNIFORM_BITS)
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 INV_TINY_SCALE = tl.constexpr(1 / _twins.TINY_SCALE)
 INF_SCALE_FACTOR = tl.constexpr(2.0 ** -126)  # bucket_operands
+ABSMAX_RUN = tl.constexpr(4)  # tile_absmax: elements a thread reduces in floats
 RECIPROCAL_MIN_SCALE = tl.constexpr(_twins.RECIPROCAL_MIN_SCALE)
 RECIPROCAL_MAX_SCALE = tl.constexpr(_twins.RECIPROCAL_MAX_SCALE)
 
@@ -56,6 +58,23 @@ def _max_propagate_nan(a, b):
 def row_absmax(x):
   """``max |x|`` along axis 1 of a 2-D tile; NaN in a row gives NaN."""
   return tl.reduce(tl.abs(x), 1, _max_propagate_nan)
+
+
+@triton.jit
+def tile_absmax(x, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+  """:func:`row_absmax` of a flat tile of ``BLOCKS`` blocks (float32
+  ``[BLOCKS]``), reduced across a warp in integers.
+
+  Float maxima of ``|x|`` over runs of ``ABSMAX_RUN`` consecutive elements
+  (within a thread), then the integer maximum of their bit patterns over
+  each block: the bits of non-negative floats order as the floats do, NaN
+  above inf, and a warp reduces 32-bit integers in one ``redux.sync``
+  (where a block spans whole warps) instead of five shuffle-and-max steps.
+  """
+  runs = row_absmax(tl.reshape(x, (BLOCKS * BLOCK_SIZE // ABSMAX_RUN, ABSMAX_RUN)))
+  bits = tl.reshape(runs.to(tl.int32, bitcast=True),
+                    (BLOCKS, BLOCK_SIZE // ABSMAX_RUN))
+  return tl.max(bits, 1).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -87,7 +106,7 @@ def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCK_SIZE: tl.constexpr,
   stochastically (:func:`stochastic_step`) with the noise ``units`` through
   the codebook's (code, scaled gap) pairs at ``pairs_ptr``.
   """
-  absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCK_SIZE)))
+  absmax = tile_absmax(x, BLOCKS, BLOCK_SIZE)
   scale = block_scale(absmax)
   if STEPS > 0:
     factor, scale, inv_scale = bucket_operands(scale)
