@@ -2,7 +2,7 @@
 
 ``emulated_bucket_index`` does in numpy float32 exactly what the kernels'
 search does (``jlowbit.triton_kernels.common.bucket_operands``, then
-``scaled_bucket_index``); it must equal
+``scaled_bucket_bracket`` and ``counted_codes``); it must equal
 ``tree_index``, the result of ``jlowbit._twins.scaled_tree_index`` (the
 reference's search), for every input, including values one ulp around each scaled threshold, every float
 class, and a ``1 / scale`` a few ulps off (the kernels may divide

@@ -42,11 +42,13 @@ First moments use the signed dynamic codebook, second moments (``v``,
 ``[2, 5, 256]`` array ``qmaps`` (:func:`qmaps`: per codebook the codes,
 (code, gap) pairs and the sorted thresholds of two searches) and one uint32 array
 of bucket entries (:func:`jlowbit._search.bucket_search_table`):
-requantization compares
-``threshold * absmax <= moment`` like the reference's decision tree, but
-starts from the bucket keyed by the top 16 bits of ``moment / absmax``
-(:func:`jlowbit.triton_kernels.common.scaled_bucket_index`): one 64-bit
-gather per element instead of eight, no division, the codes of the reference.
+requantization compares ``threshold * absmax <= moment`` like the
+reference's decision tree, but starts from the bucket keyed by the top 16
+bits of ``moment / absmax``
+(:func:`jlowbit.triton_kernels.common.scaled_bucket_bracket`): one 64-bit
+gather per element instead of eight, no division, the codes of the
+reference, packed four to a word as the last comparison adds its 1
+(:func:`jlowbit.triton_kernels.common.counted_codes`).
 
 **Stochastic rounding.** Moments flagged ``stochastic`` (AdEMAMix's slow
 EMA by default) round to one of their two bracketing codes: the bucketed
