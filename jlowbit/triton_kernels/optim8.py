@@ -42,9 +42,10 @@ First moments use the signed dynamic codebook, second moments (``v``,
 ``[2, 5, 256]`` array ``qmaps`` (:func:`qmaps`: per codebook the codes,
 (code, gap) pairs and the sorted thresholds of two searches) and one uint32 array
 of bucket entries (:func:`jlowbit._search.bucket_search_table`):
-requantization compares ``threshold * absmax <= moment`` like the
-reference's decision tree, but starts from the bucket keyed by the top 16
-bits of ``moment / absmax``
+dequantization gathers the codebook from a copy in shared memory
+(``tl.gather``); requantization compares ``threshold * absmax <= moment``
+like the reference's decision tree, but starts from the bucket keyed by the
+top 16 bits of ``moment / absmax``
 (:func:`jlowbit.triton_kernels.common.scaled_bucket_bracket`): one 64-bit
 gather per element instead of eight, no division, the codes of the
 reference, packed four to a word as the last comparison adds its 1
@@ -237,13 +238,18 @@ def _tile_blocks(tile, n_blocks, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
 
 @triton.jit
 def _load_moment(codes_ptr, absmax_ptr, code_ptr, tile, offsets, mask, n_blocks,
-                 BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, FULL: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, FULL: tl.constexpr,
+                 CODE_BITS: tl.constexpr):
   """Loads and dequantizes one moment tile (float32 ``[TILE]``; lanes off
-  ``mask`` hold garbage, which :func:`_store_moment` and the stores drop)."""
+  ``mask`` hold garbage, which :func:`_store_moment` and the stores drop).
+
+  The codebook is gathered with ``tl.gather`` from a copy in shared memory
+  (one 32-bit address and a shared load per element, no cache tags)."""
   codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
   block, block_mask = _tile_blocks(tile, n_blocks, BLOCK_SIZE, TILE, FULL)
   absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
-  return tl.load(code_ptr + codes) * common.broadcast_rows(
+  code = tl.load(code_ptr + tl.arange(0, 1 << CODE_BITS))
+  return tl.gather(code, codes, 0) * common.broadcast_rows(
       absmax, TILE // BLOCK_SIZE, BLOCK_SIZE)
 
 
@@ -380,7 +386,8 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
       "offsets, mask, n = _leaf_tile(tile, rows, row_chunks, row_blocks, "
       "leaf_chunks, BLOCK_SIZE, CHUNK, TILE, ALIGNED, FULL)",
       "grad = _load_grad(g_ptr, offsets, mask)",
-      *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j, 0)}, {tile_args})"
+      *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j, 0)}, {tile_args}, "
+        "CODE_BITS)"
         for j in range(k)),
       f"direction, {moments} = {algorithm}_math(grad, {moments}, hyper_ptr)",
       *(["_store_direction(d_ptr, direction, offsets, mask)"] if direction else []),
