@@ -336,6 +336,18 @@ def test_momentum_first_step_takes_the_gradient(impl):
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_lion_sign_of_zero_and_nan(impl):
+  """Lion's direction is ``jnp.sign``: 0 for 0 and NaN for NaN."""
+  grad = jnp.tile(jnp.asarray([0.0, -0.0, jnp.nan, 3.0, -2.0, 1e-30], jnp.float32), 50)
+  zero = jnp.zeros((300,), jnp.float32)
+  moments = (quantize_rows(zero, jnp.asarray(codebooks.dynamic(True)), 64),)
+  hyper = jnp.asarray(HYPER["lion"], jnp.float32)
+  d, _ = fused("lion", grad, moments, hyper, block_size=64, impl=impl)
+  want = np.tile(np.float32([0, 0, np.nan, 1, -1, 1]), 50)
+  np.testing.assert_array_equal(np.asarray(d, np.float32), want)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
 def test_scalar_leaf(impl):
   grad, moments, hyper = _inputs("adam", (), "float16", 64, seed=5)
   d, new = fused("adam", grad, moments, hyper, block_size=64,

@@ -122,8 +122,10 @@ def _ema(old, new, beta):
 
 @triton.jit
 def _sign(x):
-  """``jnp.sign``: -1, +1, and ``x`` itself for +-0 and NaN."""
-  return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+  """``jnp.sign``: -1, +1, and ``x`` itself for +-0 and NaN (1.0 with
+  ``x``'s sign bit: one select where two take four instructions)."""
+  unit = (x.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F800000
+  return tl.where(tl.abs(x) > 0, unit.to(tl.float32, bitcast=True), x)
 
 
 @triton.jit
