@@ -304,6 +304,36 @@ def test_generated_kernel_dispatches_by_binary_search():
   assert "_tile_noise(" in optim8._kernel_source("lion", layout, (True,), True)
 
 
+@pytest.mark.parametrize("shapes, block_size, warps", [
+    ([(3, 512), (2048,)], 256, 2048 // (32 * optim8.ELEMENTS_PER_THREAD)),
+    ([(3, 512), (400,)], 256, 2048 // (32 * optim8.PADDED_ELEMENTS_PER_THREAD)),
+    ([(4096,)], 4096, 4096 // (32 * optim8.ELEMENTS_PER_THREAD)),
+])
+def test_elements_per_thread_of_a_launch(monkeypatch, shapes, block_size, warps):
+  """Fewer elements per thread where a leaf's rows are padded to whole blocks
+  (one launch: 16 divides every row length)."""
+  seen = []
+
+  class Launched(Exception):
+    pass
+
+  def record(*args, num_warps, **kwargs):
+    seen.append(num_warps)
+    raise Launched  # before the outputs are needed
+
+  monkeypatch.setattr(optim8, "launch", record)
+  grads, moments = [], []
+  for i, shape in enumerate(shapes):
+    g, m, hyper = _inputs("lion", shape, "float32", block_size, seed=i)
+    grads.append(g)
+    moments.append(m)
+  with pytest.raises(Launched):
+    optim8.fused_update("lion", grads, moments, hyper, jnp.zeros((1,), jnp.uint32),
+                        [(0, False)] * len(shapes), block_size=block_size,
+                        impl="interpret", stochastic=(False,), write_direction=True)
+  assert seen == [warps]
+
+
 def test_kernel_writes_the_direction_or_leaves_it_to_xla():
   written = {(a, d) for a in ALGORITHMS for d in ("float32", "bfloat16", "float16")
              if update8.writes_direction(a, jnp.dtype(d))}
