@@ -73,7 +73,11 @@ def kernel_seconds(fn, inputs, repeats: int = 10) -> float:
       for path in glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True):
         with gzip.open(path) as f:
           kernels += device_kernel_events(json.load(f)["traceEvents"])
-    samples.append(sum(s for name, s in kernels if "update_kernel" in name))
+    updates = [s for name, s in kernels if "update_kernel" in name]
+    if not updates:
+      raise RuntimeError("no *update_kernel* in the trace; kernels: "
+                         f"{sorted({name for name, _ in kernels})}")
+    samples.append(sum(updates))
   return statistics.median(samples) / len(inputs)
 
 
