@@ -266,11 +266,11 @@ def counted_codes(start, bound, x, STRICT: tl.constexpr):
   """uint8 codes ``start + (bound < x)`` (``STRICT``) or ``start + (bound <=
   x)`` (NaN compares false); the sum must stay below 256.
 
-  Compiled, four codes of a thread (4 consecutive elements) are packed
-  into one 32-bit word by ``prmt`` and each comparison adds its 1 to its
-  byte by a predicated add: about 2.75 instructions per code where the
-  select of ``start`` or ``start + 1``, a byte mask and the packing take
-  4.75.
+  Compiled, the codes are made four at a time (four elements a thread
+  holds, so it must hold a multiple of 4): the starts packed into one
+  32-bit word by ``prmt``, then each comparison adds its 1 to its byte by
+  a predicated add, about 2.75 instructions per code where the select of
+  ``start`` or ``start + 1``, a byte mask and the packing take 4.75.
   """
   if INTERPRETED:
     if STRICT:
