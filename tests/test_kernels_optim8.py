@@ -306,12 +306,12 @@ def test_generated_kernel_dispatches_by_binary_search():
 
 @pytest.mark.parametrize("shapes, block_size, warps", [
     ([(3, 512), (2048,)], 256, 2048 // (32 * optim8.ELEMENTS_PER_THREAD)),
-    ([(3, 512), (400,)], 256, 2048 // (32 * optim8.PADDED_ELEMENTS_PER_THREAD)),
+    ([(3, 512), (400,)], 256, 2048 // (32 * optim8.ELEMENTS_PER_THREAD)),
     ([(4096,)], 4096, 4096 // (32 * optim8.ELEMENTS_PER_THREAD)),
 ])
-def test_elements_per_thread_of_a_launch(monkeypatch, shapes, block_size, warps):
-  """Fewer elements per thread where a leaf's rows are padded to whole blocks
-  (one launch: 16 divides every row length)."""
+def test_warps_of_a_launch(monkeypatch, shapes, block_size, warps):
+  """A program's warps cover its tile at ELEMENTS_PER_THREAD each, padded
+  rows or not; a block larger than TILE_ELEMENTS makes the tile larger."""
   seen = []
 
   class Launched(Exception):

@@ -93,15 +93,13 @@ from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
 TILE_ELEMENTS = 2048  # elements per program (more when a block is larger)
-# A thread updates this many elements of a tile: 16 takes 12-18% fewer
-# instructions per element than 8 (a thread's per-tile work -- the leaf's
-# dispatch, hyperparameters, per-block scales -- is spread over more
-# elements), for more registers (sm_90: 40-64, AdEMAMix 80-92). A launch
-# with a leaf whose rows are padded to whole blocks takes
-# PADDED_ELEMENTS_PER_THREAD: its lanes' int64 row divisions already take
-# 110-160 registers at 8 (sm_90), and spill at 16.
-ELEMENTS_PER_THREAD = 16
-PADDED_ELEMENTS_PER_THREAD = 8
+# A thread updates this many elements of a tile. 16 issues 12-18% fewer
+# instructions per element than 8 (sm_90 SASS) but ran slower on an H200
+# (benchmarks/RESULTS.md, optimizer run 8: 512M fp32 AdamW 1.71 vs 1.80 ms,
+# AdEMAMix 3.28 vs 3.50, Lion 1.13 vs 1.21; within 3% either way for 16-bit
+# Lion and momentum), and launches whose rows are padded to whole blocks
+# spill at 16 (their lanes' int64 row divisions take 110-160 registers).
+ELEMENTS_PER_THREAD = 8
 VECTOR_CHUNK = 16  # launches whose leaf sizes it divides get vectorized I/O
 CODE_BITS = 8
 QMAP_ROWS = 5  # per codebook in qmaps(): codes, (code, gap) pairs, 2 searches
@@ -517,8 +515,6 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
     layout.append(Leaf(first, tiles, grad.size // tile if aligned else 0, rows,
                        n // chunk, row_blocks, at, aligned, row_noise))
     first += tiles
-  per_thread = (ELEMENTS_PER_THREAD if all(leaf.aligned for leaf in layout)
-                else PADDED_ELEMENTS_PER_THREAD)
   args, out_shape, aliases = [], [], {}
   for grad, leaf_moments in zip(grads, moments):
     n = grad.size
@@ -537,7 +533,7 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
       kernel_args=(algorithm, tuple(layout), stochastic, write_direction),
       out_shape=out_shape,
       grid=(first,), impl=impl, input_output_aliases=aliases,
-      num_warps=tile // (32 * per_thread), BLOCK_SIZE=block_size,
+      num_warps=tile // (32 * ELEMENTS_PER_THREAD), BLOCK_SIZE=block_size,
       TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS)
   per_leaf = 2 * len(alg.moments) + write_direction
   results = []
