@@ -90,22 +90,26 @@ BUCKET_KEY_SHIFT = 16  # a bucket key: the float32 bits of x / scale >> 16
 BUCKET_KEYS = 1 << (32 - BUCKET_KEY_SHIFT)  # sign, exponent, 7 mantissa bits
 _BUCKET_MARGIN = 2.0 ** -18  # relative error allowed in a kernel's x * (1 / scale)
 MAX_BUCKET_STEPS = 4
+# Keys of magnitudes below this hold [0, ZERO_KEYS_BOUND] of their sign: the
+# keys of 0, of the subnormals (a kernel's r may flush to 0) and of every
+# finite x of a block of scale inf (jlowbit.triton_kernels.common.bucket_operands).
+ZERO_KEYS_BOUND = 2.0 ** -124
 
 
 def _bucket_ranges() -> tuple[np.ndarray, np.ndarray]:
   """float64 ``[lo, hi]`` of ``x / scale`` covered by each bucket key.
 
   Key ``k`` holds the float32 values whose bits are ``k << 16`` up to
-  ``(k + 1) << 16`` (exclusive); subnormal keys hold ``[0, 2**-126]`` of
-  their sign (a kernel's ``r`` may flush there), the infinity keys hold
-  ``[inf, inf]`` of their sign and NaN keys hold NaN.
+  ``(k + 1) << 16`` (exclusive); keys of magnitudes below
+  :data:`ZERO_KEYS_BOUND` hold ``[0, ZERO_KEYS_BOUND]`` of their sign, the
+  infinity keys hold ``[inf, inf]`` of their sign and NaN keys hold NaN.
   """
   magnitude = np.arange(BUCKET_KEYS // 2, dtype=np.uint32)
   with np.errstate(invalid="ignore"):
     lo = (magnitude << BUCKET_KEY_SHIFT).view(np.float32).astype(np.float64)
     hi = ((magnitude + 1) << BUCKET_KEY_SHIFT).view(np.float32).astype(np.float64)
-  subnormal = lo < np.finfo(np.float32).tiny
-  lo[subnormal], hi[subnormal] = 0.0, np.finfo(np.float32).tiny
+  near_zero = lo < ZERO_KEYS_BOUND
+  lo[near_zero], hi[near_zero] = 0.0, ZERO_KEYS_BOUND
   hi[np.isinf(lo)] = np.inf
   hi[np.isnan(lo)] = np.nan
   return np.concatenate([lo, -hi]), np.concatenate([hi, -lo])

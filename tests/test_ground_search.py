@@ -1,7 +1,8 @@
 """The kernels' bucketed code search finds the decision tree's index.
 
-``emulated_bucket_index`` does in numpy float32 exactly what
-``jlowbit.triton_kernels.common.scaled_bucket_index`` does; it must equal
+``emulated_bucket_index`` does in numpy float32 exactly what the kernels'
+search does (``jlowbit.triton_kernels.common.bucket_operands``, then
+``scaled_bucket_bracket`` and ``counted_codes``); it must equal
 ``tree_index``, the result of ``jlowbit._twins.scaled_tree_index`` (the
 reference's search), for every input, including values one ulp around each scaled threshold, every float
 class, and a ``1 / scale`` a few ulps off (the kernels may divide
@@ -24,16 +25,17 @@ CODES = {
 
 
 def emulated_bucket_index(x, scale, thresholds, buckets, steps, inv_ulps=0):
-  """``scaled_bucket_index``; ``1 / scale`` off by ``inv_ulps`` ulps."""
+  """The kernels' bucketed search; ``1 / scale`` off by ``inv_ulps`` ulps."""
   x, scale = (np.asarray(a, np.float32) for a in (x, scale))
   with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+    infinite = np.isinf(scale)  # bucket_operands
     factor = np.where(scale < np.float32(2.0 ** -64), np.float32(2.0 ** 64), np.float32(1))
+    factor = np.where(infinite, np.float32(2.0 ** -126), factor)
     x, scale = x * factor, scale * factor
-    inv_scale = np.float32(1) / scale
+    inv_scale = np.where(infinite, np.float32(2.0 ** -126), np.float32(1) / scale)
     for _ in range(abs(inv_ulps) if np.isfinite(scale) else 0):
       inv_scale = np.nextafter(inv_scale, np.float32(np.sign(inv_ulps) * np.inf))
     r = x * inv_scale
-    r = np.where(r == r, r, x)
     entry = buckets[r.view(np.uint32) >> _search.BUCKET_KEY_SHIFT]
     first_threshold = entry[..., 0].view(np.float32)
     index = entry[..., 1].astype(np.int32) + (first_threshold * scale <= x)
@@ -83,6 +85,10 @@ def _probes(code, scale):
              magnitude * rng.choice([-1, 1], magnitude.shape),
              np.float32(scale) * np.float32([1, -1, 0.5, 1 - 2**-24, 1 + 2**-23]),
              np.float32([0.0, -0.0, 1e-45, -1e-45, 1e-38, np.inf, -np.inf, np.nan])]
+  if np.isinf(scale):  # any finite x: every exponent, a few mantissas, both signs
+    bits = ((np.arange(255, dtype=np.uint32)[:, None] << 23)
+            | np.uint32([0, 1, 0x400000, 0x7FFFFF, 0x123457])).ravel()
+    probes += [bits.view(np.float32), (bits | 0x80000000).view(np.float32)]
   with np.errstate(over="ignore", invalid="ignore"):
     return np.concatenate([np.asarray(p, np.float32).ravel() for p in probes])
 

@@ -282,17 +282,56 @@ def test_launches_group_leaves_by_dtype_and_pointer_budget(monkeypatch,
 
 
 def test_generated_kernel_dispatches_by_binary_search():
-  # (first tile, rows, row chunks, blocks per row, first key, aligned, per-row keys)
-  layout = tuple((3 * i, 2, 100 + i, 1, i, i % 2 == 0, i == 3) for i in range(5))
+  # Leaves of 3 tiles; aligned leaves 0, 2, 4 have 3, 1 and 0 full tiles.
+  layout = tuple(optim8.Leaf(first=3 * i, tiles=3, full_tiles=(3, 0, 1, 0, 0)[i],
+                             rows=2, row_chunks=100 + i, row_blocks=1, key_at=i,
+                             aligned=i % 2 == 0, row_noise=i == 3)
+                 for i in range(5))
   source = optim8._kernel_source("lion", layout, (False,), True)
-  assert len(re.findall(r"_update_tile\(g_\d", source)) == 5
-  assert source.count("if tile <") == 4
+  assert len(re.findall(r"_update_tile\(g_\d", source)) == 6
+  assert source.count("if tile <") == 5  # 4 between leaves, 1 within leaf 2
   assert "tile - 12, 2, 104, 1, 208, 2, 4, BLOCK_SIZE" in source
-  assert "CODE_BITS, False, True)" in source and "CODE_BITS, True, False)" in source
+  calls = dict(re.findall(r"_update_tile\(g_(\d).*CODE_BITS, (\w+, \w+, \w+)\)", source))
+  assert calls == {"0": "True, False, True", "1": "False, False, False",
+                   "2": "True, False, False", "3": "False, True, False",
+                   "4": "True, False, False"}
+  leaf_2 = source[source.index("if tile < 7:"):]
+  assert leaf_2.index("g_2") < leaf_2.index("CODE_BITS, True, False, True)") < leaf_2.index(
+      "else:") < leaf_2.index("CODE_BITS, True, False, False)")
   assert "uniform" not in source.split("def lion_update_kernel")[0].split("):", 1)[1]
   kernel = optim8.update_kernel("lion", layout, (False,), True)
   assert optim8.update_kernel("lion", layout, (False,), True) is kernel
   assert "_tile_noise(" in optim8._kernel_source("lion", layout, (True,), True)
+
+
+@pytest.mark.parametrize("shapes, block_size, warps", [
+    ([(3, 512), (2048,)], 256, 2048 // (32 * optim8.ELEMENTS_PER_THREAD)),
+    ([(3, 512), (400,)], 256, 2048 // (32 * optim8.ELEMENTS_PER_THREAD)),
+    ([(4096,)], 4096, 4096 // (32 * optim8.ELEMENTS_PER_THREAD)),
+])
+def test_warps_of_a_launch(monkeypatch, shapes, block_size, warps):
+  """A program's warps cover its tile at ELEMENTS_PER_THREAD each, padded
+  rows or not; a block larger than TILE_ELEMENTS makes the tile larger."""
+  seen = []
+
+  class Launched(Exception):
+    pass
+
+  def record(*args, num_warps, **kwargs):
+    seen.append(num_warps)
+    raise Launched  # before the outputs are needed
+
+  monkeypatch.setattr(optim8, "launch", record)
+  grads, moments = [], []
+  for i, shape in enumerate(shapes):
+    g, m, hyper = _inputs("lion", shape, "float32", block_size, seed=i)
+    grads.append(g)
+    moments.append(m)
+  with pytest.raises(Launched):
+    optim8.fused_update("lion", grads, moments, hyper, jnp.zeros((1,), jnp.uint32),
+                        [(0, False)] * len(shapes), block_size=block_size,
+                        impl="interpret", stochastic=(False,), write_direction=True)
+  assert seen == [warps]
 
 
 def test_kernel_writes_the_direction_or_leaves_it_to_xla():
@@ -300,7 +339,8 @@ def test_kernel_writes_the_direction_or_leaves_it_to_xla():
              if update8.writes_direction(a, jnp.dtype(d))}
   assert written == {("lion", "float32"), ("adam", "bfloat16"), ("adam", "float16"),
                      *(("ademamix", d) for d in ("float32", "bfloat16", "float16"))}
-  layout = ((0, 1, 100, 7, 0, True, False), (4, 1, 50, 4, 1, True, False))
+  layout = (optim8.Leaf(0, 4, 0, 1, 100, 7, 0, True, False),
+            optim8.Leaf(4, 2, 0, 1, 50, 4, 1, True, False))
   adam = optim8._kernel_source("adam", layout, (False, False), False)
   assert "_store_direction" not in adam and "d_0" not in adam
   assert "_store_direction(d_ptr" in optim8._kernel_source("lion", layout, (False,), True)
@@ -323,6 +363,18 @@ def test_momentum_first_step_takes_the_gradient(impl):
   np.testing.assert_array_equal(d, grad)
   want = contract_reference("momentum", grad, moments, hyper, 64)[1]
   _assert_moments(new, want, impl)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_lion_sign_of_zero_and_nan(impl):
+  """Lion's direction is ``jnp.sign``: 0 for 0 and NaN for NaN."""
+  grad = jnp.tile(jnp.asarray([0.0, -0.0, jnp.nan, 3.0, -2.0, 1e-30], jnp.float32), 50)
+  zero = jnp.zeros((300,), jnp.float32)
+  moments = (quantize_rows(zero, jnp.asarray(codebooks.dynamic(True)), 64),)
+  hyper = jnp.asarray(HYPER["lion"], jnp.float32)
+  d, _ = fused("lion", grad, moments, hyper, block_size=64, impl=impl)
+  want = np.tile(np.float32([0, 0, np.nan, 1, -1, 1]), 50)
+  np.testing.assert_array_equal(np.asarray(d, np.float32), want)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)

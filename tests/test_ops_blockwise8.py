@@ -117,6 +117,58 @@ def test_kernel_matches_xla_at_extremes(impl, signed):
   np.testing.assert_array_equal(got.absmax, want.absmax)
 
 
+def _dense_sweep(code):
+  """float32 values in [-1, 1] and beyond around every decision of ``code``:
+  every code, every threshold and every float32 midpoint of neighbouring
+  codes with two float32 neighbours on each side, signed zeros, tiny and
+  subnormal magnitudes, and a uniform sweep."""
+  code = np.asarray(code, np.float32)
+  thresholds = jlowbit._search.decision_thresholds(code)
+  midpoints = (code[:-1] + code[1:]) / np.float32(2)
+  near = np.concatenate([code, thresholds, midpoints])
+  probes = [near]
+  for direction in (-np.inf, np.inf):
+    step = near
+    for _ in range(2):
+      step = np.nextafter(step, np.float32(direction))
+      probes.append(step)
+  tiny = np.float32([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1e-30, 1e-8])
+  probes += [tiny, -tiny, np.linspace(-1, 1, 20_001, dtype=np.float32)]
+  return np.concatenate(probes).astype(np.float32)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_matches_xla_on_a_dense_sweep(impl, signed):
+  """The bucketed search of the kernels on every decision of the codebook:
+  blocks of scale 1 (the probes' own values, exactly), 0.37, 2**-70 (the
+  tiny-scale path), 3e38, and blocks of scale inf holding any finite value
+  (every exponent) and +-inf. Codes equal the reference's decision tree."""
+  code = codebooks.dynamic(signed)
+  sweep = _dense_sweep(code)
+  sweep = sweep if signed else np.abs(sweep)
+  block_size = 256
+  blocks = []
+  for scale in (1.0, 0.37, 2.0**-70, 3e38):
+    values = np.resize(sweep, (-(-sweep.size // (block_size - 1)), block_size - 1))
+    values = (values * np.float32(scale)).astype(np.float32)
+    blocks.append(np.concatenate(  # the block's absmax is the scale itself
+        [np.full((values.shape[0], 1), np.float32(scale)), values], axis=1))
+  finite = (((np.arange(255, dtype=np.uint32)[:, None] << 23)
+             | np.uint32([0, 1, 0x400000, 0x7FFFFF])).ravel().view(np.float32))
+  finite = np.concatenate([finite, -finite] if signed else [finite])
+  infinite = np.resize(finite, (-(-finite.size // (block_size - 2)), block_size - 2))
+  blocks.append(np.concatenate(
+      [np.full((infinite.shape[0], 1), np.inf, np.float32),
+       np.full((infinite.shape[0], 1), -np.inf if signed else np.inf, np.float32),
+       infinite], axis=1))
+  x = jnp.asarray(np.concatenate([b.reshape(-1) for b in blocks]))
+  want = jlowbit.quantize_blockwise(x, code, block_size=block_size, impl="xla")
+  got = jlowbit.quantize_blockwise(x, code, block_size=block_size, impl=impl)
+  np.testing.assert_array_equal(got.codes, want.codes)
+  np.testing.assert_array_equal(got.absmax, want.absmax)
+
+
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
 @pytest.mark.parametrize("shape", [(5, 7, 300), (4097,), (64,)])
 def test_kernel_matches_xla_shapes(impl, shape):

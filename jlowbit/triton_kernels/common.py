@@ -2,9 +2,12 @@
 
 Each helper has a ``jax.numpy`` twin in :mod:`jlowbit._twins` that does
 the same float32 operations in the same order, so codes agree bit for bit.
-The one exception is :func:`scaled_bucket_index`, a faster route to the
-index of the reference's :func:`scaled_tree_index` through the same
-comparisons (equal for every input: ``tests/test_ground_search.py``).
+The exceptions are faster routes to the same results: the bucketed search
+(:func:`bucket_operands`, :func:`scaled_bucket_bracket`,
+:func:`counted_codes`) finds the index of the reference's
+:func:`scaled_tree_index` through the same comparisons (equal for every
+input: ``tests/test_ground_search.py``, ``tests/test_ops_blockwise8.py``),
+and :func:`tile_absmax` reduces in integers.
 """
 
 import os
@@ -27,6 +30,27 @@ UNIFORM_SHIFT = tl.constexpr(32 - _noise.UNIFORM_BITS)
 # compiled ones take GPU approximations with no interpreter counterpart.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 INV_TINY_SCALE = tl.constexpr(1 / _twins.TINY_SCALE)
+INF_SCALE_FACTOR = tl.constexpr(2.0 ** -126)  # bucket_operands
+ABSMAX_RUN = tl.constexpr(4)  # tile_absmax: elements a thread reduces in floats
+# counted_codes: $1-$4 starts, $5-$8 bounds, $9-$12 values -> $0, 4 bytes;
+# CMP: le or lt.
+_COUNTED_CODES_ASM = """{
+  .reg .b32 low, high;
+  .reg .pred p;
+  prmt.b32 low, $1, $2, 0x3340;
+  prmt.b32 high, $3, $4, 0x3340;
+  prmt.b32 $0, low, high, 0x5410;
+  setp.CMP.f32 p, $5, $9;
+  @p add.u32 $0, $0, 0x1;
+  setp.CMP.f32 p, $6, $10;
+  @p add.u32 $0, $0, 0x100;
+  setp.CMP.f32 p, $7, $11;
+  @p add.u32 $0, $0, 0x10000;
+  setp.CMP.f32 p, $8, $12;
+  @p add.u32 $0, $0, 0x1000000;
+}"""
+COUNTED_CODES_LE = tl.constexpr(_COUNTED_CODES_ASM.replace("CMP", "le"))
+COUNTED_CODES_LT = tl.constexpr(_COUNTED_CODES_ASM.replace("CMP", "lt"))
 RECIPROCAL_MIN_SCALE = tl.constexpr(_twins.RECIPROCAL_MIN_SCALE)
 RECIPROCAL_MAX_SCALE = tl.constexpr(_twins.RECIPROCAL_MAX_SCALE)
 
@@ -45,6 +69,19 @@ def fast_divide(numerator, denominator):
 
 
 @triton.jit
+def approx_reciprocal(x):
+  """``1 / x`` within a few ulp for positive ``x`` up to the float32 maximum
+  (a subnormal result keeps 21 bits), 0 for inf: ``rcp.approx.ftz`` of
+  ``x / 4``, times ``1 / 4``; exact division when interpreted."""
+  if INTERPRETED:
+    return 1.0 / x
+  else:
+    return 0.25 * tl.inline_asm_elementwise(
+        "rcp.approx.ftz.f32 $0, $1;", "=r,r", [0.25 * x], dtype=tl.float32,
+        is_pure=True, pack=1)
+
+
+@triton.jit
 def _max_propagate_nan(a, b):
   return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
@@ -53,6 +90,23 @@ def _max_propagate_nan(a, b):
 def row_absmax(x):
   """``max |x|`` along axis 1 of a 2-D tile; NaN in a row gives NaN."""
   return tl.reduce(tl.abs(x), 1, _max_propagate_nan)
+
+
+@triton.jit
+def tile_absmax(x, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+  """:func:`row_absmax` of a flat tile of ``BLOCKS`` blocks (float32
+  ``[BLOCKS]``), reduced across a warp in integers.
+
+  Float maxima of ``|x|`` over runs of ``ABSMAX_RUN`` consecutive elements
+  (within a thread), then the integer maximum of their bit patterns over
+  each block: the bits of non-negative floats order as the floats do, NaN
+  above inf, and a warp reduces 32-bit integers in one ``redux.sync``
+  (where a block spans whole warps) instead of five shuffle-and-max steps.
+  """
+  runs = row_absmax(tl.reshape(x, (BLOCKS * BLOCK_SIZE // ABSMAX_RUN, ABSMAX_RUN)))
+  bits = tl.reshape(runs.to(tl.int32, bitcast=True),
+                    (BLOCKS, BLOCK_SIZE // ABSMAX_RUN))
+  return tl.max(bits, 1).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -70,11 +124,12 @@ def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCK_SIZE: tl.constexpr,
   """Blockwise codes of a flat tile of ``BLOCKS`` whole blocks.
 
   ``x`` is float32 ``[BLOCKS * BLOCK_SIZE]`` (lanes past the data must hold
-  0); returns (int32 codes of ``x``'s shape, float32 absmax ``[BLOCKS]``):
+  0; a multiple of 4 elements per thread); returns (uint8 codes of ``x``'s
+  shape, float32 absmax ``[BLOCKS]``):
   the rules of ``jlowbit.blockwise8.quantize_blockwise_reference`` (the
   index of :func:`scaled_tree_index` with :func:`block_scale` of each
   block's absmax). With ``STEPS > 0`` the index is found by
-  :func:`scaled_bucket_index` (``search_ptr``: the sorted thresholds,
+  :func:`scaled_bucket_bracket` (``search_ptr``: the sorted thresholds,
   ``buckets_ptr``: the bucket entries of
   ``jlowbit._search.bucket_search_table``), else by the decision tree at
   ``search_ptr``. The tile stays one-dimensional so that the table gathers
@@ -84,24 +139,24 @@ def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCK_SIZE: tl.constexpr,
   stochastically (:func:`stochastic_step`) with the noise ``units`` through
   the codebook's (code, scaled gap) pairs at ``pairs_ptr``.
   """
-  absmax = row_absmax(tl.reshape(x, (BLOCKS, BLOCK_SIZE)))
+  absmax = tile_absmax(x, BLOCKS, BLOCK_SIZE)
   scale = block_scale(absmax)
   if STEPS > 0:
-    factor = tiny_scale_factor(scale)  # exact_comparison_operands, per block
-    scale = scale * factor
-    codes = scaled_bucket_index(
-        x * broadcast_rows(factor, BLOCKS, BLOCK_SIZE),
-        broadcast_rows(scale, BLOCKS, BLOCK_SIZE),
-        broadcast_rows(1.0 / scale, BLOCKS, BLOCK_SIZE), search_ptr, buckets_ptr,
-        STEPS)
+    factor, scale, inv_scale = bucket_operands(scale)
+    x = x * broadcast_rows(factor, BLOCKS, BLOCK_SIZE)
+    scale = broadcast_rows(scale, BLOCKS, BLOCK_SIZE)
+    start, bound = scaled_bucket_bracket(
+        x, scale, broadcast_rows(inv_scale, BLOCKS, BLOCK_SIZE), search_ptr,
+        buckets_ptr, STEPS)
     if STOCHASTIC:
-      codes = stochastic_step(
-          x * broadcast_rows(factor, BLOCKS, BLOCK_SIZE),
-          broadcast_rows(scale, BLOCKS, BLOCK_SIZE), codes, pairs_ptr, units)
+      codes = stochastic_step(x, scale, start + (bound <= x).to(tl.int32),
+                              pairs_ptr, units)
+    else:
+      codes = counted_codes(start, bound, x, False)
   else:
     tl.static_assert(not STOCHASTIC, "stochastic rounding needs STEPS > 0")
     codes = scaled_tree_index(x, broadcast_rows(scale, BLOCKS, BLOCK_SIZE),
-                              search_ptr, CODE_BITS)
+                              search_ptr, CODE_BITS).to(tl.uint8)
   return codes, absmax
 
 
@@ -158,28 +213,75 @@ def scaled_tree_index(x, scale, tree_ptr, CODE_BITS: tl.constexpr):
 
 
 @triton.jit
-def scaled_bucket_index(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
-                        STEPS: tl.constexpr):
-  """:func:`scaled_tree_index`'s index in ``STEPS`` gathers instead of 8.
+def bucket_operands(scale):
+  """Per block scale ``s`` (> 0, from :func:`block_scale`): ``(f, s * f,
+  inv_scale)`` for :func:`scaled_bucket_bracket` on ``x * f``.
 
-  ``x``, ``scale`` (> 0) and ``inv_scale`` (about ``1 / scale``) as after
-  :func:`exact_comparison_operands`. The top 16 bits of ``r = x *
-  inv_scale`` are a key of ``jlowbit._search.bucket_search_table``, whose
-  entry (one 64-bit gather) holds a lower bound ``start`` of the index and
-  the threshold ``t[start]``; ``STEPS`` comparisons ``t[index] * scale <=
-  x`` of the sorted thresholds ``t`` finish it, the first against the
-  entry's threshold. ``r`` is NaN for a NaN ``x`` (a NaN key: index 0) and
-  for ``x = +-inf`` in a block of scale ``inf``, which then keys by ``x``.
+  ``f`` is :func:`exact_comparison_operands`' factor (``2**64`` where ``s <
+  2**-64``), which leaves every comparison ``t * s <= x`` as it was, and
+  ``inv_scale`` is :func:`approx_reciprocal` of ``s * f``. A block of
+  scale ``inf`` takes ``f = inv_scale = 2**-126`` instead (its comparisons
+  ``t * inf <= x * f`` depend only on the sign of ``t`` and on whether
+  ``x`` is finite, both kept): its key operand ``x * f * inv_scale`` is
+  then ``+-inf`` for ``x = +-inf`` and below ``2**-124`` in magnitude for
+  a finite ``x``, keys of the same start as ``+-0``
+  (``jlowbit._search.ZERO_KEYS_BOUND``), so no ``x`` but NaN gives a NaN
+  key: no select per element.
+  """
+  infinite = scale == float("inf")
+  factor = tl.where(infinite, INF_SCALE_FACTOR, tiny_scale_factor(scale))
+  scale = scale * factor
+  return factor, scale, tl.where(infinite, INF_SCALE_FACTOR,
+                                 approx_reciprocal(scale))
+
+
+@triton.jit
+def scaled_bucket_bracket(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
+                          STEPS: tl.constexpr):
+  """:func:`scaled_tree_index`'s index in ``STEPS`` gathers instead of 8,
+  as ``(start, bound)``: the index is ``start + (bound <= x)``.
+
+  ``x``, ``scale`` (> 0) and ``inv_scale`` per :func:`bucket_operands`.
+  The top 16 bits of ``r = x * inv_scale`` are a key of
+  ``jlowbit._search.bucket_search_table``, whose entry (one 64-bit gather)
+  holds a lower bound ``start`` of the index and the threshold
+  ``t[start]``; ``STEPS`` comparisons ``t[index] * scale <= x`` of the
+  sorted thresholds ``t`` finish it, the first against the entry's
+  threshold, the last left to the caller (:func:`counted_codes` fuses it
+  into the packing of the codes). A NaN ``x`` has a NaN key: index 0.
   """
   r = x * inv_scale
-  r = tl.where(r == r, r, x)
   key = r.to(tl.uint32, bitcast=True) >> BUCKET_KEY_SHIFT
   entry = tl.load(buckets_ptr.to(tl.pointer_type(tl.int64)) + key)
-  first_threshold = entry.to(tl.int32).to(tl.float32, bitcast=True)
-  index = (entry >> 32).to(tl.int32) + (first_threshold * scale <= x).to(tl.int32)
+  start = (entry >> 32).to(tl.int32)
+  bound = entry.to(tl.int32).to(tl.float32, bitcast=True) * scale
   for _ in tl.static_range(STEPS - 1):
-    index += (tl.load(thresholds_ptr + index) * scale <= x).to(tl.int32)
-  return index
+    start += (bound <= x).to(tl.int32)
+    bound = tl.load(thresholds_ptr + start) * scale
+  return start, bound
+
+
+@triton.jit
+def counted_codes(start, bound, x, STRICT: tl.constexpr):
+  """uint8 codes ``start + (bound < x)`` (``STRICT``) or ``start + (bound <=
+  x)`` (NaN compares false); the sum must stay below 256.
+
+  Compiled, the codes are made four at a time (four elements a thread
+  holds, so it must hold a multiple of 4): the starts packed into one
+  32-bit word by ``prmt``, then each comparison adds its 1 to its byte by
+  a predicated add, about 2.75 instructions per code where the select of
+  ``start`` or ``start + 1``, a byte mask and the packing take 4.75.
+  """
+  if INTERPRETED:
+    if STRICT:
+      return (start + (bound < x).to(tl.int32)).to(tl.uint8)
+    else:
+      return (start + (bound <= x).to(tl.int32)).to(tl.uint8)
+  else:
+    return tl.inline_asm_elementwise(
+        COUNTED_CODES_LT if STRICT else COUNTED_CODES_LE,
+        "=r,r,r,r,r,f,f,f,f,f,f,f,f", [start, bound, x], dtype=tl.uint8,
+        is_pure=True, pack=4)
 
 
 @triton.jit
@@ -232,8 +334,8 @@ def quasi_uniform_units(counters, offset):
 @triton.jit
 def stochastic_step(x, scale, floor, pairs_ptr, units):
   """``jlowbit._twins.stochastic_index`` on the operands ``x``, ``scale``
-  of :func:`exact_comparison_operands`: ``floor``, the lower bracketing code
-  of ``x / scale``, or the next code, by the noise ``units``
+  of :func:`bucket_operands` (uint8 codes): ``floor``, the lower bracketing
+  code of ``x / scale``, or the next code, by the noise ``units``
   (:func:`quasi_uniform_units`). ``pairs_ptr``: float32 ``[2**k, 2]`` of
   ``code[i]`` and its gap to the next code times ``2**-24`` (so ``units *
   gap`` is the reference's ``uniform * gap``: both scalings by powers of two
@@ -241,5 +343,4 @@ def stochastic_step(x, scale, floor, pairs_ptr, units):
   pair = tl.load(pairs_ptr.to(tl.pointer_type(tl.int64)) + floor)
   code = pair.to(tl.int32).to(tl.float32, bitcast=True)
   gap = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-  point = (code + units * gap) * scale
-  return floor + (point < x).to(tl.int32)
+  return counted_codes(floor, (code + units * gap) * scale, x, True)

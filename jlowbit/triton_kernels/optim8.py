@@ -15,7 +15,9 @@ size divides its rows (the common case), else of the leaf with every row
 padded to whole blocks (the padding lanes masked), as one flat tile (reshaped to
 ``[blocks, BLOCK_SIZE]`` only for the per-block absmax, so the table gathers
 keep a coalesced one-dimensional layout); lanes past the end are masked:
-their moments are zeroed before the absmax and never stored.
+their moments are zeroed before the absmax and never stored. The tiles
+that hold neither padding nor lanes past the end (all of a leaf whose
+size ``TILE`` divides) run an unmasked copy of the tile body (``FULL``).
 
 **Many leaves, one launch.** Each XLA custom call costs a host launch and
 splits XLA's CUDA graph, so a model's ~50 large leaves are updated by one
@@ -40,11 +42,14 @@ First moments use the signed dynamic codebook, second moments (``v``,
 ``[2, 5, 256]`` array ``qmaps`` (:func:`qmaps`: per codebook the codes,
 (code, gap) pairs and the sorted thresholds of two searches) and one uint32 array
 of bucket entries (:func:`jlowbit._search.bucket_search_table`):
-requantization compares
-``threshold * absmax <= moment`` like the reference's decision tree, but
-starts from the bucket keyed by the top 16 bits of ``moment / absmax``
-(:func:`jlowbit.triton_kernels.common.scaled_bucket_index`): one 64-bit
-gather per element instead of eight, no division, the codes of the reference.
+dequantization gathers the codebook from a copy in shared memory
+(``tl.gather``); requantization compares ``threshold * absmax <= moment``
+like the reference's decision tree, but starts from the bucket keyed by the
+top 16 bits of ``moment / absmax``
+(:func:`jlowbit.triton_kernels.common.scaled_bucket_bracket`): one 64-bit
+gather per element instead of eight, no division, the codes of the
+reference, packed four to a word as the last comparison adds its 1
+(:func:`jlowbit.triton_kernels.common.counted_codes`).
 
 **Stochastic rounding.** Moments flagged ``stochastic`` (AdEMAMix's slow
 EMA by default) round to one of their two bracketing codes: the bucketed
@@ -72,6 +77,7 @@ import functools
 import hashlib
 import linecache
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +93,13 @@ from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
 TILE_ELEMENTS = 2048  # elements per program (more when a block is larger)
-NUM_WARPS = 8  # per TILE_ELEMENTS: 8 elements per thread at any tile size
+# A thread updates this many elements of a tile. 16 issues 12-18% fewer
+# instructions per element than 8 (sm_90 SASS) but ran slower on an H200
+# (benchmarks/RESULTS.md, optimizer run 8: 512M fp32 AdamW 1.71 vs 1.80 ms,
+# AdEMAMix 3.28 vs 3.50, Lion 1.13 vs 1.21; within 3% either way for 16-bit
+# Lion and momentum), and launches whose rows are padded to whole blocks
+# spill at 16 (their lanes' int64 row divisions take 110-160 registers).
+ELEMENTS_PER_THREAD = 8
 VECTOR_CHUNK = 16  # launches whose leaf sizes it divides get vectorized I/O
 CODE_BITS = 8
 QMAP_ROWS = 5  # per codebook in qmaps(): codes, (code, gap) pairs, 2 searches
@@ -112,8 +124,10 @@ def _ema(old, new, beta):
 
 @triton.jit
 def _sign(x):
-  """``jnp.sign``: -1, +1, and ``x`` itself for +-0 and NaN."""
-  return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+  """``jnp.sign``: -1, +1, and ``x`` itself for +-0 and NaN (1.0 with
+  ``x``'s sign bit: one select where two take four instructions)."""
+  unit = (x.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F800000
+  return tl.where(tl.abs(x) > 0, unit.to(tl.float32, bitcast=True), x)
 
 
 @triton.jit
@@ -187,7 +201,7 @@ def adagrad_math(g, v, hyper_ptr):
 @triton.jit
 def _leaf_tile(tile, rows, row_chunks, row_blocks, leaf_chunks,
                BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr,
-               TILE: tl.constexpr, ALIGNED: tl.constexpr):
+               TILE: tl.constexpr, ALIGNED: tl.constexpr, FULL: tl.constexpr):
   """Tile ``tile`` of a leaf of ``rows`` rows of ``n = row_chunks * CHUNK``
   elements (``leaf_chunks * CHUNK`` in all), each cut into ``row_blocks``
   blocks (the last one partial unless ``ALIGNED``): int64 element offsets
@@ -196,12 +210,15 @@ def _leaf_tile(tile, rows, row_chunks, row_blocks, leaf_chunks,
   Lane ``i`` is position ``tile * TILE + i`` of the leaf with every row
   padded to ``row_blocks * BLOCK_SIZE`` elements, so a tile holds whole
   blocks. ``ALIGNED`` (``BLOCK_SIZE`` divides ``n``): no padding, the
-  offsets are the positions themselves. With ``CHUNK = 16`` Triton knows
-  that the mask is constant over 16 lanes and vectorizes the loads and
-  stores.
+  offsets are the positions themselves; ``FULL`` (aligned, and the tile
+  lies within the leaf): the mask is a constant that Triton folds away,
+  unmasking the loads and stores. With ``CHUNK = 16`` Triton knows that
+  the mask is constant over 16 lanes and vectorizes them.
   """
   n = row_chunks * CHUNK
   position = tile.to(tl.int64) * TILE + tl.arange(0, TILE)
+  if FULL:
+    return position, tl.full((TILE,), True, tl.int1), n
   if ALIGNED:
     return position, position < leaf_chunks * CHUNK, n
   padded = row_blocks * BLOCK_SIZE
@@ -216,29 +233,39 @@ def _load_grad(g_ptr, offsets, mask):
 
 
 @triton.jit
-def _tile_blocks(tile, n_blocks, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+def _tile_blocks(tile, n_blocks, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                 FULL: tl.constexpr):
   """Block indices ``[TILE // BLOCK_SIZE]`` of leaf tile ``tile`` (row-major
-  over ``rows x row_blocks``, the absmax layout); their mask."""
+  over ``rows x row_blocks``, the absmax layout); their mask (constant for a
+  ``FULL`` tile)."""
   block = tile * (TILE // BLOCK_SIZE) + tl.arange(0, TILE // BLOCK_SIZE)
+  if FULL:
+    return block, tl.full((TILE // BLOCK_SIZE,), True, tl.int1)
   return block, block < n_blocks
 
 
 @triton.jit
 def _load_moment(codes_ptr, absmax_ptr, code_ptr, tile, offsets, mask, n_blocks,
-                 BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, FULL: tl.constexpr,
+                 CODE_BITS: tl.constexpr):
   """Loads and dequantizes one moment tile (float32 ``[TILE]``; lanes off
-  ``mask`` hold garbage, which :func:`_store_moment` and the stores drop)."""
+  ``mask`` hold garbage, which :func:`_store_moment` and the stores drop).
+
+  The codebook is gathered with ``tl.gather`` from a copy in shared memory
+  (one 32-bit address and a shared load per element, no cache tags)."""
   codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-  block, block_mask = _tile_blocks(tile, n_blocks, BLOCK_SIZE, TILE)
+  block, block_mask = _tile_blocks(tile, n_blocks, BLOCK_SIZE, TILE, FULL)
   absmax = tl.load(absmax_ptr + block, mask=block_mask, other=0.0)
-  return tl.load(code_ptr + codes) * common.broadcast_rows(
+  code = tl.load(code_ptr + tl.arange(0, 1 << CODE_BITS))
+  return tl.gather(code, codes, 0) * common.broadcast_rows(
       absmax, TILE // BLOCK_SIZE, BLOCK_SIZE)
 
 
 @triton.jit
 def _store_moment(value, codes_ptr, absmax_ptr, search_ptr, buckets_ptr,
                   pairs_ptr, tile, offsets, mask, n_blocks, BLOCK_SIZE: tl.constexpr,
-                  TILE: tl.constexpr, units, CODE_BITS: tl.constexpr,
+                  TILE: tl.constexpr, FULL: tl.constexpr, units,
+                  CODE_BITS: tl.constexpr,
                   STEPS: tl.constexpr, STOCHASTIC: tl.constexpr,
                   SATURATE: tl.constexpr, SIGNED: tl.constexpr):
   """Requantizes one moment tile blockwise; stores its codes and absmax.
@@ -260,7 +287,7 @@ def _store_moment(value, codes_ptr, absmax_ptr, search_ptr, buckets_ptr,
       tl.where(mask, value, 0.0), search_ptr, buckets_ptr, BLOCK_SIZE,
       TILE // BLOCK_SIZE, CODE_BITS, STEPS, pairs_ptr, units, STOCHASTIC)
   tl.store(codes_ptr + offsets, codes.to(tl.uint8), mask=mask)
-  block, block_mask = _tile_blocks(tile, n_blocks, BLOCK_SIZE, TILE)
+  block, block_mask = _tile_blocks(tile, n_blocks, BLOCK_SIZE, TILE, FULL)
   tl.store(absmax_ptr + block, absmax, mask=block_mask)
 
 
@@ -287,10 +314,20 @@ def _store_direction(d_ptr, d, offsets, mask):
   tl.store(d_ptr + offsets, d.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-# Leaf layout of a launch: per leaf (first tile in the grid, rows, row length
-# // CHUNK, blocks per row, index of its first noise key, whether its rows
-# are whole blocks, whether its noise is keyed per row).
-Layout = tuple[tuple[int, int, int, int, int, bool, bool], ...]
+class Leaf(NamedTuple):
+  """Where a leaf lies in a launch's grid and how its tiles are cut."""
+  first: int  # its first tile in the grid
+  tiles: int
+  full_tiles: int  # leading tiles without masked lanes (aligned leaves)
+  rows: int
+  row_chunks: int  # row length // CHUNK
+  row_blocks: int  # blocks per row
+  key_at: int  # index of its first noise key
+  aligned: bool  # whether its rows are whole blocks
+  row_noise: bool  # whether its noise is keyed per row
+
+
+Layout = tuple[Leaf, ...]
 
 
 def _leaf_pointers(suffix: str, moments: int,
@@ -306,17 +343,22 @@ def _leaf_pointers(suffix: str, moments: int,
 def _leaf_dispatch(layout: Layout, moments: int, direction: bool, lo: int,
                    hi: int, indent: str) -> list[str]:
   """Nested ``if``\\ s calling the tile function on the leaf (of ``lo:hi``)
-  that owns ``tile``."""
+  that owns ``tile``: unmasked on its full tiles, masked on the others."""
   if hi - lo == 1:
-    first, rows, row_chunks, row_blocks, key_at, aligned, row_noise = layout[lo]
+    leaf = layout[lo]
     ins, outs = _leaf_pointers(f"_{lo}", moments, direction)
-    return [f"{indent}_update_tile({', '.join(ins + outs)}, qmaps_ptr, "
-            f"buckets_ptr, hyper_ptr, keys_ptr, tile - {first}, {rows}, "
-            f"{row_chunks}, {row_blocks}, {rows * row_chunks}, "
-            f"{rows * row_blocks}, {key_at}, BLOCK_SIZE, TILE, CHUNK, "
-            f"CODE_BITS, {aligned}, {row_noise})"]
+    call = lambda full: (
+        f"_update_tile({', '.join(ins + outs)}, qmaps_ptr, buckets_ptr, "
+        f"hyper_ptr, keys_ptr, tile - {leaf.first}, {leaf.rows}, "
+        f"{leaf.row_chunks}, {leaf.row_blocks}, {leaf.rows * leaf.row_chunks}, "
+        f"{leaf.rows * leaf.row_blocks}, {leaf.key_at}, BLOCK_SIZE, TILE, "
+        f"CHUNK, CODE_BITS, {leaf.aligned}, {leaf.row_noise}, {full})")
+    if leaf.full_tiles in (0, leaf.tiles):
+      return [indent + call(leaf.full_tiles > 0)]
+    return [f"{indent}if tile < {leaf.first + leaf.full_tiles}:",
+            f"{indent}  {call(True)}", f"{indent}else:", f"{indent}  {call(False)}"]
   mid = (lo + hi) // 2
-  return ([f"{indent}if tile < {layout[mid][0]}:"]
+  return ([f"{indent}if tile < {layout[mid].first}:"]
           + _leaf_dispatch(layout, moments, direction, lo, mid, indent + "  ")
           + [f"{indent}else:"]
           + _leaf_dispatch(layout, moments, direction, mid, hi, indent + "  "))
@@ -340,19 +382,20 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
       f"{qmap(j, 1)}")
   steps = lambda j: _search_tables()[2][book(j)][stochastic[j]]
   moments = ", ".join(f"m{j}" for j in range(k))
-  tile_args = "tile, offsets, mask, leaf_blocks, BLOCK_SIZE, TILE"
+  tile_args = "tile, offsets, mask, leaf_blocks, BLOCK_SIZE, TILE, FULL"
   ins, outs = _leaf_pointers("_ptr", k, direction)
   tile_params = [*ins, *outs, "qmaps_ptr", "buckets_ptr", "hyper_ptr", "keys_ptr",
                  "tile", "rows", "row_chunks", "row_blocks", "leaf_chunks",
                  "leaf_blocks", "key_at", *constexprs,
-                 *(f"{c}: tl.constexpr" for c in ("ALIGNED", "ROW_NOISE"))]
+                 *(f"{c}: tl.constexpr" for c in ("ALIGNED", "ROW_NOISE", "FULL"))]
   noise = (["units = _tile_noise(keys_ptr, key_at, offsets, mask, n, ROW_NOISE)"]
            if any(stochastic) else [])
   tile_body = [
       "offsets, mask, n = _leaf_tile(tile, rows, row_chunks, row_blocks, "
-      "leaf_chunks, BLOCK_SIZE, CHUNK, TILE, ALIGNED)",
+      "leaf_chunks, BLOCK_SIZE, CHUNK, TILE, ALIGNED, FULL)",
       "grad = _load_grad(g_ptr, offsets, mask)",
-      *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j, 0)}, {tile_args})"
+      *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j, 0)}, {tile_args}, "
+        "CODE_BITS)"
         for j in range(k)),
       f"direction, {moments} = {algorithm}_math(grad, {moments}, hyper_ptr)",
       *(["_store_direction(d_ptr, direction, offsets, mask)"] if direction else []),
@@ -467,9 +510,11 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
   for grad, (at, row_noise) in zip(grads, key_at):
     n = _row_length(grad)
     rows, row_blocks = grad.size // n, cdiv(n, block_size)
-    layout.append((first, rows, n // chunk, row_blocks, at,
-                   n == row_blocks * block_size, row_noise))
-    first += cdiv(rows * row_blocks * block_size, tile)
+    aligned = n == row_blocks * block_size
+    tiles = cdiv(rows * row_blocks * block_size, tile)
+    layout.append(Leaf(first, tiles, grad.size // tile if aligned else 0, rows,
+                       n // chunk, row_blocks, at, aligned, row_noise))
+    first += tiles
   args, out_shape, aliases = [], [], {}
   for grad, leaf_moments in zip(grads, moments):
     n = grad.size
@@ -488,7 +533,7 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
       kernel_args=(algorithm, tuple(layout), stochastic, write_direction),
       out_shape=out_shape,
       grid=(first,), impl=impl, input_output_aliases=aliases,
-      num_warps=NUM_WARPS * tile // TILE_ELEMENTS, BLOCK_SIZE=block_size,
+      num_warps=tile // (32 * ELEMENTS_PER_THREAD), BLOCK_SIZE=block_size,
       TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS)
   per_leaf = 2 * len(alg.moments) + write_direction
   results = []
