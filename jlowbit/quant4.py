@@ -318,6 +318,21 @@ def tile_4bit(w4: Quantized4bit) -> Quantized4bit:
                     layout="tiled")
 
 
+def prefer_layout(w4: Quantized4bit, layout: str) -> Quantized4bit:
+  """``w4`` in ``layout`` where the weight allows it (the front-ends' policy).
+
+  ``"tiled"`` tiles a weight that :func:`tile_4bit` accepts and leaves any
+  other (not 2-D, ``N % 16``, ``K % 64``, a block size that is not a
+  multiple of 64 dividing ``K``) in bitsandbytes' layout; ``"bnb"`` untiles.
+  """
+  val.check_choice(layout, "layout", _tiling.LAYOUTS)
+  if layout == "bnb":
+    return untile_4bit(w4)
+  if _tiling.tiling_error(w4.shape, w4.block_size) is not None:
+    return w4
+  return tile_4bit(w4)
+
+
 def untile_4bit(w4: Quantized4bit) -> Quantized4bit:
   """``w4`` in bitsandbytes' layout: the inverse of :func:`tile_4bit`, byte
   for byte (a weight already in that layout is returned as it is)."""
