@@ -175,10 +175,13 @@ class TiledConfig:
       holds a whole number of ``unroll`` 64-column blocks).
     unroll: 64-column blocks per loop step, their loads issued together
       (power of two; halved until it divides ``in_features / 64``).
+    num_stages: software-pipelining depth of the K loop (3, Triton's
+      default, as measured).
   """
   num_warps: int = 1
   split_k: int = 8
   unroll: int = 2
+  num_stages: int = 3
 
   def __post_init__(self):
     _check_tiles(self, num_warps=1, split_k=1, unroll=1)
@@ -265,8 +268,8 @@ def _forward(x2d, w4, impl, config):
       config = TiledConfig.get_default(n)
     return _tiled_kernels().matmul_4bit_tiled(
         x2d, w4.packed, w4.quant_map, absmax, nested, n, w4.block_size, impl,
-        num_warps=config.num_warps, split_k=config.split_k,
-        unroll=config.unroll)
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        split_k=config.split_k, unroll=config.unroll)
   if w4.layout == "tiled":
     return _dense(x2d, quant4.dequantize_4bit(w4, x2d.dtype, impl=impl))
   if m == 1:

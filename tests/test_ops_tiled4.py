@@ -235,7 +235,7 @@ def test_tiled_gemv_and_grad(impl):
 
 def test_tiled_config_defaults_and_errors():
   assert jlowbit.TiledConfig() == jlowbit.TiledConfig(num_warps=1, split_k=8,
-                                                      unroll=2)
+                                                      unroll=2, num_stages=3)
   assert jlowbit.TiledConfig.get_default(8192).split_k == 16
   assert jlowbit.TiledConfig.get_default(28672).split_k == 8
   assert jlowbit.TiledConfig.get_default(4096).split_k == 16
@@ -244,6 +244,8 @@ def test_tiled_config_defaults_and_errors():
     jlowbit.TiledConfig(unroll=3)
   with pytest.raises(TypeError, match=r"split_k=2.0 must be an int"):
     jlowbit.TiledConfig(split_k=2.0)
+  with pytest.raises(ValueError, match=r"num_stages=0 must be >= 1"):
+    jlowbit.TiledConfig(num_stages=0)
 
 
 @pytest.mark.parametrize("impl", TRITON)
@@ -258,3 +260,13 @@ def test_tiled_matmul_large_gpu(impl, shape, block_size, nested, dtype,
   for rows in (1, 4, 8, 13, 16):
     x = _normal((rows, shape[1]), dtype, seed=rows)
     _assert_close_to_dense(jlowbit.matmul_4bit(x, w4, impl=impl), x, w4)
+
+
+def test_prefer_layout_tiles_what_fits():
+  fits, narrow = _weight(16, 64), _weight(16, 32, block_size=32)
+  assert quant4.prefer_layout(fits, "tiled").layout == "tiled"
+  assert quant4.prefer_layout(narrow, "tiled") is narrow
+  tiled = jlowbit.tile_4bit(fits)
+  assert quant4.prefer_layout(tiled, "bnb").layout == "bnb"
+  with pytest.raises(ValueError, match=r"layout='rows' is not supported"):
+    quant4.prefer_layout(fits, "rows")

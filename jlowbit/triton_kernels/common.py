@@ -129,11 +129,13 @@ def block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset,
   (the codes stored in that order).
   """
   if NESTED:
-    if nested_index is None:
-      nested_index = index
     q = tl.load(absmax_ptr + index, mask=mask, other=0)
-    scale = tl.load(nested_absmax_ptr + nested_index // NESTED_BLOCK,
-                    mask=mask, other=0.0)
+    if nested_index is None:
+      scale = tl.load(nested_absmax_ptr + index // NESTED_BLOCK, mask=mask,
+                      other=0.0)
+    else:
+      scale = tl.load(nested_absmax_ptr + nested_index // NESTED_BLOCK,
+                      mask=mask, other=0.0)
     absmax = tl.where(mask, tl.load(nested_code_ptr + q) * scale + offset, 0.0)
   else:
     absmax = tl.load(absmax_ptr + index, mask=mask, other=0.0)

@@ -307,7 +307,8 @@ def matmul_4bit_tiled_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
 def matmul_4bit_tiled(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
                       absmax: jax.Array, nested: tuple | None,
                       out_features: int, block_size: int, impl: str, *,
-                      num_warps: int, split_k: int, unroll: int) -> jax.Array:
+                      num_warps: int, num_stages: int, split_k: int,
+                      unroll: int) -> jax.Array:
   """Launches the tensor-core product ``x`` ``[M, K]`` times tiled ``W``^T.
 
   Args:
@@ -324,6 +325,7 @@ def matmul_4bit_tiled(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
     impl: ``"triton"`` or ``"interpret"``.
     num_warps: warps (16-row tiles) per program; halved until it divides
       ``N / 16``.
+    num_stages: Triton's software-pipelining depth.
     split_k: ranges K is cut into; halved until ``K`` is a multiple of
       ``64 * unroll * split_k``.
     unroll: 64-column blocks per loop step; halved until ``K`` is a multiple
@@ -347,7 +349,7 @@ def matmul_4bit_tiled(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
       register_table(quant_map, x.dtype), *statistics, m, n,
       out_shape=(jax.ShapeDtypeStruct((split_k, m, n), out_dtype),),
       grid=(tiles // num_warps, split_k, cdiv(m, ROWS_PER_PROGRAM)),
-      impl=impl, num_warps=num_warps, num_stages=1, K=k,
+      impl=impl, num_warps=num_warps, num_stages=num_stages, K=k,
       BLOCK_SIZE=block_size, SPLIT_K=split_k, NUM_WARPS=num_warps,
       UNROLL=unroll, NESTED=nested is not None, NESTED_BLOCK=nested_block,
       F16=x.dtype == jnp.float16)
