@@ -27,12 +27,14 @@ TILED_ROWS`` bfloat16 / float16 rows (decoding, batched or not), the
 tensor-core kernel of :mod:`jlowbit.triton_kernels.mma4`: 16-row tiles of
 ``W`` dequantized from a register table straight into ``mma.sync``
 operands, up to 8 rows of ``x`` per pass over ``W`` (rows 9-16 a second
-pass). On an H200 (``benchmarks/RESULTS.md``, session 9) 4 or 8 rows cost
-what one costs: 29.8 / 30.5 µs at 8192 x 8192 against 57.7 µs (4 rows) for
+pass). On an H200 the experiment this kernel comes from
+(``benchmarks/experiments/gemv_candidate.py``, ``benchmarks/RESULTS.md``
+session 9; the library's kernel compiles to the same SASS loop) measured
+that 4 or 8 rows cost what one costs: 29.8 / 30.5 µs at 8192 x 8192 against 57.7 µs (4 rows) for
 the small-batch kernel on the bitsandbytes layout and 44 µs for cuBLAS
 bfloat16; one row 28.3 µs, as fast as the gemv (28.1). Float32 rows and
-more than ``TILED_ROWS`` rows dequantize a tiled weight (putting it back in
-bitsandbytes' order on the way) and use ``jnp.dot``.
+more than ``TILED_ROWS`` rows dequantize a tiled weight (a kernel that reads
+the tiled order, :func:`jlowbit.dequantize_4bit`) and use ``jnp.dot``.
 
 With ``impl="xla"`` the single-row case is :func:`gemv_4bit_reference` and
 the others dequantize with the jnp reference, for either layout.

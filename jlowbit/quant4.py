@@ -403,10 +403,18 @@ def absmax_float32(w4: Quantized4bit, *, impl: str | None = None) -> jax.Array:
                                          impl=impl) + w4.offset
 
 
-@functools.partial(jax.jit, static_argnames=("n", "block_size", "dtype", "impl"))
-def _dequantize(packed, table, absmax, n, block_size, dtype, impl):
+@functools.partial(jax.jit, static_argnames=("shape", "block_size", "dtype",
+                                             "layout", "impl"))
+def _dequantize(packed, table, absmax, shape, block_size, dtype, layout, impl):
+  n = int(np.prod(shape, dtype=np.int64))
   if n == 0:
     return jnp.zeros((0,), dtype)
+  if layout == "tiled" and impl != "xla":
+    return _kernels().dequantize_4bit_tiled(packed, table, absmax, shape,
+                                            block_size, dtype, impl)
+  if layout == "tiled":  # XLA fuses the permutation into the reference
+    packed = _tiling.untile_packed(packed, *shape)
+    absmax = _tiling.untile_blocks(absmax, *shape, block_size)
   if impl == "xla":
     return dequantize_4bit_reference(packed, table, absmax, n, block_size, dtype)
   return _kernels().dequantize_4bit(packed, table, absmax, n, block_size, dtype,
@@ -418,9 +426,10 @@ def dequantize_4bit(w4: Quantized4bit, dtype=None, *,
   """Reconstructs ``quant_map[code] * absmax`` in ``dtype`` (default ``w4.dtype``).
 
   Args:
-    w4: the result of :func:`quantize_4bit` or :func:`jlowbit.from_bnb`.
-      A tiled weight is put back in bitsandbytes' order first (a permuting
-      copy of the packed bytes, fused into the reference under ``impl="xla"``).
+    w4: the result of :func:`quantize_4bit` or :func:`jlowbit.from_bnb`,
+      in either layout (a tiled weight is read by a kernel of its own, no
+      untiled copy; under ``impl="xla"`` the permutation is fused into the
+      reference).
     dtype: float32, bfloat16 or float16; default the quantized array's dtype.
     impl: see :func:`quantize_4bit`.
 
@@ -430,8 +439,7 @@ def dequantize_4bit(w4: Quantized4bit, dtype=None, *,
   check_quantized(w4)
   dtype = val.check_float_dtype(w4.dtype if dtype is None else dtype, "dtype")
   impl = _impl.resolve_impl(impl)
-  w4 = untile_4bit(w4)
   absmax = absmax_float32(w4, impl=impl)
-  flat = _dequantize(w4.packed, w4.quant_map, absmax, w4.size, w4.block_size,
-                     dtype, impl)
+  flat = _dequantize(w4.packed, w4.quant_map, absmax, w4.shape, w4.block_size,
+                     dtype, w4.layout, impl)
   return flat.reshape(w4.shape)

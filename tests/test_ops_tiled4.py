@@ -103,10 +103,16 @@ def test_nested_second_level_stays_in_bnb_order(nested):
 
 @pytest.mark.parametrize("impl", ALL_IMPLS)
 @pytest.mark.parametrize("nested", [False, True])
-def test_quantize_and_dequantize_tiled(impl, nested):
-  x = _normal((32, 128), "bfloat16", seed=3)
-  w4 = jlowbit.quantize_4bit(x, compress_statistics=nested, impl=impl)
-  tiled = jlowbit.quantize_4bit(x, compress_statistics=nested, layout="tiled",
+@pytest.mark.parametrize("shape, block_size", [
+    ((32, 128), 64),     # 2 units of a tile per program
+    ((32, 1024), 128),   # 8 units per program, 2 programs per tile
+], ids=str)
+def test_quantize_and_dequantize_tiled(impl, nested, shape, block_size):
+  x = _normal(shape, "bfloat16", seed=3)
+  w4 = jlowbit.quantize_4bit(x, block_size=block_size,
+                             compress_statistics=nested, impl=impl)
+  tiled = jlowbit.quantize_4bit(x, block_size=block_size,
+                                compress_statistics=nested, layout="tiled",
                                 impl=impl)
   for got, want in zip(_leaves(tiled), _leaves(jlowbit.tile_4bit(w4)),
                        strict=True):

@@ -143,9 +143,9 @@ def quantize_model(model: nnx.Module, *,
       :func:`jlowbit.tile_4bit`, the others in bitsandbytes' order. Tiled
       weights make 1-16 bfloat16 / float16 rows (decoding) run the
       tensor-core kernel on a GPU; :func:`jlowbit.to_bnb` writes the same
-      bytes either way. The default stays ``"bnb"``: on a tiled weight one
-      float32 row loses the fused gemv (it dequantizes) and more than 16
-      rows untile before dequantizing.
+      bytes either way. The default stays ``"bnb"``: on a tiled weight
+      float32 rows have no fused kernel (one row dequantizes ``W`` instead
+      of running the gemv).
     lora_rank: ``None`` (plain 4-bit layers) or the adapters' rank, a
       positive int.
     lora_scale: the adapters' scale :math:`s` (PEFT's ``lora_alpha / r``);
