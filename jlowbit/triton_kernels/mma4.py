@@ -30,8 +30,10 @@ B operand:
 
 The kernel is written with 1-D tensors of one element per thread whose role
 comes from ``%tid.x`` (inline asm), not from Triton's layout. A grid
-``(N / 16 / NUM_WARPS, SPLIT_K, ceil(M / 8))`` gives each program its tiles,
-its range of K and its 8 rows of ``x``; ``SPLIT_K > 1`` writes float32
+``(N / 16 / NUM_WARPS * ceil(M / 8), SPLIT_K)`` gives each program its
+tiles, its 8 rows of ``x`` and its range of K; the groups of 8 rows that
+share tiles are neighbouring programs, so that beyond 8 rows the next
+group's reads of ``W`` tend to hit L2. ``SPLIT_K > 1`` writes float32
 partial products ``[SPLIT_K, M, N]`` that the launcher adds.
 
 Triton's interpreter cannot run inline PTX: there (``common.INTERPRETED``)
@@ -240,7 +242,7 @@ def matmul_4bit_tiled_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
 
   ``N % (16 NUM_WARPS) == 0``, ``K % (64 UNROLL SPLIT_K) == 0``,
   ``BLOCK_SIZE % 64 == 0``; launch with ``num_warps=NUM_WARPS`` on the
-  grid ``(N / (16 NUM_WARPS), SPLIT_K, ceil(M / 8))``. ``x`` is bfloat16
+  grid ``(N / (16 NUM_WARPS) * ceil(M / 8), SPLIT_K)``. ``x`` is bfloat16
   (``F16``: float16) and ``table_ptr`` holds :func:`register_table` in that
   dtype. ``UNROLL`` blocks per loop step (their loads issued together).
   """
@@ -251,12 +253,13 @@ def matmul_4bit_tiled_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
   lane, warp = _thread_ids(THREADS)
   g = lane // 4
   t = lane % 4
-  tile = (tl.program_id(0) * NUM_WARPS + warp).to(tl.int64)
+  groups = tl.cdiv(M, 8)  # of 8 rows of x
+  tile = (tl.program_id(0) // groups * NUM_WARPS + warp).to(tl.int64)
+  m_first = tl.program_id(0) % groups * 8
   first = tl.program_id(1) * (K_SPLIT // 64)  # first 64-column block
   w_ptrs = (packed_ptr.to(tl.pointer_type(tl.int32))
             + ((tile * (K // 64) + first) * 128 + 4 * lane)[:, None]
             + tl.arange(0, 4)[None, :])
-  m_first = tl.program_id(2) * 8
   x_ok = (m_first + g < M)[:, None]
   x_ptrs = (x_ptr.to(tl.pointer_type(tl.int32))
             + (m_first + g).to(tl.int64) * (K // 2) + first * 32
@@ -348,7 +351,7 @@ def matmul_4bit_tiled(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
       __name__, "matmul_4bit_tiled_kernel", x, packed,
       register_table(quant_map, x.dtype), *statistics, m, n,
       out_shape=(jax.ShapeDtypeStruct((split_k, m, n), out_dtype),),
-      grid=(tiles // num_warps, split_k, cdiv(m, ROWS_PER_PROGRAM)),
+      grid=(tiles // num_warps * cdiv(m, ROWS_PER_PROGRAM), split_k),
       impl=impl, num_warps=num_warps, num_stages=num_stages, K=k,
       BLOCK_SIZE=block_size, SPLIT_K=split_k, NUM_WARPS=num_warps,
       UNROLL=unroll, NESTED=nested is not None, NESTED_BLOCK=nested_block,
