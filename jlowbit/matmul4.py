@@ -26,15 +26,17 @@ A weight in the tiled layout (:func:`jlowbit.tile_4bit`,
 TILED_ROWS`` bfloat16 / float16 rows (decoding, batched or not), the
 tensor-core kernel of :mod:`jlowbit.triton_kernels.mma4`: 16-row tiles of
 ``W`` dequantized from a register table straight into ``mma.sync``
-operands, up to 8 rows of ``x`` per pass over ``W`` (rows 9-16 a second
-pass). On an H200 the experiment this kernel comes from
-(``benchmarks/experiments/gemv_candidate.py``, ``benchmarks/RESULTS.md``
-session 9; the library's kernel compiles to the same SASS loop) measured
-that 4 or 8 rows cost what one costs: 29.8 / 30.5 µs at 8192 x 8192 against 57.7 µs (4 rows) for
-the small-batch kernel on the bitsandbytes layout and 44 µs for cuBLAS
-bfloat16; one row 28.3 µs, as fast as the gemv (28.1). Float32 rows and
-more than ``TILED_ROWS`` rows dequantize a tiled weight (a kernel that reads
-the tiled order, :func:`jlowbit.dequantize_4bit`) and use ``jnp.dot``.
+operands, 8 or 16 rows of ``x`` per pass over ``W``. On an H200 the
+experiment this kernel comes from (``benchmarks/experiments/
+gemv_candidate.py``, ``benchmarks/RESULTS.md`` session 9; for up to 8 rows
+the library's kernel compiles to the same SASS loop) measured that 4 or 8
+rows cost what one costs: 29.8 / 30.5 µs at 8192 x 8192 against 57.7 µs
+(4 rows) for the small-batch kernel on the bitsandbytes layout and 44 µs
+for cuBLAS bfloat16; one row 28.3 µs, as fast as the gemv (28.1). 9-16
+rows (two mma column groups per program) are not measured yet. Float32
+rows and more than ``TILED_ROWS`` rows dequantize a tiled weight (a kernel
+that reads the tiled order, :func:`jlowbit.dequantize_4bit`) and use
+``jnp.dot``.
 
 With ``impl="xla"`` the single-row case is :func:`gemv_4bit_reference` and
 the others dequantize with the jnp reference, for either layout.
@@ -170,6 +172,10 @@ class TiledConfig:
   """Launch parameters of the tensor-core kernel for tiled weights (1-16 rows).
 
   Attributes:
+    block_m: rows of ``x`` per program when there are more than 8: 16 (two
+      mma column groups sharing each tile's lookups: ``W`` is read once) or
+      8 (two programs per tile; ``W`` read twice, the second time mostly
+      from L2). Up to 8 rows always take 8.
     num_warps: warps per program, each owning a 16-row tile of ``W``
       (power of two; halved until it divides ``out_features / 16``).
     split_k: independent ranges ``K`` is cut into (power of two, float32
@@ -180,13 +186,16 @@ class TiledConfig:
     num_stages: software-pipelining depth of the K loop (3, Triton's
       default, as measured).
   """
+  block_m: int = 16
   num_warps: int = 1
   split_k: int = 8
   unroll: int = 2
   num_stages: int = 3
 
   def __post_init__(self):
-    _check_tiles(self, num_warps=1, split_k=1, unroll=1)
+    _check_tiles(self, block_m=8, num_warps=1, split_k=1, unroll=1)
+    if self.block_m > 16:
+      raise ValueError(f"block_m={self.block_m} must be 8 or 16")
 
   @classmethod
   def get_default(cls, out_features: int | None = None) -> "TiledConfig":
@@ -270,7 +279,8 @@ def _forward(x2d, w4, impl, config):
       config = TiledConfig.get_default(n)
     return _tiled_kernels().matmul_4bit_tiled(
         x2d, w4.packed, w4.quant_map, absmax, nested, n, w4.block_size, impl,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        block_m=config.block_m, num_warps=config.num_warps,
+        num_stages=config.num_stages,
         split_k=config.split_k, unroll=config.unroll)
   if w4.layout == "tiled":
     return _dense(x2d, quant4.dequantize_4bit(w4, x2d.dtype, impl=impl))

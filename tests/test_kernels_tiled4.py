@@ -36,7 +36,8 @@ def _compile(kernel, signature, constexprs, num_warps):
 
 @pytest.mark.parametrize("f16", [False, True], ids=["bf16", "f16"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-def test_compiled_kernel_builds_for_sm90(f16, nested):
+@pytest.mark.parametrize("rows", [8, 16])
+def test_compiled_kernel_builds_for_sm90(f16, nested, rows):
   kernel = mma4.matmul_4bit_tiled_kernel
   half = "*fp16" if f16 else "*bf16"
   signature = {"x_ptr": half, "packed_ptr": "*u8", "table_ptr": "*i32",
@@ -47,13 +48,13 @@ def test_compiled_kernel_builds_for_sm90(f16, nested):
   unroll = 2
   compiled = _compile(kernel, signature, dict(
       K=1024, BLOCK_SIZE=128, SPLIT_K=2, NUM_WARPS=2, UNROLL=unroll,
-      NESTED=nested, NESTED_BLOCK=256, F16=f16), num_warps=2)
+      ROWS=rows, NESTED=nested, NESTED_BLOCK=256, F16=f16), num_warps=2)
   ptx = compiled.asm["ptx"]
   mma = ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" if f16 else
          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
-  # 4 mmas per 64-column block, UNROLL blocks per loop step.
-  assert ptx.count(mma) == 4 * unroll
-  assert ptx.count("mma.sync") == 4 * unroll
+  # 4 mmas per 64-column block and group of 8 rows, UNROLL blocks per step.
+  assert ptx.count(mma) == 4 * unroll * rows // 8
+  assert ptx.count("mma.sync") == 4 * unroll * rows // 8
   assert compiled.asm["cubin"]
 
 

@@ -172,8 +172,8 @@ def test_layout_errors():
     (1, 16, 64, 64, "nf4", False, "bfloat16"),
     (3, 48, 192, 64, "fp4", True, "float16"),
     (8, 32, 256, 128, "nf4", True, "bfloat16"),
-    (9, 32, 128, 64, "fp4", False, "bfloat16"),    # a second group of 8 rows
-    (16, 64, 128, 64, "nf4", False, "float16"),
+    (9, 32, 128, 64, "fp4", False, "bfloat16"),    # two groups of 8 rows
+    (16, 64, 128, 64, "nf4", True, "float16"),
 ], ids=str)
 def test_tiled_matmul_matches_dense(impl, rows, n, k, block_size, quant_type,
                                     nested, dtype):
@@ -184,6 +184,24 @@ def test_tiled_matmul_matches_dense(impl, rows, n, k, block_size, quant_type,
   # The table is rounded to x's dtype before the tensor-core product: one
   # more rounding than the dense reference, within the same bound.
   _assert_close_to_dense(y, x, w4)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("rows", [13, 20])
+def test_tiled_kernel_two_programs_per_tile_agree(impl, rows):
+  # 13 rows: one program of 16 (block_m=16) or two of 8; 20 rows (past
+  # matmul_4bit's routing, the launcher itself): 16 + 4 or 8 + 8 + 4.
+  from jlowbit.triton_kernels import mma4  # pylint: disable=g-import-not-at-top
+  w4 = _weight(32, 256, 128, "fp4", nested=True, layout="tiled")
+  x = _normal((rows, 256), "bfloat16", seed=9)
+  statistics = w4.absmax
+  nested = (statistics.code, statistics.absmax, w4.offset, statistics.block_size)
+  ys = [mma4.matmul_4bit_tiled(
+      x, w4.packed, w4.quant_map, statistics.codes, nested, 32, 128, impl,
+      block_m=block_m, num_warps=1, num_stages=1, split_k=2, unroll=1)
+        for block_m in (8, 16)]
+  _assert_close_to_dense(ys[0], x, w4)
+  np.testing.assert_array_equal(ys[0], ys[1])
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
@@ -240,8 +258,8 @@ def test_tiled_gemv_and_grad(impl):
 
 
 def test_tiled_config_defaults_and_errors():
-  assert jlowbit.TiledConfig() == jlowbit.TiledConfig(num_warps=1, split_k=8,
-                                                      unroll=2, num_stages=3)
+  assert jlowbit.TiledConfig() == jlowbit.TiledConfig(
+      block_m=16, num_warps=1, split_k=8, unroll=2, num_stages=3)
   assert jlowbit.TiledConfig.get_default(8192).split_k == 16
   assert jlowbit.TiledConfig.get_default(28672).split_k == 8
   assert jlowbit.TiledConfig.get_default(4096).split_k == 16
@@ -252,6 +270,10 @@ def test_tiled_config_defaults_and_errors():
     jlowbit.TiledConfig(split_k=2.0)
   with pytest.raises(ValueError, match=r"num_stages=0 must be >= 1"):
     jlowbit.TiledConfig(num_stages=0)
+  with pytest.raises(ValueError, match=r"block_m=32 must be 8 or 16"):
+    jlowbit.TiledConfig(block_m=32)
+  with pytest.raises(ValueError, match=r"block_m=4 must be a power of two >= 8"):
+    jlowbit.TiledConfig(block_m=4)
 
 
 @pytest.mark.parametrize("impl", TRITON)

@@ -8,7 +8,7 @@ words :math:`t` and :math:`4 + t` of the block (columns :math:`8 t .. 8 t +
 load is 512 contiguous bytes. Each warp owns one tile and multiplies it by
 up to 8 rows of ``x`` with ``mma.sync.m16n8k16`` (bfloat16 or float16
 operands, float32 accumulation), row ``m`` of ``x`` in column ``m`` of the
-B operand:
+B operand (16 rows: two mmas per A operand, ``ROWS = 16``):
 
 * the 4-bit codes become A-fragment registers with no memory access: the
   16-entry table (``quant_map`` rounded to ``x``'s dtype) lives in 8
@@ -30,10 +30,10 @@ B operand:
 
 The kernel is written with 1-D tensors of one element per thread whose role
 comes from ``%tid.x`` (inline asm), not from Triton's layout. A grid
-``(N / 16 / NUM_WARPS * ceil(M / 8), SPLIT_K)`` gives each program its
-tiles, its 8 rows of ``x`` and its range of K; the groups of 8 rows that
-share tiles are neighbouring programs, so that beyond 8 rows the next
-group's reads of ``W`` tend to hit L2. ``SPLIT_K > 1`` writes float32
+``(N / 16 / NUM_WARPS * ceil(M / ROWS), SPLIT_K)`` gives each program its
+tiles, its ``ROWS`` rows of ``x`` and its range of K; the groups of rows
+that share tiles are neighbouring programs, so that with more than
+``ROWS`` rows the next group's reads of ``W`` tend to hit L2. ``SPLIT_K > 1`` writes float32
 partial products ``[SPLIT_K, M, N]`` that the launcher adds.
 
 Triton's interpreter cannot run inline PTX: there (``common.INTERPRETED``)
@@ -54,8 +54,6 @@ from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels import gemv4
 from jlowbit.triton_kernels.launch import cdiv, launch
 
-ROWS_PER_PROGRAM = 8  # rows of x per program: the mma's N
-
 # One ``prmt`` lookup of the 4 codes in the low 16 bits of register {s}
 # into two half-precision pairs {q0}, {q1} (element order), the table
 # words in {t0}..{t7}.
@@ -74,7 +72,7 @@ _LOOKUP_PAIRS = """
   prmt.b32 {q1}, lo, hi, 0x6273;
 """
 _MMA = ("  mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32 "
-        "{{d0, d1, d2, d3}}, {{{a}}}, {{{b}}}, {{d0, d1, d2, d3}};\n")
+        "{{{d}}}, {{{a}}}, {{{b}}}, {{{d}}};\n")
 
 
 def _word_pairs(word: str, p: str, table: dict) -> str:
@@ -85,27 +83,36 @@ def _word_pairs(word: str, p: str, table: dict) -> str:
           + _LOOKUP_PAIRS.format(s="s", q0=f"{p}2", q1=f"{p}3", **table))
 
 
-def _block_asm(dtype: str) -> str:
-  """One lane's 64-column block: operands ``$0..$3`` out (accumulators d0..d3:
-  columns 2t, 2t+1 of row g, then of row g + 8), ``$4..$7`` the words (row g
-  pair 0, pair 1, row g + 8 pair 0, pair 1), ``$8..$15`` the ``x`` pairs
-  (pair 0's four, pair 1's four), ``$16..$23`` the table words."""
-  table = {f"t{i}": f"${16 + i}" for i in range(8)}
+def _block_asm(dtype: str, groups: int) -> str:
+  """One lane's 64-column block times ``groups`` (1 or 2) groups of 8 rows
+  of ``x``, the lookups shared. Operands: ``4 groups`` outputs (per group
+  the accumulators of columns 2t, 2t+1 of row g, then of row g + 8), the 4
+  words (row g pair 0, pair 1, row g + 8 pair 0, pair 1), per group its 8
+  ``x`` pairs (pair 0's four, pair 1's four), the 8 table words."""
+  words, xs = 4 * groups, 4 * groups + 4
+  table = {f"t{i}": f"${xs + 8 * groups + i}" for i in range(8)}
+  acc = [f"d{i}" for i in range(4 * groups)]
   text = ("{\n.reg .b32 s, s7, t, sel, la, lb, lo, ha, hb, hi, "
-          "g0, g1, g2, g3, h0, h1, h2, h3;\n.reg .f32 d0, d1, d2, d3;\n")
-  text += "".join(f"mov.f32 d{i}, 0f00000000;\n" for i in range(4))
+          f"g0, g1, g2, g3, h0, h1, h2, h3;\n.reg .f32 {', '.join(acc)};\n")
+  text += "".join(f"mov.f32 {d}, 0f00000000;\n" for d in acc)
   for pair in range(2):
-    text += _word_pairs(f"${4 + pair}", "g", table)
-    text += _word_pairs(f"${6 + pair}", "h", table)
-    b = 8 + 4 * pair
-    text += _MMA.format(dtype=dtype, a="g0, h0, g1, h1", b=f"${b}, ${b + 1}")
-    text += _MMA.format(dtype=dtype, a="g2, h2, g3, h3",
-                        b=f"${b + 2}, ${b + 3}")
-  return text + "".join(f"mov.b32 ${i}, d{i};\n" for i in range(4)) + "}"
+    text += _word_pairs(f"${words + pair}", "g", table)
+    text += _word_pairs(f"${words + 2 + pair}", "h", table)
+    for group in range(groups):
+      d = ", ".join(acc[4 * group:4 * group + 4])
+      b = xs + 8 * group + 4 * pair
+      text += _MMA.format(dtype=dtype, d=d, a="g0, h0, g1, h1",
+                          b=f"${b}, ${b + 1}")
+      text += _MMA.format(dtype=dtype, d=d, a="g2, h2, g3, h3",
+                          b=f"${b + 2}, ${b + 3}")
+  return (text + "".join(f"mov.b32 ${i}, {d};\n" for i, d in enumerate(acc))
+          + "}")
 
 
-_BLOCK_ASM_BF16 = tl.constexpr(_block_asm("bf16"))
-_BLOCK_ASM_F16 = tl.constexpr(_block_asm("f16"))
+_BLOCK_ASM_BF16 = tl.constexpr(_block_asm("bf16", 1))
+_BLOCK_ASM_F16 = tl.constexpr(_block_asm("f16", 1))
+_BLOCK16_ASM_BF16 = tl.constexpr(_block_asm("bf16", 2))
+_BLOCK16_ASM_F16 = tl.constexpr(_block_asm("f16", 2))
 
 
 def register_table(quant_map: jax.Array, dtype) -> jax.Array:
@@ -231,18 +238,50 @@ def _block_sums(words, x_first, x_second, table, NUM_WARPS: tl.constexpr,
 
 
 @triton.jit
+def _block_sums16(words, x_first, x_second, y_first, y_second, table,
+                  NUM_WARPS: tl.constexpr, F16: tl.constexpr):
+  """:func:`_block_sums` for two groups of 8 rows of ``x`` (``x_*``, then
+  ``y_*``: the rows 8 further), one lookup of the words for both."""
+  if common.INTERPRETED:
+    d0, d1, d2, d3 = _emulated_mma(words, x_first, x_second, table, NUM_WARPS,
+                                   F16)
+    d4, d5, d6, d7 = _emulated_mma(words, y_first, y_second, table, NUM_WARPS,
+                                   F16)
+  else:
+    w0, w1, w2, w3 = _split4(words)
+    x0, x1, x2, x3 = _split4(x_first)
+    x4, x5, x6, x7 = _split4(x_second)
+    y0, y1, y2, y3 = _split4(y_first)
+    y4, y5, y6, y7 = _split4(y_second)
+    operands = [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7, y0, y1, y2,
+                y3, y4, y5, y6, y7, table[0], table[1], table[2], table[3],
+                table[4], table[5], table[6], table[7]]
+    if F16:
+      d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+          _BLOCK16_ASM_F16, "=r," * 7 + "=r" + ",r" * 28, operands,
+          (tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+      d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+          _BLOCK16_ASM_BF16, "=r," * 7 + "=r" + ",r" * 28, operands,
+          (tl.float32,) * 8, is_pure=True, pack=1)
+  return d0, d1, d2, d3, d4, d5, d6, d7
+
+
+@triton.jit
 def matmul_4bit_tiled_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
                              nested_code_ptr, nested_absmax_ptr, offset_ptr,
                              M, N, y_ptr, K: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
                              NUM_WARPS: tl.constexpr, UNROLL: tl.constexpr,
-                             NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
-                             F16: tl.constexpr):
+                             ROWS: tl.constexpr, NESTED: tl.constexpr,
+                             NESTED_BLOCK: tl.constexpr, F16: tl.constexpr):
   """``y [SPLIT_K, M, N] = x [M, K] W^T`` on the tiled layout.
 
   ``N % (16 NUM_WARPS) == 0``, ``K % (64 UNROLL SPLIT_K) == 0``,
   ``BLOCK_SIZE % 64 == 0``; launch with ``num_warps=NUM_WARPS`` on the
-  grid ``(N / (16 NUM_WARPS) * ceil(M / 8), SPLIT_K)``. ``x`` is bfloat16
+  grid ``(N / (16 NUM_WARPS) * ceil(M / ROWS), SPLIT_K)``. A program
+  takes ``ROWS`` (8 or 16: one or two mma column groups) rows of ``x``,
+  bfloat16
   (``F16``: float16) and ``table_ptr`` holds :func:`register_table` in that
   dtype. ``UNROLL`` blocks per loop step (their loads issued together).
   """
@@ -253,17 +292,19 @@ def matmul_4bit_tiled_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
   lane, warp = _thread_ids(THREADS)
   g = lane // 4
   t = lane % 4
-  groups = tl.cdiv(M, 8)  # of 8 rows of x
+  groups = tl.cdiv(M, ROWS)  # of ROWS rows of x
   tile = (tl.program_id(0) // groups * NUM_WARPS + warp).to(tl.int64)
-  m_first = tl.program_id(0) % groups * 8
+  m_first = tl.program_id(0) % groups * ROWS
   first = tl.program_id(1) * (K_SPLIT // 64)  # first 64-column block
   w_ptrs = (packed_ptr.to(tl.pointer_type(tl.int32))
             + ((tile * (K // 64) + first) * 128 + 4 * lane)[:, None]
             + tl.arange(0, 4)[None, :])
   x_ok = (m_first + g < M)[:, None]
+  y_ok = (m_first + 8 + g < M)[:, None]  # the second group (ROWS == 16)
   x_ptrs = (x_ptr.to(tl.pointer_type(tl.int32))
             + (m_first + g).to(tl.int64) * (K // 2) + first * 32
             + 4 * t)[:, None] + tl.arange(0, 4)[None, :]
+  y_ptrs = x_ptrs + 8 * (K // 2)
   spread = table_ptr + lane
   table = (tl.load(spread), tl.load(spread + 32), tl.load(spread + 64),
            tl.load(spread + 96), tl.load(spread + 128), tl.load(spread + 160),
@@ -277,14 +318,25 @@ def matmul_4bit_tiled_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
   acc1 = tl.zeros([THREADS], tl.float32)  # row g, column 2t + 1
   acc2 = tl.zeros([THREADS], tl.float32)  # row g + 8, column 2t
   acc3 = tl.zeros([THREADS], tl.float32)  # row g + 8, column 2t + 1
+  acc4 = tl.zeros([THREADS], tl.float32)  # the same, columns 8 + 2t, 9 + 2t
+  acc5 = tl.zeros([THREADS], tl.float32)
+  acc6 = tl.zeros([THREADS], tl.float32)
+  acc7 = tl.zeros([THREADS], tl.float32)
   for block0 in range(0, K_SPLIT // 64, UNROLL):
     for u in tl.static_range(UNROLL):
       block = block0 + u
-      d0, d1, d2, d3 = _block_sums(
-          tl.load(w_ptrs + block * 128),
-          tl.load(x_ptrs + block * 32, mask=x_ok, other=0),
-          tl.load(x_ptrs + block * 32 + 16, mask=x_ok, other=0), table,
-          NUM_WARPS, F16)
+      words = tl.load(w_ptrs + block * 128)
+      x_first = tl.load(x_ptrs + block * 32, mask=x_ok, other=0)
+      x_second = tl.load(x_ptrs + block * 32 + 16, mask=x_ok, other=0)
+      if ROWS == 16:
+        d0, d1, d2, d3, d4, d5, d6, d7 = _block_sums16(
+            words, x_first, x_second,
+            tl.load(y_ptrs + block * 32, mask=y_ok, other=0),
+            tl.load(y_ptrs + block * 32 + 16, mask=y_ok, other=0), table,
+            NUM_WARPS, F16)
+      else:
+        d0, d1, d2, d3 = _block_sums(words, x_first, x_second, table,
+                                     NUM_WARPS, F16)
       stat = (first + block) // SPAN  # the absmax block in the row
       absmax_g = common.block_absmax(
           absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset,
@@ -298,6 +350,11 @@ def matmul_4bit_tiled_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
       acc1 += d1 * absmax_g
       acc2 += d2 * absmax_h
       acc3 += d3 * absmax_h
+      if ROWS == 16:
+        acc4 += d4 * absmax_g
+        acc5 += d5 * absmax_g
+        acc6 += d6 * absmax_h
+        acc7 += d7 * absmax_h
   m0 = m_first + 2 * t
   out = y_ptr + tl.program_id(1).to(tl.int64) * M * N + row_g
   dtype = y_ptr.dtype.element_ty
@@ -305,17 +362,23 @@ def matmul_4bit_tiled_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr,
   tl.store(out + (m0 + 1) * N, acc1.to(dtype), mask=m0 + 1 < M)
   tl.store(out + m0 * N + 8, acc2.to(dtype), mask=m0 < M)
   tl.store(out + (m0 + 1) * N + 8, acc3.to(dtype), mask=m0 + 1 < M)
+  if ROWS == 16:
+    m1 = m0 + 8
+    tl.store(out + m1 * N, acc4.to(dtype), mask=m1 < M)
+    tl.store(out + (m1 + 1) * N, acc5.to(dtype), mask=m1 + 1 < M)
+    tl.store(out + m1 * N + 8, acc6.to(dtype), mask=m1 < M)
+    tl.store(out + (m1 + 1) * N + 8, acc7.to(dtype), mask=m1 + 1 < M)
 
 
 def matmul_4bit_tiled(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
                       absmax: jax.Array, nested: tuple | None,
                       out_features: int, block_size: int, impl: str, *,
-                      num_warps: int, num_stages: int, split_k: int,
-                      unroll: int) -> jax.Array:
+                      block_m: int, num_warps: int, num_stages: int,
+                      split_k: int, unroll: int) -> jax.Array:
   """Launches the tensor-core product ``x`` ``[M, K]`` times tiled ``W``^T.
 
   Args:
-    x: ``[M, K]`` bfloat16 or float16, any ``M >= 1`` (8 rows per program).
+    x: ``[M, K]`` bfloat16 or float16, any ``M >= 1``.
     packed: uint8 ``[N K / 2]`` in the tiled order (:mod:`jlowbit._tiling`).
     quant_map: float32 ``[16]``; the kernel uses it rounded to ``x.dtype``.
     absmax: float32 ``[N K / block_size]`` tiled, or with ``nested`` its
@@ -326,6 +389,8 @@ def matmul_4bit_tiled(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
     out_features: ``N``, a multiple of 16.
     block_size: elements per absmax block, a multiple of 64 dividing ``K``.
     impl: ``"triton"`` or ``"interpret"``.
+    block_m: rows of ``x`` per program, 8 or 16 (one or two mma column
+      groups, the tile's lookups shared); 8 wherever ``M <= 8``.
     num_warps: warps (16-row tiles) per program; halved until it divides
       ``N / 16``.
     num_stages: Triton's software-pipelining depth.
@@ -338,6 +403,7 @@ def matmul_4bit_tiled(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
     ``[M, N]`` in ``x.dtype``.
   """
   (m, k), n = x.shape, out_features
+  rows = 8 if m <= 8 else block_m
   tiles = n // 16
   while tiles % num_warps:
     num_warps //= 2
@@ -351,10 +417,11 @@ def matmul_4bit_tiled(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
       __name__, "matmul_4bit_tiled_kernel", x, packed,
       register_table(quant_map, x.dtype), *statistics, m, n,
       out_shape=(jax.ShapeDtypeStruct((split_k, m, n), out_dtype),),
-      grid=(tiles // num_warps * cdiv(m, ROWS_PER_PROGRAM), split_k),
+      grid=(tiles // num_warps * cdiv(m, rows), split_k),
       impl=impl, num_warps=num_warps, num_stages=num_stages, K=k,
       BLOCK_SIZE=block_size, SPLIT_K=split_k, NUM_WARPS=num_warps,
-      UNROLL=unroll, NESTED=nested is not None, NESTED_BLOCK=nested_block,
+      UNROLL=unroll, ROWS=rows, NESTED=nested is not None,
+      NESTED_BLOCK=nested_block,
       F16=x.dtype == jnp.float16)
   if split_k == 1:
     return y[0]
