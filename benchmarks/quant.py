@@ -23,6 +23,7 @@ same run with torch CUDA events.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -126,7 +127,9 @@ def bench_batch(out_features: int, in_features: int, rows: int,
   dequantize + dense product beyond) and in the tiled layout (the
   tensor-core kernel up to 16 rows) against dense bf16 ``x @ W.T``, kernel
   time of each; ``tiled_TBps`` counts W's packed bytes and float32 absmax,
-  ``x`` and ``y`` once."""
+  ``x`` and ``y`` once. For 9-16 rows ``tiled_m8_us`` times the tiled kernel
+  with 8 rows per program (``TiledConfig(block_m=8)``: two programs per
+  tile) beside the default 16 (one program, W read once)."""
   keys = jax.random.split(jax.random.key(1), copies)
   weights = [jax.random.normal(k, (out_features, in_features), jnp.bfloat16) * 0.02 for k in keys]
   x = jax.random.normal(jax.random.key(2), (rows, in_features), jnp.bfloat16)
@@ -138,12 +141,19 @@ def bench_batch(out_features: int, in_features: int, rows: int,
                             [(w4,) for w4 in tiled])
   n_bytes = (out_features * in_features // 2 + 4 * out_features * in_features // 64
              + 2 * rows * (in_features + out_features))
-  return dict(shape=f"{out_features}x{in_features}", rows=rows,
-              dense_bf16_us=t_dense * 1e6, nf4_us=t_4bit * 1e6,
-              nf4_vs_dense=t_4bit / t_dense, tiled_us=t_tiled * 1e6,
-              tiled_vs_dense=t_tiled / t_dense,
-              tiled_TBps=n_bytes / t_tiled / 1e12,
-              tiled_pct_hbm=100 * n_bytes / t_tiled / 1e12 / hbm_tbps())
+  row = dict(shape=f"{out_features}x{in_features}", rows=rows,
+             dense_bf16_us=t_dense * 1e6, nf4_us=t_4bit * 1e6,
+             nf4_vs_dense=t_4bit / t_dense, tiled_us=t_tiled * 1e6,
+             tiled_vs_dense=t_tiled / t_dense,
+             tiled_TBps=n_bytes / t_tiled / 1e12,
+             tiled_pct_hbm=100 * n_bytes / t_tiled / 1e12 / hbm_tbps())
+  if 8 < rows <= jlowbit.matmul4.TILED_ROWS:
+    config = dataclasses.replace(jlowbit.TiledConfig.get_default(out_features),
+                                 block_m=8)
+    row["tiled_m8_us"] = 1e6 * time_jax_device(
+        lambda w4: jlowbit.matmul_4bit(x, w4, config=config),
+        [(w4,) for w4 in tiled])
+  return row
 
 
 def _bnb_gemv(out_features: int, in_features: int, copies: int) -> dict:
@@ -196,7 +206,7 @@ def main():
         results["batch"].append(bench_batch(*shape, rows, copies))
     print(table(results["batch"], ["shape", "rows", "dense_bf16_us", "nf4_us", "nf4_vs_dense",
                                    "tiled_us", "tiled_vs_dense", "tiled_TBps",
-                                   "tiled_pct_hbm"]))
+                                   "tiled_pct_hbm", "tiled_m8_us"]))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)
