@@ -38,7 +38,7 @@ TILE_COLUMNS = 64  # columns of W per lane step: 4 mma K-steps of 16
 
 
 def tiling_error(shape: tuple[int, ...], block_size: int) -> str | None:
-  """Why a weight of ``shape`` and ``block_size`` cannot be tiled, or ``None``."""
+  """Why a weight of ``shape`` and ``block_size`` cannot be tiled (or None)."""
   if len(shape) != 2:
     return f"shape={tuple(shape)} must be 2-D [out_features, in_features]"
   n, k = shape
@@ -54,22 +54,29 @@ def tiling_error(shape: tuple[int, ...], block_size: int) -> str | None:
 
 def tile_packed(packed: jax.Array, n: int, k: int) -> jax.Array:
   """uint8 ``[N K / 2]`` row-major bytes -> the tiled order (same shape)."""
-  bytes_ = packed.reshape(n // 16, 2, 8, k // 64, 2, 4, 4)  # tile h g b j t byte
-  return bytes_.transpose(0, 3, 2, 5, 1, 4, 6).reshape(-1)  # tile b g t h j byte
+  # Axes: tile, h, g, b, j, t, byte -> tile, b, g, t, h, j, byte.
+  bytes_ = packed.reshape(n // 16, 2, 8, k // 64, 2, 4, 4)
+  return bytes_.transpose(0, 3, 2, 5, 1, 4, 6).reshape(-1)
 
 
 def untile_packed(packed: jax.Array, n: int, k: int) -> jax.Array:
   """The inverse of :func:`tile_packed`."""
-  bytes_ = packed.reshape(n // 16, k // 64, 8, 4, 2, 2, 4)  # tile b g t h j byte
-  return bytes_.transpose(0, 4, 2, 1, 5, 3, 6).reshape(-1)  # tile h g b j t byte
+  # Axes: tile, b, g, t, h, j, byte -> tile, h, g, b, j, t, byte.
+  bytes_ = packed.reshape(n // 16, k // 64, 8, 4, 2, 2, 4)
+  return bytes_.transpose(0, 4, 2, 1, 5, 3, 6).reshape(-1)
 
 
-def tile_blocks(values: jax.Array, n: int, k: int, block_size: int) -> jax.Array:
-  """Per-block ``[N K / block_size]`` row-major -> ``[N / 16, K / block_size, 16]`` flat."""
-  return values.reshape(n // 16, 16, k // block_size).transpose(0, 2, 1).reshape(-1)
+def tile_blocks(values: jax.Array, n: int, k: int,
+                block_size: int) -> jax.Array:
+  """Per-block values ``[N K / block_size]``, row-major -> flat ``[N / 16,
+  K / block_size, 16]``."""
+  blocks = values.reshape(n // 16, 16, k // block_size)
+  return blocks.transpose(0, 2, 1).reshape(-1)
 
 
-def untile_blocks(values: jax.Array, n: int, k: int, block_size: int) -> jax.Array:
+def untile_blocks(values: jax.Array, n: int, k: int,
+                  block_size: int) -> jax.Array:
   """The inverse of :func:`tile_blocks`."""
-  return values.reshape(n // 16, k // block_size, 16).transpose(0, 2, 1).reshape(-1)
+  blocks = values.reshape(n // 16, k // block_size, 16)
+  return blocks.transpose(0, 2, 1).reshape(-1)
 

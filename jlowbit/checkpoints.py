@@ -399,7 +399,8 @@ def load_bnb_checkpoint(path: str | os.PathLike, *,
     check_quantization_config(qc, out, where=str(path / CONFIG_NAME))
   if layout == "tiled":
     out = {k: quant4.prefer_layout(v, layout)
-           if isinstance(v, quant4.Quantized4bit) else v for k, v in out.items()}
+           if isinstance(v, quant4.Quantized4bit) else v
+           for k, v in out.items()}
   return out, config
 
 

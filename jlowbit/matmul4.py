@@ -209,7 +209,8 @@ class TiledConfig:
     split_k = cls.split_k
     if out_features is not None:
       split_k = 1
-      while split_k < 16 and out_features // 16 * split_k < TILED_TARGET_PROGRAMS:
+      while (split_k < 16
+             and out_features // 16 * split_k < TILED_TARGET_PROGRAMS):
         split_k *= 2
     return cls(split_k=split_k)
 
@@ -280,9 +281,9 @@ def _forward(x2d, w4, impl, config):
     return _tiled_kernels().matmul_4bit_tiled(
         x2d, w4.packed, w4.quant_map, absmax, nested, n, w4.block_size, impl,
         block_m=config.block_m, num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        split_k=config.split_k, unroll=config.unroll)
-  if w4.layout == "tiled":
+        num_stages=config.num_stages, split_k=config.split_k,
+        unroll=config.unroll)
+  if w4.layout == "tiled":  # float32 rows, more than TILED_ROWS rows, xla
     return _dense(x2d, quant4.dequantize_4bit(w4, x2d.dtype, impl=impl))
   if m == 1:
     if not isinstance(config, GemvConfig):
@@ -343,8 +344,8 @@ def _check_weight(w4) -> None:
 
 def matmul_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
                 impl: str | None = None,
-                config: GemvConfig | SmallBatchConfig | TiledConfig | None = None
-                ) -> jax.Array:
+                config: (GemvConfig | SmallBatchConfig | TiledConfig
+                         | None) = None) -> jax.Array:
   """``x @ W^T`` with a 4-bit ``W``; differentiable with respect to ``x``.
 
   Args:

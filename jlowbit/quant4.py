@@ -221,7 +221,8 @@ def _nest(absmax: jax.Array, impl: str) -> tuple[blockwise8.Quantized8bit, jax.A
 
 def quantize_4bit(x: jax.Array, *, block_size: int = 64, quant_type: str = "nf4",
                   compress_statistics: bool = False, quant_storage=jnp.uint8,
-                  layout: str = "bnb", impl: str | None = None) -> Quantized4bit:
+                  layout: str = "bnb",
+                  impl: str | None = None) -> Quantized4bit:
   """Quantizes ``x`` to 4 bits per element (NF4 or FP4), blockwise.
 
   Args:
@@ -275,7 +276,8 @@ def quantize_4bit(x: jax.Array, *, block_size: int = 64, quant_type: str = "nf4"
   return tile_4bit(w4) if layout == "tiled" else w4
 
 
-def _permute_blocks(w4: Quantized4bit, permute) -> jax.Array | blockwise8.Quantized8bit:
+def _permute_blocks(w4: Quantized4bit,
+                    permute) -> jax.Array | blockwise8.Quantized8bit:
   """``w4.absmax`` with ``permute`` applied to its per-block entries (the
   float32 absmax, or the uint8 codes of nested statistics)."""
   n, k = w4.shape

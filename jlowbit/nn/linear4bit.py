@@ -12,8 +12,9 @@ as is. The conversions (``from_linear``, ``from_linear_general``,
 :func:`jlowbit.nn.quantize_model`) take ``layout="tiled"`` to store the
 weights that fit in the tiled order of :func:`jlowbit.tile_4bit` instead
 (the tensor-core kernel for 1-16 bfloat16 / float16 rows: fast decoding on
-a GPU); ``to_bnb`` still writes bitsandbytes' bytes. ``nnx.Linear`` keeps its kernel ``[in_features, out_features]``:
-:meth:`Linear4bit.from_linear` transposes it before quantizing.
+a GPU); ``to_bnb`` still writes bitsandbytes' bytes. ``nnx.Linear`` keeps
+its kernel ``[in_features, out_features]``: :meth:`Linear4bit.from_linear`
+transposes it before quantizing.
 
 The 4-bit weight lives in a :class:`QuantizedWeight` variable, which is not
 an ``nnx.Param``: ``nnx.state(model, nnx.Param)``, ``nnx.grad`` and

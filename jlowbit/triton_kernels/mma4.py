@@ -33,8 +33,9 @@ comes from ``%tid.x`` (inline asm), not from Triton's layout. A grid
 ``(N / 16 / NUM_WARPS * ceil(M / ROWS), SPLIT_K)`` gives each program its
 tiles, its ``ROWS`` rows of ``x`` and its range of K; the groups of rows
 that share tiles are neighbouring programs, so that with more than
-``ROWS`` rows the next group's reads of ``W`` tend to hit L2. ``SPLIT_K > 1`` writes float32
-partial products ``[SPLIT_K, M, N]`` that the launcher adds.
+``ROWS`` rows the next group's reads of ``W`` tend to hit L2. ``SPLIT_K >
+1`` writes float32 partial products ``[SPLIT_K, M, N]`` that the launcher
+adds.
 
 Triton's interpreter cannot run inline PTX: there (``common.INTERPRETED``)
 the thread ids are the element indices, the ``prmt`` lookup is the same byte
