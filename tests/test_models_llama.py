@@ -227,12 +227,14 @@ def test_positions_shift_leaves_logits_unchanged(float_model):
                              _logits(float_model, ids), rtol=1e-4, atol=1e-5)
 
 
-def test_tiled_4bit_checkpoint_decodes_like_bnb():
+@pytest.mark.parametrize("impl", [
+    "interpret", pytest.param("triton", marks=pytest.mark.gpu)])
+def test_tiled_4bit_checkpoint_decodes_like_bnb(impl):
   # Every projection of the tiny Llama fits the tiled layout; bfloat16
-  # compute, 8 prefill rows and 2 decode rows take the tensor-core kernel
-  # (interpreted), against the bitsandbytes-layout model (jnp reference).
+  # compute, 8 prefill rows and 2 decode rows take the tensor-core kernel,
+  # against the bitsandbytes-layout model (jnp reference).
   tiled = Llama.from_hf_checkpoint(DATA / "llama_nf4_dq", layout="tiled",
-                                   impl="interpret")
+                                   impl=impl)
   bnb = Llama.from_hf_checkpoint(DATA / "llama_nf4_dq", impl="xla")
   assert tiled.layers[1].mlp.down_proj.kernel.get_value().layout == "tiled"
   ids = jnp.asarray(_reference("llama_nf4_dq")["input_ids"])[:, :5]
