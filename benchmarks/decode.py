@@ -3,8 +3,8 @@
 Run on an NVIDIA GPU (nothing is downloaded: every model has random weights)::
 
   python benchmarks/decode.py [--layers 32] [--quant-types nf4 nf4-nested fp4]
-      [--torch] [--impl triton|xla] [--prompt-len 16] [--new-tokens 64]
-      [--repeats 5] [--json decode.json]
+      [--torch] [--impl triton|xla] [--layout bnb|tiled] [--prompt-len 16]
+      [--new-tokens 64] [--repeats 5] [--json decode.json]
 
 and as a CPU smoke test (a tiny model, a few tokens, ``impl="xla"``)::
 
@@ -21,7 +21,9 @@ heads, head_dim 128, vocab 128256, rope_theta 500000, untied lm_head), with
   compress_statistics=..., impl=--impl)``: the 7 projections of every layer
   4-bit (``nested``: 8-bit absmax, bitsandbytes' double quantization);
   embedding and ``lm_head`` stay bf16 (bitsandbytes does the same). Batch-1
-  steps run jlowbit's fused 4-bit gemv.
+  steps run jlowbit's fused 4-bit gemv; with ``--layout tiled``
+  (``quantize_model(..., layout="tiled")``, row names ending in ``tiled``)
+  the tensor-core kernel of tiled weights.
 * with ``--torch`` (CUDA torch + transformers; bitsandbytes for 4-bit):
   ``transformers bf16`` is ``LlamaForCausalLM`` of the same shapes, random
   init, bf16, sdpa attention; ``transformers + bnb <type>`` is that model
@@ -125,6 +127,7 @@ class Settings:
   impl: str | None
   seed: int
   quantize_head: bool = False
+  layout: str = "bnb"
 
 
 def _split_quant_type(name: str) -> tuple[str, bool]:
@@ -189,7 +192,8 @@ def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
     # --quantize-head: the lm_head too (the default filter keeps heads float).
     every_linear = lambda path, module: type(module) in convert.FLOAT_LAYERS  # pylint: disable=unidiomatic-typecheck
     jlowbit.nn.quantize_model(model, quant_type=base, block_size=BLOCK_SIZE,
-                              compress_statistics=nested, impl=s.impl,
+                              compress_statistics=nested, layout=s.layout,
+                              impl=s.impl,
                               filter=every_linear if s.quantize_head else None)
   graphdef, state = nnx.split(model)
   jax.block_until_ready(state)
@@ -224,6 +228,7 @@ def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
     return time.perf_counter() - begin, np.asarray(tokens)
 
   row = dict(row=name, layers=config.num_hidden_layers, quant_type=quant_type,
+             layout=s.layout if quant_type else None,
              impl=(jlowbit.resolve_impl(s.impl) if quant_type else "xla (dense)"),
              method="one jax.jit call per token, KVCache donated",
              setup_s=setup_s, weight_bytes=memory["total"], memory_report=memory)
@@ -439,6 +444,9 @@ def main(argv=None):
                       help="4-bit rows, jlowbit's and (with --torch) bitsandbytes'")
   parser.add_argument("--impl", choices=["triton", "xla", "interpret"],
                       help="jlowbit impl (default: triton on an NVIDIA GPU; --tiny: xla)")
+  parser.add_argument("--layout", choices=["bnb", "tiled"], default="bnb",
+                      help="jlowbit rows' 4-bit weight layout (tiled: the "
+                      "tensor-core kernel for decode steps)")
   parser.add_argument("--prompt-len", type=int, help="default 16 (--tiny: 4)")
   parser.add_argument("--new-tokens", type=int, help="default 64 (--tiny: 8)")
   parser.add_argument("--repeats", type=int, help="timed runs per row, default 5 (--tiny: 2)")
@@ -468,7 +476,7 @@ def main(argv=None):
                new_tokens=args.new_tokens or (8 if tiny else 64),
                repeats=args.repeats or (2 if tiny else 5),
                impl=args.impl or ("xla" if tiny else None), seed=args.seed,
-               quantize_head=args.quantize_head)
+               quantize_head=args.quantize_head, layout=args.layout)
   device = jax.devices()[0].device_kind
   _log(f"device: {device} | jlowbit impl: {jlowbit.resolve_impl(s.impl)} | "
        f"layers: {layers} | prompt {s.prompt_len} + {s.new_tokens} new tokens, "
@@ -478,7 +486,8 @@ def main(argv=None):
 
   rows = []
   jax_rows = ([] if args.no_bf16 else [("jax bf16", None)]) + [
-      (_row_name("jlowbit", q) + (" +head" if args.quantize_head else ""), q)
+      (_row_name("jlowbit", q) + (" +head" if args.quantize_head else "")
+       + (" tiled" if args.layout == "tiled" else ""), q)
       for q in args.quant_types]
   if args.no_jax:
     jax_rows = []

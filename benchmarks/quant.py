@@ -11,15 +11,19 @@ are timed by the GPU durations of their kernels in a profiler trace
 dispatch, which for kernels of tens of microseconds is as large as the
 kernel. gemv times ``x @ W.T`` for batch-1 ``x`` with W 4-bit NF4
 (block_size 64) against the same product with W dense bf16, each over
-several distinct weights so nothing stays in L2. batch times ``x @ W.T`` for 4-1024 rows of ``x`` the same way
-(``jlowbit.matmul_4bit``: the fused small-batch kernel up to 16 rows,
-dequantize + dense product for prefill-sized batches). ``--bnb`` adds bitsandbytes' own kernels, timed in the
+several distinct weights so nothing stays in L2. batch times ``x @ W.T`` for 1-1024 rows of ``x`` the same way
+(``jlowbit.matmul_4bit``: the gemv for one row and the fused small-batch
+kernel up to 16 rows, dequantize + dense product for prefill-sized
+batches), with W in bitsandbytes' layout (``nf4``) and in the tiled layout
+(``tiled``, :func:`jlowbit.tile_4bit`: the tensor-core kernel up to 16
+rows, with the bytes it moves as TB/s and % of HBM). ``--bnb`` adds bitsandbytes' own kernels, timed in the
 same run with torch CUDA events.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -118,18 +122,38 @@ def bench_gemv(out_features: int, in_features: int, copies: int, bnb: bool) -> d
 
 def bench_batch(out_features: int, in_features: int, rows: int,
                 copies: int) -> dict:
-  """``x [rows, K] @ W.T``: ``jlowbit.matmul_4bit`` (the fused small-batch
-  kernel up to 16 rows, dequantize + dense product beyond) against dense
-  bf16 ``x @ W.T``, kernel time of each."""
+  """``x [rows, K] @ W.T``: ``jlowbit.matmul_4bit`` with W in bitsandbytes'
+  layout (the gemv for one row, the fused small-batch kernel up to 16,
+  dequantize + dense product beyond) and in the tiled layout (the
+  tensor-core kernel up to 16 rows) against dense bf16 ``x @ W.T``, kernel
+  time of each; ``tiled_TBps`` counts W's packed bytes and float32 absmax,
+  ``x`` and ``y`` once. For 9-16 rows ``tiled_m8_us`` times the tiled kernel
+  with 8 rows per program (``TiledConfig(block_m=8)``: two programs per
+  tile) beside the default 16 (one program, W read once)."""
   keys = jax.random.split(jax.random.key(1), copies)
   weights = [jax.random.normal(k, (out_features, in_features), jnp.bfloat16) * 0.02 for k in keys]
   x = jax.random.normal(jax.random.key(2), (rows, in_features), jnp.bfloat16)
   w4s = [jlowbit.quantize_4bit(w, block_size=64, quant_type="nf4") for w in weights]
+  tiled = [jlowbit.tile_4bit(w4) for w4 in w4s]
   t_dense = time_jax_device(lambda w: x @ w.T, [(w,) for w in weights])
   t_4bit = time_jax_device(lambda w4: jlowbit.matmul_4bit(x, w4), [(w4,) for w4 in w4s])
-  return dict(shape=f"{out_features}x{in_features}", rows=rows,
-              dense_bf16_us=t_dense * 1e6, nf4_us=t_4bit * 1e6,
-              nf4_vs_dense=t_4bit / t_dense)
+  t_tiled = time_jax_device(lambda w4: jlowbit.matmul_4bit(x, w4),
+                            [(w4,) for w4 in tiled])
+  n_bytes = (out_features * in_features // 2 + 4 * out_features * in_features // 64
+             + 2 * rows * (in_features + out_features))
+  row = dict(shape=f"{out_features}x{in_features}", rows=rows,
+             dense_bf16_us=t_dense * 1e6, nf4_us=t_4bit * 1e6,
+             nf4_vs_dense=t_4bit / t_dense, tiled_us=t_tiled * 1e6,
+             tiled_vs_dense=t_tiled / t_dense,
+             tiled_TBps=n_bytes / t_tiled / 1e12,
+             tiled_pct_hbm=100 * n_bytes / t_tiled / 1e12 / hbm_tbps())
+  if 8 < rows <= jlowbit.matmul4.TILED_ROWS:
+    config = dataclasses.replace(jlowbit.TiledConfig.get_default(out_features),
+                                 block_m=8)
+    row["tiled_m8_us"] = 1e6 * time_jax_device(
+        lambda w4: jlowbit.matmul_4bit(x, w4, config=config),
+        [(w4,) for w4 in tiled])
+  return row
 
 
 def _bnb_gemv(out_features: int, in_features: int, copies: int) -> dict:
@@ -149,7 +173,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", nargs="+", default=["64M", "256M"])
   parser.add_argument("--sections", nargs="+", default=["q8", "q4", "gemv", "batch"])
-  parser.add_argument("--rows", nargs="+", type=int, default=[4, 16, 256, 1024],
+  parser.add_argument("--rows", nargs="+", type=int,
+                      default=[1, 4, 8, 16, 256, 1024],
                       help="batch section: rows of x")
   parser.add_argument("--bnb", action="store_true", help="also time bitsandbytes")
   parser.add_argument("--json", help="write all rows to this file")
@@ -179,7 +204,9 @@ def main():
       copies = max(2, 8 * 4096 * 4096 // (shape[0] * shape[1]))
       for rows in args.rows:
         results["batch"].append(bench_batch(*shape, rows, copies))
-    print(table(results["batch"], ["shape", "rows", "dense_bf16_us", "nf4_us", "nf4_vs_dense"]))
+    print(table(results["batch"], ["shape", "rows", "dense_bf16_us", "nf4_us", "nf4_vs_dense",
+                                   "tiled_us", "tiled_vs_dense", "tiled_TBps",
+                                   "tiled_pct_hbm", "tiled_m8_us"]))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=1)

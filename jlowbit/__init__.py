@@ -21,11 +21,18 @@ from jlowbit.checkpoints import (
 from jlowbit.matmul4 import (
     GemvConfig,
     SmallBatchConfig,
+    TiledConfig,
     gemv_4bit,
     gemv_4bit_reference,
     matmul_4bit,
 )
-from jlowbit.quant4 import Quantized4bit, dequantize_4bit, quantize_4bit
+from jlowbit.quant4 import (
+    Quantized4bit,
+    dequantize_4bit,
+    quantize_4bit,
+    tile_4bit,
+    untile_4bit,
+)
 from jlowbit.update8 import update_8bit
 from jlowbit import nn
 from jlowbit.optax_transforms import (

@@ -56,7 +56,9 @@ def to_bnb(w4: quant4.Quantized4bit, *, prefix: str = "") -> dict[str, np.ndarra
   """The bitsandbytes ``Linear4bit`` state-dict entries of ``w4`` (numpy).
 
   Args:
-    w4: a :class:`jlowbit.Quantized4bit`.
+    w4: a :class:`jlowbit.Quantized4bit`; a tiled one
+      (:func:`jlowbit.tile_4bit`) is written in bitsandbytes' order, the
+      same bytes as before tiling.
     prefix: the weight's state-dict key, or ``""`` for bare names (see the
       module docstring).
 
@@ -65,7 +67,7 @@ def to_bnb(w4: quant4.Quantized4bit, *, prefix: str = "") -> dict[str, np.ndarra
     "nested_quant_map"], "quant_state.bitsandbytes__<type>"}`` (prefixed),
     in that order, ready for ``safetensors.numpy.save_file``.
   """
-  quant4.check_quantized(w4)
+  w4 = quant4.untile_4bit(w4)
   storage = np.dtype(jnp.dtype(w4.quant_storage))
   raw = np.asarray(w4.packed, np.uint8)
   raw = np.pad(raw, (0, (-raw.size) % storage.itemsize))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlowbit import _tiling
 from jlowbit import _validation as val
 from jlowbit import bnb_format
 from jlowbit import quant4
@@ -335,12 +336,18 @@ def _group_4bit(tensors: Mapping[str, np.ndarray],
   return groups
 
 
-def load_bnb_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
+def load_bnb_checkpoint(path: str | os.PathLike, *,
+                        layout: str = "bnb") -> tuple[dict[str, Any], dict]:
   """Loads a Hugging Face checkpoint directory of a bitsandbytes 4-bit model.
 
   Args:
     path: a directory with ``config.json`` and ``model.safetensors`` or
       ``model.safetensors.index.json`` plus the shards it names.
+    layout: ``"bnb"`` keeps the 4-bit weights' bytes as stored; ``"tiled"``
+      puts each one that fits into the order of :func:`jlowbit.tile_4bit`
+      (fast decoding on a GPU: :func:`jlowbit.matmul_4bit`), the others
+      stay as stored. :func:`save_bnb_checkpoint` writes the stored bytes
+      back either way.
 
   Returns:
     ``(tensors, config)``: ``tensors`` maps each name to a
@@ -359,6 +366,7 @@ def load_bnb_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
       state, or a ``quantization_config`` that contradicts the weights; each
       message names the file and key.
   """
+  val.check_choice(layout, "layout", _tiling.LAYOUTS)
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -389,6 +397,10 @@ def load_bnb_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
   qc = config.get("quantization_config")
   if qc is not None:
     check_quantization_config(qc, out, where=str(path / CONFIG_NAME))
+  if layout == "tiled":
+    out = {k: quant4.prefer_layout(v, layout)
+           if isinstance(v, quant4.Quantized4bit) else v
+           for k, v in out.items()}
   return out, config
 
 

@@ -21,8 +21,25 @@ Dispatch rule of :func:`matmul_4bit` (``M = prod(x.shape[:-1])`` rows):
   (one kernel) and multiplied by ``jnp.dot`` (float32 products at
   ``Precision.HIGHEST``, i.e. no TF32 for float32 inputs).
 
+A weight in the tiled layout (:func:`jlowbit.tile_4bit`,
+``quantize_4bit(..., layout="tiled")``) takes instead, for ``1 <= M <=
+TILED_ROWS`` bfloat16 / float16 rows (decoding, batched or not), the
+tensor-core kernel of :mod:`jlowbit.triton_kernels.mma4`: 16-row tiles of
+``W`` dequantized from a register table straight into ``mma.sync``
+operands, 8 or 16 rows of ``x`` per pass over ``W``. On an H200 the
+experiment this kernel comes from (``benchmarks/experiments/
+gemv_candidate.py``, ``benchmarks/RESULTS.md`` session 9; for up to 8 rows
+the library's kernel compiles to the same SASS loop) measured that 4 or 8
+rows cost what one costs: 29.8 / 30.5 µs at 8192 x 8192 against 57.7 µs
+(4 rows) for the small-batch kernel on the bitsandbytes layout and 44 µs
+for cuBLAS bfloat16; one row 28.3 µs, as fast as the gemv (28.1). 9-16
+rows (two mma column groups per program) are not measured yet. Float32
+rows and more than ``TILED_ROWS`` rows dequantize a tiled weight (a kernel
+that reads the tiled order, :func:`jlowbit.dequantize_4bit`) and use
+``jnp.dot``.
+
 With ``impl="xla"`` the single-row case is :func:`gemv_4bit_reference` and
-the others dequantize with the jnp reference.
+the others dequantize with the jnp reference, for either layout.
 """
 
 import dataclasses
@@ -38,11 +55,16 @@ from jlowbit import quant4
 
 TARGET_PROGRAMS = 512  # below this many row blocks, default configs split K
 SMALL_BATCH_ROWS = 16  # the most rows the fused small-batch kernel takes
+TILED_ROWS = 16  # the most rows the tensor-core kernel takes (tiled weights)
+TILED_TARGET_PROGRAMS = 8192  # default configs split K up to this many programs
 
 
 def _check_tiles(config, **least: int) -> None:
-  """Each named field an int power of two >= its ``least``; ``num_stages`` >= 1."""
-  for name, smallest in {**least, "num_stages": 1}.items():
+  """Each named field an int power of two >= its ``least``; ``num_stages``
+  (where the config has it) >= 1."""
+  if hasattr(config, "num_stages"):
+    least = {**least, "num_stages": 1}
+  for name, smallest in least.items():
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int):
       raise TypeError(f"{name}={value!r} must be an int")
@@ -145,6 +167,54 @@ class SmallBatchConfig:
     return cls(split_k=split_k)
 
 
+@dataclasses.dataclass(frozen=True)
+class TiledConfig:
+  """Launch parameters of the tensor-core kernel for tiled weights (1-16 rows).
+
+  Attributes:
+    block_m: rows of ``x`` per program when there are more than 8: 16 (two
+      mma column groups sharing each tile's lookups: ``W`` is read once) or
+      8 (two programs per tile; ``W`` read twice, the second time mostly
+      from L2). Up to 8 rows always take 8.
+    num_warps: warps per program, each owning a 16-row tile of ``W``
+      (power of two; halved until it divides ``out_features / 16``).
+    split_k: independent ranges ``K`` is cut into (power of two, float32
+      partial products added after the kernel; halved until each range
+      holds a whole number of ``unroll`` 64-column blocks).
+    unroll: 64-column blocks per loop step, their loads issued together
+      (power of two; halved until it divides ``in_features / 64``).
+    num_stages: software-pipelining depth of the K loop (3, Triton's
+      default, as measured).
+  """
+  block_m: int = 16
+  num_warps: int = 1
+  split_k: int = 8
+  unroll: int = 2
+  num_stages: int = 3
+
+  def __post_init__(self):
+    _check_tiles(self, block_m=8, num_warps=1, split_k=1, unroll=1)
+    if self.block_m > 16:
+      raise ValueError(f"block_m={self.block_m} must be 8 or 16")
+
+  @classmethod
+  def get_default(cls, out_features: int | None = None) -> "TiledConfig":
+    """Defaults measured on an H200 (``benchmarks/RESULTS.md``, session 9).
+
+    One warp per program and 2 blocks per step, the fastest for 4 and 8
+    rows at 8192 x 8192 and 28672 x 8192; K is split (up to 16 ways) until
+    there are ``TILED_TARGET_PROGRAMS`` programs per 8 rows: 16 ways at
+    8192 x 8192 and 4096 x 4096, 8 at 28672 x 8192, the fastest measured.
+    """
+    split_k = cls.split_k
+    if out_features is not None:
+      split_k = 1
+      while (split_k < 16
+             and out_features // 16 * split_k < TILED_TARGET_PROGRAMS):
+        split_k *= 2
+    return cls(split_k=split_k)
+
+
 def _dense(x2d: jax.Array, w: jax.Array) -> jax.Array:
   """``x2d @ w.T`` accumulated in float32, returned in ``x2d.dtype``."""
   y = jnp.dot(x2d, w.T, precision=jax.lax.Precision.HIGHEST,
@@ -172,6 +242,11 @@ def _kernels():
   return gemv4
 
 
+def _tiled_kernels():
+  from jlowbit.triton_kernels import mma4  # pylint: disable=g-import-not-at-top
+  return mma4
+
+
 def _statistics(w4: quant4.Quantized4bit):
   """The kernels' absmax operand and nested statistics (or ``None``)."""
   if not w4.nested:
@@ -187,6 +262,11 @@ def _uses_small_batch(x2d, w4) -> bool:
           and x2d.dtype in (jnp.bfloat16, jnp.float16))
 
 
+def _uses_tiled(x2d) -> bool:
+  return (1 <= x2d.shape[0] <= TILED_ROWS
+          and x2d.dtype in (jnp.bfloat16, jnp.float16))
+
+
 def _forward(x2d, w4, impl, config):
   """``x2d`` ``[M, K]`` times ``w4`` ``[N, K]``^T: ``[M, N]`` in x's dtype."""
   (m, k), n = x2d.shape, w4.shape[0]
@@ -195,6 +275,16 @@ def _forward(x2d, w4, impl, config):
   if m == 1 and impl == "xla":
     return gemv_4bit_reference(x2d, w4)
   absmax, nested = _statistics(w4)
+  if w4.layout == "tiled" and impl != "xla" and _uses_tiled(x2d):
+    if not isinstance(config, TiledConfig):
+      config = TiledConfig.get_default(n)
+    return _tiled_kernels().matmul_4bit_tiled(
+        x2d, w4.packed, w4.quant_map, absmax, nested, n, w4.block_size, impl,
+        block_m=config.block_m, num_warps=config.num_warps,
+        num_stages=config.num_stages, split_k=config.split_k,
+        unroll=config.unroll)
+  if w4.layout == "tiled":  # float32 rows, more than TILED_ROWS rows, xla
+    return _dense(x2d, quant4.dequantize_4bit(w4, x2d.dtype, impl=impl))
   if m == 1:
     if not isinstance(config, GemvConfig):
       config = GemvConfig.get_default(n, k)
@@ -254,30 +344,35 @@ def _check_weight(w4) -> None:
 
 def matmul_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
                 impl: str | None = None,
-                config: GemvConfig | None = None) -> jax.Array:
+                config: (GemvConfig | SmallBatchConfig | TiledConfig
+                         | None) = None) -> jax.Array:
   """``x @ W^T`` with a 4-bit ``W``; differentiable with respect to ``x``.
 
   Args:
     x: ``[..., in_features]`` float32, bfloat16 or float16.
     w4: ``W`` ``[out_features, in_features]`` from :func:`jlowbit.quantize_4bit`
-      or :func:`jlowbit.from_bnb`.
+      or :func:`jlowbit.from_bnb`, in either layout (:func:`jlowbit.tile_4bit`).
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
     config: tile sizes: a :class:`GemvConfig` applies to one row (the
       gemv kernel), a :class:`SmallBatchConfig` to 2-16 bfloat16 / float16
-      rows (the small-batch kernel); the other path uses its default.
+      rows (the small-batch kernel), a :class:`TiledConfig` to 1-16
+      bfloat16 / float16 rows with a tiled weight (the tensor-core kernel);
+      the path taken uses its default if ``config`` is another kind.
       Default per shape.
 
   Returns:
-    ``[..., out_features]`` in ``x.dtype``. One row runs the fused gemv
-    kernel, 2-16 half-precision rows the fused small-batch kernel, more rows
-    dequantize + ``jnp.dot`` (see the module docstring).
+    ``[..., out_features]`` in ``x.dtype``. With a bitsandbytes-layout
+    weight one row runs the fused gemv kernel, 2-16 half-precision rows the
+    fused small-batch kernel; with a tiled weight 1-16 half-precision rows
+    run the tensor-core kernel; more rows dequantize + ``jnp.dot`` (see the
+    module docstring).
   """
   x = val.as_float_array(x, "x")
   _check_weight(w4)
-  if config is not None and not isinstance(config, (GemvConfig,
-                                                     SmallBatchConfig)):
-    raise TypeError(f"config must be a GemvConfig, a SmallBatchConfig or "
-                    f"None, got {type(config).__name__}")
+  if config is not None and not isinstance(
+      config, (GemvConfig, SmallBatchConfig, TiledConfig)):
+    raise TypeError(f"config must be a GemvConfig, a SmallBatchConfig, a "
+                    f"TiledConfig or None, got {type(config).__name__}")
   if x.ndim == 0 or x.shape[-1] != w4.shape[1]:
     raise ValueError(f"x.shape={tuple(x.shape)} does not match "
                      f"w4.shape={w4.shape}: x must be [..., {w4.shape[1]}]")
@@ -289,14 +384,17 @@ def matmul_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
 
 def gemv_4bit(x: jax.Array, w4: quant4.Quantized4bit, *,
               impl: str | None = None,
-              config: GemvConfig | None = None) -> jax.Array:
+              config: GemvConfig | TiledConfig | None = None) -> jax.Array:
   """Batch-1 product ``x @ W^T`` by the fused 4-bit kernel.
 
   Args:
     x: ``[in_features]`` or ``[1, in_features]``, float32 / bfloat16 / float16.
-    w4: ``W`` ``[out_features, in_features]`` (see :func:`matmul_4bit`).
+    w4: ``W`` ``[out_features, in_features]`` (see :func:`matmul_4bit`); a
+      tiled weight runs the tensor-core kernel for bfloat16 / float16 ``x``
+      (as fast as the gemv) and dequantizes for float32 ``x``.
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"``.
-    config: :class:`GemvConfig`; default per shape.
+    config: :class:`GemvConfig` (or :class:`TiledConfig` for a tiled
+      weight); default per shape.
 
   Returns:
     ``[out_features]`` or ``[1, out_features]`` (following ``x``), ``x.dtype``.

@@ -40,6 +40,11 @@ stores the float32 absmax 8-bit: ``offset = mean(absmax)``, and
 held as the weight's ``absmax``; dequantization restores
 ``absmax = dequantize_blockwise(absmax) + offset``.
 
+``layout="tiled"`` (:func:`tile_4bit`) permutes the packed bytes and the
+per-block statistics of a 2-D weight into the order of the tensor-core
+small-batch kernel (:mod:`jlowbit._tiling`); :func:`untile_4bit` restores
+bitsandbytes' bytes exactly, and :func:`jlowbit.to_bnb` always writes them.
+
 Non-finite input: a block holding NaN gets ``absmax = NaN`` and dequantizes
 to NaN; ``±inf`` gives ``absmax = inf`` and non-finite values. Blocks whose
 absmax lies outside ``[2**-126, 2**126]`` take bitsandbytes' flushed
@@ -56,6 +61,7 @@ from flax import struct
 from jlowbit import _formats
 from jlowbit import _impl
 from jlowbit import _search
+from jlowbit import _tiling
 from jlowbit import _twins
 from jlowbit import _validation as val
 from jlowbit import blockwise8
@@ -83,6 +89,11 @@ class Quantized4bit:
     quant_storage: dtype name the packed bytes are viewed as when serialized
       (bitsandbytes' ``quant_storage``; static). The bytes are the same for
       every storage dtype: ``packed`` is always uint8 here.
+    layout: ``"bnb"`` (bitsandbytes' row-major order) or ``"tiled"`` (static):
+      ``packed`` and the per-block ``absmax`` (float32, or the nested
+      statistics' uint8 codes) permuted into the tensor-core kernel's order
+      (:mod:`jlowbit._tiling`; shapes unchanged; the nested statistics'
+      second level stays in bitsandbytes order). See :func:`tile_4bit`.
   """
   packed: jax.Array
   absmax: jax.Array | blockwise8.Quantized8bit
@@ -93,6 +104,14 @@ class Quantized4bit:
   quant_type: str = struct.field(pytree_node=False)
   offset: jax.Array | None = None
   quant_storage: str = struct.field(pytree_node=False, default="uint8")
+  layout: str = struct.field(pytree_node=False, default="bnb")
+
+  def __post_init__(self):
+    val.check_choice(self.layout, "layout", _tiling.LAYOUTS)
+    if self.layout == "tiled":
+      error = _tiling.tiling_error(self.shape, self.block_size)
+      if error is not None:
+        raise ValueError(f"layout='tiled' does not fit this weight: {error}")
 
   @property
   def size(self) -> int:
@@ -202,6 +221,7 @@ def _nest(absmax: jax.Array, impl: str) -> tuple[blockwise8.Quantized8bit, jax.A
 
 def quantize_4bit(x: jax.Array, *, block_size: int = 64, quant_type: str = "nf4",
                   compress_statistics: bool = False, quant_storage=jnp.uint8,
+                  layout: str = "bnb",
                   impl: str | None = None) -> Quantized4bit:
   """Quantizes ``x`` to 4 bits per element (NF4 or FP4), blockwise.
 
@@ -213,6 +233,10 @@ def quantize_4bit(x: jax.Array, *, block_size: int = 64, quant_type: str = "nf4"
     quant_storage: uint8, int8, bfloat16, float16 or float32: the dtype
       :func:`jlowbit.to_bnb` views the packed bytes as (bitsandbytes'
       ``quant_storage``); ``packed`` itself is always uint8.
+    layout: ``"bnb"`` (bitsandbytes' byte order) or ``"tiled"`` (the order
+      of the tensor-core small-batch kernel, :func:`tile_4bit`; 2-D ``x``
+      with ``shape[0] % 16 == 0``, ``shape[1] % 64 == 0`` and a
+      ``block_size`` multiple of 64 dividing ``shape[1]``).
     impl: ``None`` | ``"triton"`` | ``"xla"`` | ``"interpret"`` (see
       :mod:`jlowbit._impl`).
 
@@ -233,17 +257,94 @@ def quantize_4bit(x: jax.Array, *, block_size: int = 64, quant_type: str = "nf4"
     raise TypeError(f"compress_statistics={compress_statistics!r} must be a "
                     "bool (True or False)")
   storage = check_quant_storage(quant_storage)
+  val.check_choice(layout, "layout", _tiling.LAYOUTS)
+  if layout == "tiled":
+    error = _tiling.tiling_error(tuple(x.shape), block_size)
+    if error is not None:
+      raise ValueError(f"layout='tiled' does not fit x: {error}")
   impl = _impl.resolve_impl(impl)
   packed, absmax = _quantize(x, block_size, quant_type, impl)
   offset = None
   if compress_statistics:
     absmax, offset = _nest(absmax, impl)
-  return Quantized4bit(
+  w4 = Quantized4bit(
       packed=packed, absmax=absmax,
       quant_map=jnp.asarray(default_quant_map(quant_type)),
       shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name,
       block_size=block_size, quant_type=quant_type, offset=offset,
       quant_storage=storage)
+  return tile_4bit(w4) if layout == "tiled" else w4
+
+
+def _permute_blocks(w4: Quantized4bit,
+                    permute) -> jax.Array | blockwise8.Quantized8bit:
+  """``w4.absmax`` with ``permute`` applied to its per-block entries (the
+  float32 absmax, or the uint8 codes of nested statistics)."""
+  n, k = w4.shape
+  if w4.nested:
+    return w4.absmax.replace(
+        codes=permute(w4.absmax.codes, n, k, w4.block_size))
+  return permute(w4.absmax, n, k, w4.block_size)
+
+
+def tile_4bit(w4: Quantized4bit) -> Quantized4bit:
+  r"""``w4`` in the tiled layout of the tensor-core small-batch kernel.
+
+  The packed bytes and per-block statistics are permuted so that a warp of
+  the kernel reads each 16-row x 64-column tile of ``W`` as 512 contiguous
+  bytes (:mod:`jlowbit._tiling` gives the map); nothing is requantized and
+  the shapes do not change. :func:`jlowbit.matmul_4bit` then multiplies 1-16
+  bfloat16 / float16 rows on the tensor cores; every other op accepts the
+  layout too. :func:`untile_4bit` is the exact inverse.
+
+  Args:
+    w4: a 2-D ``[N, K]`` :class:`Quantized4bit` with ``N % 16 == 0``, ``K %
+      64 == 0``, ``block_size % 64 == 0`` and ``K % block_size == 0``; one
+      already tiled is returned as it is.
+
+  Returns:
+    The same weight with ``layout="tiled"``.
+
+  Raises:
+    ValueError: the weight's shape or block size does not tile.
+  """
+  check_quantized(w4)
+  if w4.layout == "tiled":
+    return w4
+  error = _tiling.tiling_error(w4.shape, w4.block_size)
+  if error is not None:
+    raise ValueError(f"tile_4bit: w4 cannot be tiled: {error}")
+  n, k = w4.shape
+  return w4.replace(packed=_tiling.tile_packed(w4.packed, n, k),
+                    absmax=_permute_blocks(w4, _tiling.tile_blocks),
+                    layout="tiled")
+
+
+def prefer_layout(w4: Quantized4bit, layout: str) -> Quantized4bit:
+  """``w4`` in ``layout`` where the weight allows it (the front-ends' policy).
+
+  ``"tiled"`` tiles a weight that :func:`tile_4bit` accepts and leaves any
+  other (not 2-D, ``N % 16``, ``K % 64``, a block size that is not a
+  multiple of 64 dividing ``K``) in bitsandbytes' layout; ``"bnb"`` untiles.
+  """
+  val.check_choice(layout, "layout", _tiling.LAYOUTS)
+  if layout == "bnb":
+    return untile_4bit(w4)
+  if _tiling.tiling_error(w4.shape, w4.block_size) is not None:
+    return w4
+  return tile_4bit(w4)
+
+
+def untile_4bit(w4: Quantized4bit) -> Quantized4bit:
+  """``w4`` in bitsandbytes' layout: the inverse of :func:`tile_4bit`, byte
+  for byte (a weight already in that layout is returned as it is)."""
+  check_quantized(w4)
+  if w4.layout == "bnb":
+    return w4
+  n, k = w4.shape
+  return w4.replace(packed=_tiling.untile_packed(w4.packed, n, k),
+                    absmax=_permute_blocks(w4, _tiling.untile_blocks),
+                    layout="bnb")
 
 
 def check_quant_storage(quant_storage) -> str:
@@ -288,21 +389,34 @@ def check_quantized(w4, name: str = "w4") -> None:
 
 
 def absmax_float32(w4: Quantized4bit, *, impl: str | None = None) -> jax.Array:
-  """float32 ``[blocks]`` absmax of ``w4``, dequantizing compressed statistics.
+  """float32 ``[blocks]`` absmax of ``w4`` in its layout's block order,
+  dequantizing compressed statistics.
 
   Compressed: ``dequantize_blockwise(w4.absmax) + w4.offset`` (float32 add,
-  as bitsandbytes does).
+  as bitsandbytes does), on the bitsandbytes order of the codes.
   """
   if not w4.nested:
     return w4.absmax
+  if w4.layout == "tiled":
+    n, k = w4.shape
+    return _tiling.tile_blocks(absmax_float32(untile_4bit(w4), impl=impl), n,
+                               k, w4.block_size)
   return blockwise8.dequantize_blockwise(w4.absmax, jnp.float32,
                                          impl=impl) + w4.offset
 
 
-@functools.partial(jax.jit, static_argnames=("n", "block_size", "dtype", "impl"))
-def _dequantize(packed, table, absmax, n, block_size, dtype, impl):
+@functools.partial(jax.jit, static_argnames=("shape", "block_size", "dtype",
+                                             "layout", "impl"))
+def _dequantize(packed, table, absmax, shape, block_size, dtype, layout, impl):
+  n = int(np.prod(shape, dtype=np.int64))
   if n == 0:
     return jnp.zeros((0,), dtype)
+  if layout == "tiled" and impl != "xla":
+    return _kernels().dequantize_4bit_tiled(packed, table, absmax, shape,
+                                            block_size, dtype, impl)
+  if layout == "tiled":  # XLA fuses the permutation into the reference
+    packed = _tiling.untile_packed(packed, *shape)
+    absmax = _tiling.untile_blocks(absmax, *shape, block_size)
   if impl == "xla":
     return dequantize_4bit_reference(packed, table, absmax, n, block_size, dtype)
   return _kernels().dequantize_4bit(packed, table, absmax, n, block_size, dtype,
@@ -314,7 +428,10 @@ def dequantize_4bit(w4: Quantized4bit, dtype=None, *,
   """Reconstructs ``quant_map[code] * absmax`` in ``dtype`` (default ``w4.dtype``).
 
   Args:
-    w4: the result of :func:`quantize_4bit` or :func:`jlowbit.from_bnb`.
+    w4: the result of :func:`quantize_4bit` or :func:`jlowbit.from_bnb`,
+      in either layout (a tiled weight is read by a kernel of its own, no
+      untiled copy; under ``impl="xla"`` the permutation is fused into the
+      reference).
     dtype: float32, bfloat16 or float16; default the quantized array's dtype.
     impl: see :func:`quantize_4bit`.
 
@@ -325,6 +442,6 @@ def dequantize_4bit(w4: Quantized4bit, dtype=None, *,
   dtype = val.check_float_dtype(w4.dtype if dtype is None else dtype, "dtype")
   impl = _impl.resolve_impl(impl)
   absmax = absmax_float32(w4, impl=impl)
-  flat = _dequantize(w4.packed, w4.quant_map, absmax, w4.size, w4.block_size,
-                     dtype, impl)
+  flat = _dequantize(w4.packed, w4.quant_map, absmax, w4.shape, w4.block_size,
+                     dtype, w4.layout, impl)
   return flat.reshape(w4.shape)

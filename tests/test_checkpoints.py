@@ -423,3 +423,19 @@ def test_transformers_float_checkpoint():
   assert "quantization_config" not in config
   assert all(v.dtype == jnp.float32 for v in loaded.values())
   assert loaded["model.embed_tokens.weight"].shape == (256, 64)
+
+
+def test_load_tiled_keeps_the_checkpoint_bytes(tmp_path):
+  tensors = _model()
+  fits = "model.layers.0.mlp.down_proj.weight"
+  tensors[fits] = jlowbit.quantize_4bit(_normal((32, 128), seed=20),
+                                        compress_statistics=True)
+  src = _write(tmp_path / "src", tensors)
+  loaded, config = jlowbit.load_bnb_checkpoint(src, layout="tiled")
+  # (32, 128) fits the tiled layout; the (24, 16) weights do not.
+  assert {name: loaded[name].layout for name in QUANTIZED} == {
+      name: "tiled" if name == fits else "bnb" for name in QUANTIZED}
+  jlowbit.save_bnb_checkpoint(tmp_path / "dst", loaded, config)
+  assert _raw(tmp_path / "dst") == _raw(src)
+  with pytest.raises(ValueError, match=r"layout='rows' is not supported"):
+    jlowbit.load_bnb_checkpoint(src, layout="rows")

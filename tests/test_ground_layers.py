@@ -21,7 +21,7 @@ import jlowbit
 PACKAGE = pathlib.Path(jlowbit.__file__).parent
 
 GROUND = {"_impl", "_validation", "_formats", "codebooks", "_search", "_noise",
-          "_layout", "_sharding",
+          "_layout", "_sharding", "_tiling",
           "_twins", "algorithms"}
 OPS = {"blockwise8", "quant4", "matmul4", "bnb_format", "update8"}
 FRONT_ENDS = {"optax_transforms", "nn", "models", "checkpoints", "__init__"}

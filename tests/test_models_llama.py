@@ -225,3 +225,29 @@ def test_positions_shift_leaves_logits_unchanged(float_model):
   shifted = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32) + 7, ids.shape)
   np.testing.assert_allclose(_logits(float_model, ids, positions=shifted),
                              _logits(float_model, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", [
+    "interpret", pytest.param("triton", marks=pytest.mark.gpu)])
+def test_tiled_4bit_checkpoint_decodes_like_bnb(impl):
+  # Every projection of the tiny Llama fits the tiled layout; bfloat16
+  # compute, 8 prefill rows and 2 decode rows take the tensor-core kernel,
+  # against the bitsandbytes-layout model (jnp reference).
+  tiled = Llama.from_hf_checkpoint(DATA / "llama_nf4_dq", layout="tiled",
+                                   impl=impl)
+  bnb = Llama.from_hf_checkpoint(DATA / "llama_nf4_dq", impl="xla")
+  assert tiled.layers[1].mlp.down_proj.kernel.get_value().layout == "tiled"
+  ids = jnp.asarray(_reference("llama_nf4_dq")["input_ids"])[:, :5]
+
+  def prefill_and_step(model):
+    cache = model.init_cache(2, 8)
+    prefill, cache = model(ids[:, :4], cache=cache)
+    step, _ = model(ids[:, 4:5], cache=cache)
+    return [_as_float(prefill), _as_float(step)]
+
+  for got, want in zip(prefill_and_step(tiled), prefill_and_step(bnb)):
+    assert np.abs(got - want).max() <= 3 * BF16_ULP  # measured 1.5
+
+
+def _as_float(logits):
+  return np.asarray(logits.astype(jnp.float32))

@@ -212,3 +212,27 @@ def test_lora_errors_name_the_argument():
   with pytest.raises(ValueError, match="lora_rank=1.5"):
     nn.LoRAEinsum4bit("...d,dk->...k", (WIDTH, 8), lora_rank=1.5,
                       rngs=nnx.Rngs(0))
+
+
+def test_quantize_model_tiled_layout_where_weights_fit():
+  # Every swapped weight of _Mixed fits the tiled layout; the added layer
+  # does not (in_features 24 is not a multiple of 64) and stays "bnb".
+  model = _Mixed(nnx.Rngs(0))
+  model.narrow = nnx.Linear(24, WIDTH, rngs=nnx.Rngs(5))
+  reference = nn.quantize_model(_Mixed(nnx.Rngs(0)), impl="xla")
+  nn.quantize_model(model, layout="tiled", lora_rank=2, rngs=nnx.Rngs(1),
+                    impl="xla")
+  for name in QUANTIZED:
+    w4 = getattr(model, name).kernel.get_value()
+    assert w4.layout == "tiled", name
+    # The bytes are bitsandbytes' bytes, permuted.
+    want = getattr(reference, name).kernel.get_value()
+    np.testing.assert_array_equal(jlowbit.untile_4bit(w4).packed, want.packed)
+  assert model.narrow.kernel.get_value().layout == "bnb"
+  x = _normal((3, SEQ, WIDTH), seed=1)
+  np.testing.assert_allclose(model(x), reference(x), rtol=1e-5, atol=1e-5)
+  # Merging requantizes in the same layout.
+  nn.merge_lora(model)
+  assert model.down.kernel.get_value().layout == "tiled"
+  with pytest.raises(ValueError, match=r"layout='rows' is not supported"):
+    nn.quantize_model(_Mixed(nnx.Rngs(0)), layout="rows")

@@ -241,3 +241,17 @@ def test_errors():
                                                          jnp.ones(OUT + 1)}}, x)
   with pytest.raises(ValueError, match="impl"):
     lnn.apply_quantized(layer, frozen, x, impl="cuda")
+
+
+def test_quantize_params_tiled_layout():
+  model, tokens, variables, quantized = _quantized_mlp(impl="xla")
+  _, _, _, tiled = _quantized_mlp(layout="tiled", impl="xla")
+  for name in ("Dense_0", "Dense_1"):
+    w4 = tiled["params"][name]["kernel"]
+    assert w4.layout == "tiled"  # [64, 128] and [128, 64] both fit
+    _assert_same_bytes(w4, quantized["params"][name]["kernel"])
+  np.testing.assert_allclose(lnn.apply_quantized(model, tiled, tokens),
+                             lnn.apply_quantized(model, quantized, tokens),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"layout='rows' is not supported"):
+    lnn.quantize_params(variables, layout="rows")

@@ -137,7 +137,7 @@ def test_small_batch_config_errors():
   with pytest.raises(TypeError, match=r"block_n=64.0 must be an int"):
     jlowbit.SmallBatchConfig(block_n=64.0)
   with pytest.raises(TypeError, match=r"config must be a GemvConfig, a "
-                     r"SmallBatchConfig or None"):
+                     r"SmallBatchConfig, a TiledConfig or None"):
     jlowbit.matmul_4bit(jnp.ones((2, 64)), _weight(3, 64), config=(16, 64))
 
 

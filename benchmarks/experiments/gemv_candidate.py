@@ -19,6 +19,7 @@ budget ran out before it could be timed: ``gemv_variants.py`` times it as
 import triton
 import triton.language as tl
 
+from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels import gemv4
 
 
@@ -31,16 +32,16 @@ def _step_loads(words_ptrs, x_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
   CHUNKS, 8]``; chunks from column ``VALID`` on read as 0."""
   chunks: tl.constexpr = words_ptrs.shape[1]
   if VALID == chunks * 32:
-    absmax = gemv4._block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, True, NESTED, NESTED_BLOCK)
+    absmax = common.block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+                                 offset, absmax_index, True, NESTED, NESTED_BLOCK)
     w0, w1 = tl.load(words_ptrs), tl.load(words_ptrs + 1)
     w2, w3 = tl.load(words_ptrs + 2), tl.load(words_ptrs + 3)
     x0, x1 = tl.load(x_ptrs), tl.load(x_ptrs + 8)
     x2, x3 = tl.load(x_ptrs + 16), tl.load(x_ptrs + 24)
   else:
     ok = (tl.arange(0, chunks) * 32 < VALID)[None, :]
-    absmax = gemv4._block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, ok, NESTED, NESTED_BLOCK)
+    absmax = common.block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+                                 offset, absmax_index, ok, NESTED, NESTED_BLOCK)
     w0 = tl.load(words_ptrs, mask=ok, other=0)
     w1 = tl.load(words_ptrs + 1, mask=ok, other=0)
     w2 = tl.load(words_ptrs + 2, mask=ok, other=0)

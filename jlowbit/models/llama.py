@@ -355,10 +355,16 @@ class Llama(nnx.Module):
 
   @classmethod
   def from_hf_checkpoint(cls, path: str | os.PathLike, *, dtype=None,
+                         layout: str = "bnb",
                          impl: str | None = None) -> "Llama":
     """Loads a Hugging Face Llama checkpoint directory, float or bitsandbytes
-    4-bit (:func:`jlowbit.load_bnb_checkpoint`); see :meth:`from_hf_tensors`."""
-    tensors, config = checkpoints.load_bnb_checkpoint(path)
+    4-bit (:func:`jlowbit.load_bnb_checkpoint`); see :meth:`from_hf_tensors`.
+
+    ``layout="tiled"`` stores the 4-bit weights that fit in the tiled order
+    (:func:`jlowbit.tile_4bit`): with a bfloat16 / float16 compute ``dtype``
+    on a GPU, decoding (1-16 rows a step) then runs the tensor-core kernel.
+    """
+    tensors, config = checkpoints.load_bnb_checkpoint(path, layout=layout)
     return cls.from_hf_tensors(tensors, config, dtype=dtype, impl=impl)
 
   @classmethod

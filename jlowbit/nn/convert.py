@@ -90,7 +90,7 @@ def _to_4bit(module: nnx.Module, quant: dict[str, Any],
 def quantize_model(model: nnx.Module, *,
                    filter: Callable[[Path, nnx.Module], bool] | None = None,  # pylint: disable=redefined-builtin
                    quant_type: str = "nf4", block_size: int = 64,
-                   compress_statistics: bool = False,
+                   compress_statistics: bool = False, layout: str = "bnb",
                    impl: str | None = None, lora_rank: int | None = None,
                    lora_scale: float = 1.0,
                    rngs: nnx.Rngs | None = None) -> nnx.Module:
@@ -137,6 +137,15 @@ def quantize_model(model: nnx.Module, *,
       :func:`default_filter` (all plain ones but output heads).
     quant_type, block_size, compress_statistics, impl: see
       :class:`~jlowbit.nn.Linear4bit`.
+    layout: ``"bnb"`` (bitsandbytes' byte order), or ``"tiled"``: every
+      weight that fits (``out % 16 == 0``, ``in % 64 == 0``, ``block_size``
+      a multiple of 64 dividing ``in``) in the order of
+      :func:`jlowbit.tile_4bit`, the others in bitsandbytes' order. Tiled
+      weights make 1-16 bfloat16 / float16 rows (decoding) run the
+      tensor-core kernel on a GPU; :func:`jlowbit.to_bnb` writes the same
+      bytes either way. The default stays ``"bnb"``: on a tiled weight
+      float32 rows have no fused kernel (one row dequantizes ``W`` instead
+      of running the gemv).
     lora_rank: ``None`` (plain 4-bit layers) or the adapters' rank, a
       positive int.
     lora_scale: the adapters' scale :math:`s` (PEFT's ``lora_alpha / r``);
@@ -157,7 +166,8 @@ def quantize_model(model: nnx.Module, *,
   """
   select = default_filter if filter is None else filter
   quant = dict(quant_type=quant_type, block_size=block_size,
-               compress_statistics=compress_statistics, impl=impl)
+               compress_statistics=compress_statistics, layout=layout,
+               impl=impl)
   lora = {}
   if lora_rank is None:
     if rngs is not None or lora_scale != 1.0:

@@ -278,14 +278,15 @@ class Einsum4bit(nnx.Module):
   @classmethod
   def from_einsum(cls, einsum: nnx.Einsum, *, quant_type: str = "nf4",
                   block_size: int = 64, compress_statistics: bool = False,
-                  impl: str | None = None, **kwargs):
+                  layout: str = "bnb", impl: str | None = None, **kwargs):
     """Quantizes ``einsum``'s kernel (permuted, flattened ``[K, N]``, transposed); the bias stays float.
 
     Keeps ``einsum``'s ``einsum_str`` and ``dtype``; ``param_dtype`` is the
     kernel's dtype. ``precision``, ``promote_dtype``, ``einsum_op`` and
     ``preferred_element_type`` are not carried over (see the class).
-    ``**kwargs`` go to :meth:`from_quantized` (``rngs`` and a subclass's
-    arguments).
+    ``layout``: the weight's byte order (see
+    :meth:`~jlowbit.nn.Linear4bit.from_linear`). ``**kwargs`` go to
+    :meth:`from_quantized` (``rngs`` and a subclass's arguments).
 
     Raises:
       TypeError: ``einsum`` is not a plain ``nnx.Einsum``.
@@ -299,14 +300,15 @@ class Einsum4bit(nnx.Module):
       raise ValueError(f"{cls.__name__}.from_einsum: {error}")
     kernel = einsum.kernel[...]
     linear4bit.check_config(einsum.dtype, kernel.dtype, quant_type, block_size,
-                            compress_statistics, impl)
-    layout = einsum_layout(einsum.einsum_str, kernel.shape)
-    flat = jnp.reshape(jnp.transpose(kernel, layout.perm),
-                       (math.prod(layout.in_features), -1))
+                            compress_statistics, impl, layout)
+    axes = einsum_layout(einsum.einsum_str, kernel.shape)
+    flat = jnp.reshape(jnp.transpose(kernel, axes.perm),
+                       (math.prod(axes.in_features), -1))
     w4 = quant4.quantize_4bit(flat.T, block_size=block_size,
                               quant_type=quant_type,
                               compress_statistics=compress_statistics,
                               impl=impl)
+    w4 = quant4.prefer_layout(w4, layout)
     bias = einsum.bias[...] if einsum.bias is not None else None
     return cls.from_quantized(w4, einsum.einsum_str, kernel.shape, bias,
                               dtype=einsum.dtype, impl=impl, **kwargs)

@@ -8,8 +8,13 @@ r"""Flax NNX linear layers with a frozen 4-bit (NF4 / FP4) weight.
 Storage is bitsandbytes' layout, ``W`` ``[out_features, in_features]``
 row-major, so :func:`jlowbit.to_bnb` / :func:`jlowbit.from_bnb` read and
 write the weight byte for byte and :func:`jlowbit.matmul_4bit` applies it
-as is. ``nnx.Linear`` keeps its kernel ``[in_features, out_features]``:
-:meth:`Linear4bit.from_linear` transposes it before quantizing.
+as is. The conversions (``from_linear``, ``from_linear_general``,
+:func:`jlowbit.nn.quantize_model`) take ``layout="tiled"`` to store the
+weights that fit in the tiled order of :func:`jlowbit.tile_4bit` instead
+(the tensor-core kernel for 1-16 bfloat16 / float16 rows: fast decoding on
+a GPU); ``to_bnb`` still writes bitsandbytes' bytes. ``nnx.Linear`` keeps
+its kernel ``[in_features, out_features]``: :meth:`Linear4bit.from_linear`
+transposes it before quantizing.
 
 The 4-bit weight lives in a :class:`QuantizedWeight` variable, which is not
 an ``nnx.Param``: ``nnx.state(model, nnx.Param)``, ``nnx.grad`` and
@@ -39,6 +44,7 @@ from flax.nnx.nn import lora as nnx_lora
 
 from jlowbit import _formats
 from jlowbit import _impl
+from jlowbit import _tiling
 from jlowbit import _validation as val
 from jlowbit import matmul4
 from jlowbit import quant4
@@ -96,7 +102,7 @@ def check_weight(w4: Any, name: str = "w4") -> None:
 
 
 def check_config(dtype, param_dtype, quant_type, block_size,
-                 compress_statistics, impl) -> None:
+                 compress_statistics, impl, layout="bnb") -> None:
   """Raises on a bad layer configuration (shared by the NNX and linen layers)."""
   if dtype is not None:
     val.check_float_dtype(dtype, "dtype")
@@ -107,6 +113,7 @@ def check_config(dtype, param_dtype, quant_type, block_size,
     raise TypeError(f"compress_statistics={compress_statistics!r} must be a "
                     "bool (True or False)")
   val.check_choice(impl, "impl", (None,) + _impl.IMPLS)
+  val.check_choice(layout, "layout", _tiling.LAYOUTS)
 
 
 def _check_linear(linear: Any) -> None:
@@ -290,11 +297,14 @@ class Linear4bit(nnx.Module):
   @classmethod
   def from_linear(cls, linear: nnx.Linear, *, quant_type: str = "nf4",
                   block_size: int = 64, compress_statistics: bool = False,
-                  impl: str | None = None, **kwargs):
+                  layout: str = "bnb", impl: str | None = None, **kwargs):
     """Quantizes ``linear.kernel.T`` (``[out, in]``); the bias stays float.
 
     The layer keeps ``linear``'s ``dtype``; its ``param_dtype`` is the
-    kernel's dtype. ``**kwargs`` go to :meth:`from_quantized` (``rngs`` and a
+    kernel's dtype. ``layout``: ``"bnb"``, or ``"tiled"`` for the order of
+    :func:`jlowbit.tile_4bit` where the weight fits it (``out % 16 == 0``,
+    ``in % 64 == 0``, ``block_size`` a multiple of 64 dividing ``in``; else
+    ``"bnb"``). ``**kwargs`` go to :meth:`from_quantized` (``rngs`` and a
     subclass's arguments).
 
     Raises:
@@ -304,11 +314,12 @@ class Linear4bit(nnx.Module):
     """
     _check_linear(linear)
     check_config(linear.dtype, linear.kernel[...].dtype, quant_type,
-                  block_size, compress_statistics, impl)
+                  block_size, compress_statistics, impl, layout)
     w4 = quant4.quantize_4bit(linear.kernel[...].T, block_size=block_size,
                               quant_type=quant_type,
                               compress_statistics=compress_statistics,
                               impl=impl)
+    w4 = quant4.prefer_layout(w4, layout)
     bias = linear.bias[...] if linear.bias is not None else None
     return cls.from_quantized(w4, bias, dtype=linear.dtype, impl=impl, **kwargs)
 
@@ -389,7 +400,8 @@ class LoRAMixin:
       W' = \mathrm{quantize}\big(\mathrm{dequantize}(W) + s \, (A B)^\top\big)
 
     computed in float32, cast to ``W``'s original dtype and requantized with
-    ``W``'s quant type, block size, nested statistics and storage dtype.
+    ``W``'s quant type, block size, nested statistics, storage dtype and
+    layout.
     Requantizing loses precision: ``W'`` is within one 4-bit rounding of the
     merged float weight, so the merged layer's output differs from the
     adapted layer's by about the 4-bit quantization error of the sum (as
@@ -411,7 +423,7 @@ class LoRAMixin:
                                 quant_type=w4.quant_type,
                                 compress_statistics=w4.nested,
                                 quant_storage=w4.quant_storage,
-                                impl=self.impl)
+                                layout=w4.layout, impl=self.impl)
 
 
 class LoRALinear4bit(LoRAMixin, Linear4bit):
@@ -597,12 +609,14 @@ class LinearGeneral4bit(nnx.Module):
   def from_linear_general(cls, layer: nnx.LinearGeneral, *,
                           quant_type: str = "nf4", block_size: int = 64,
                           compress_statistics: bool = False,
-                          impl: str | None = None, **kwargs):
+                          layout: str = "bnb", impl: str | None = None,
+                          **kwargs):
     """Quantizes ``layer``'s kernel (flattened ``[K, N]``, transposed); the bias stays float.
 
     Keeps ``layer``'s ``dtype``; ``param_dtype`` is the kernel's dtype.
     ``precision``, ``dot_general`` and ``preferred_element_type`` are not
-    carried over (the product accumulates in float32). ``**kwargs`` go to
+    carried over (the product accumulates in float32). ``layout``: see
+    :meth:`Linear4bit.from_linear`. ``**kwargs`` go to
     :meth:`from_quantized` (``rngs`` and a subclass's arguments).
 
     Raises:
@@ -619,13 +633,14 @@ class LinearGeneral4bit(nnx.Module):
       raise ValueError(f"{cls.__name__}.from_linear_general: {error}")
     kernel = layer.kernel[...]
     check_config(layer.dtype, kernel.dtype, quant_type, block_size,
-                  compress_statistics, impl)
+                  compress_statistics, impl, layout)
     in_features, out_features = tuple(layer.in_features), tuple(layer.out_features)
     flat = jnp.reshape(kernel, (_prod(in_features), _prod(out_features)))
     w4 = quant4.quantize_4bit(flat.T, block_size=block_size,
                               quant_type=quant_type,
                               compress_statistics=compress_statistics,
                               impl=impl)
+    w4 = quant4.prefer_layout(w4, layout)
     bias = layer.bias[...] if layer.bias is not None else None
     return cls.from_quantized(w4, in_features, out_features, bias,
                               dtype=layer.dtype, impl=impl, **kwargs)

@@ -36,6 +36,7 @@ from flax.core import frozen_dict
 
 from jlowbit import _formats
 from jlowbit import _impl
+from jlowbit import _tiling
 from jlowbit import _validation as val
 from jlowbit import quant4
 from jlowbit.nn import convert
@@ -198,7 +199,7 @@ def _map_mapping(tree: Any, fn: Callable[[Path, Any], Any],
 def quantize_params(params: Mapping[str, Any], *,
                     filter: Callable[[Path, jax.Array], bool] | None = None,  # pylint: disable=redefined-builtin
                     quant_type: str = "nf4", block_size: int = 64,
-                    compress_statistics: bool = False,
+                    compress_statistics: bool = False, layout: str = "bnb",
                     impl: str | None = None) -> Mapping[str, Any]:
   """Replaces the selected ``nn.Dense`` kernels of a linen params tree by 4-bit ones.
 
@@ -219,6 +220,9 @@ def quantize_params(params: Mapping[str, Any], *,
       :func:`apply_quantized` intercepts ``nn.Dense`` only.
     quant_type, block_size, compress_statistics, impl: see
       :func:`jlowbit.quantize_4bit`.
+    layout: ``"bnb"``, or ``"tiled"`` for the order of
+      :func:`jlowbit.tile_4bit` where a weight fits it (see
+      :func:`jlowbit.nn.quantize_model`).
 
   Returns:
     A tree of the same structure (and mapping types).
@@ -232,6 +236,7 @@ def quantize_params(params: Mapping[str, Any], *,
     raise TypeError(f"compress_statistics={compress_statistics!r} must be a "
                     "bool (True or False)")
   val.check_choice(impl, "impl", (None,) + _impl.IMPLS)
+  val.check_choice(layout, "layout", _tiling.LAYOUTS)
   select = default_params_filter if filter is None else filter
 
   def quantize(path: Path, leaf: Any) -> Any:
@@ -244,10 +249,11 @@ def quantize_params(params: Mapping[str, Any], *,
                        f"{tuple(jnp.shape(leaf))} was selected, but only a "
                        "2-D kernel [in_features, out_features] can be "
                        "quantized")
-    return quant4.quantize_4bit(jnp.asarray(leaf).T, block_size=block_size,
-                                quant_type=quant_type,
-                                compress_statistics=compress_statistics,
-                                impl=impl)
+    w4 = quant4.quantize_4bit(jnp.asarray(leaf).T, block_size=block_size,
+                              quant_type=quant_type,
+                              compress_statistics=compress_statistics,
+                              impl=impl)
+    return quant4.prefer_layout(w4, layout)
 
   return _map_mapping(params, quantize)
 

@@ -171,6 +171,33 @@ def dequantize_flat_tile(codes_ptr, absmax_ptr, code_ptr, offsets, mask,
 
 
 @triton.jit
+def block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset,
+                 index, mask, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+                 nested_index=None):
+  """float32 absmax of the 4-bit blocks stored at ``index``; 0 where ``mask``
+  is off.
+
+  ``NESTED``: the absmax is 8-bit, ``nested_code[q] * nested_absmax[i //
+  NESTED_BLOCK] + offset`` (the float32 operations of
+  ``jlowbit.quant4.absmax_float32``), ``i`` the block's index in
+  bitsandbytes' order: ``nested_index``, or ``index`` where it is ``None``
+  (the codes stored in that order).
+  """
+  if NESTED:
+    q = tl.load(absmax_ptr + index, mask=mask, other=0)
+    if nested_index is None:
+      scale = tl.load(nested_absmax_ptr + index // NESTED_BLOCK, mask=mask,
+                      other=0.0)
+    else:
+      scale = tl.load(nested_absmax_ptr + nested_index // NESTED_BLOCK,
+                      mask=mask, other=0.0)
+    absmax = tl.where(mask, tl.load(nested_code_ptr + q) * scale + offset, 0.0)
+  else:
+    absmax = tl.load(absmax_ptr + index, mask=mask, other=0.0)
+  return absmax
+
+
+@triton.jit
 def broadcast_rows(per_block, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
   """``[BLOCKS]`` -> flat ``[BLOCKS * BLOCK_SIZE]``, each value repeated."""
   return tl.reshape(tl.broadcast_to(per_block[:, None], (BLOCKS, BLOCK_SIZE)),

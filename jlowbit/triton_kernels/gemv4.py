@@ -20,7 +20,8 @@ serves from shared memory (one 32-bit-addressed load per element, no
 chunk never spans two absmax blocks (``BLOCK_SIZE % 8V == 0``), so the
 absmax multiplies a chunk's sum, not each element. With nested statistics
 (``NESTED``) the kernels read the uint8 absmax codes and dequantize them
-per chunk (:func:`_block_absmax`): no float32 absmax array is made first.
+per chunk (:func:`jlowbit.triton_kernels.common.block_absmax`): no float32
+absmax array is made first.
 
 * :func:`gemv_4bit_kernel` (one row of ``x``): a program owns ``BLOCK_N``
   rows; per step each thread multiplies its chunk by ``x`` and adds the
@@ -65,26 +66,6 @@ def _word_codes(words):
 
 
 @triton.jit
-def _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset,
-                  index, mask, NESTED: tl.constexpr,
-                  NESTED_BLOCK: tl.constexpr):
-  """float32 absmax of the 4-bit blocks at ``index``; 0 where ``mask`` is off.
-
-  ``NESTED``: the absmax is 8-bit, ``nested_code[q] * nested_absmax[index //
-  NESTED_BLOCK] + offset`` (the float32 operations of
-  ``jlowbit.quant4.absmax_float32``).
-  """
-  if NESTED:
-    q = tl.load(absmax_ptr + index, mask=mask, other=0)
-    scale = tl.load(nested_absmax_ptr + index // NESTED_BLOCK, mask=mask,
-                    other=0.0)
-    absmax = tl.where(mask, tl.load(nested_code_ptr + q) * scale + offset, 0.0)
-  else:
-    absmax = tl.load(absmax_ptr + index, mask=mask, other=0.0)
-  return absmax
-
-
-@triton.jit
 def _load_step(words_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
                nested_absmax_ptr, offset, VALID: tl.constexpr,
                CHUNKS: tl.constexpr, V: tl.constexpr, NESTED: tl.constexpr,
@@ -98,14 +79,15 @@ def _load_step(words_ptrs, absmax_index, absmax_ptr, nested_code_ptr,
   """
   if VALID == CHUNKS * 8 * V:
     words = tl.load(words_ptrs)
-    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, True, NESTED, NESTED_BLOCK)
+    absmax = common.block_absmax(absmax_ptr, nested_code_ptr,
+                                 nested_absmax_ptr, offset, absmax_index, True,
+                                 NESTED, NESTED_BLOCK)
   else:
     chunk_ok = tl.arange(0, CHUNKS) * (8 * V) < VALID
     words = tl.load(words_ptrs, mask=chunk_ok[None, :, None], other=0)
-    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, absmax_index, chunk_ok[None, :], NESTED,
-                           NESTED_BLOCK)
+    absmax = common.block_absmax(absmax_ptr, nested_code_ptr,
+                                 nested_absmax_ptr, offset, absmax_index,
+                                 chunk_ok[None, :], NESTED, NESTED_BLOCK)
   return words, absmax
 
 
@@ -304,8 +286,9 @@ def gemv_4bit_general_kernel(x_ptr, packed_ptr, quant_map_ptr, absmax_ptr,
     high, low = common.unpack_nibbles(
         tl.load(packed_ptr + flat // 2, mask=ok, other=0))
     code = tl.where(flat % 2 == 0, high, low)
-    absmax = _block_absmax(absmax_ptr, nested_code_ptr, nested_absmax_ptr,
-                           offset, flat // BLOCK_SIZE, ok, NESTED, NESTED_BLOCK)
+    absmax = common.block_absmax(absmax_ptr, nested_code_ptr,
+                                 nested_absmax_ptr, offset, flat // BLOCK_SIZE,
+                                 ok, NESTED, NESTED_BLOCK)
     weight = tl.load(quant_map_ptr + code) * absmax
     x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     acc += tl.sum(weight * x[None, :], axis=1)
@@ -319,7 +302,7 @@ def _split_k(k: int, block_size: int, split_k: int) -> int:
   return split_k
 
 
-def _statistics(absmax: jax.Array, nested: tuple | None):
+def statistics_operands(absmax: jax.Array, nested: tuple | None):
   """The kernels' four statistics operands and the nested block size.
 
   Without ``nested`` the three nested operands are placeholders (``absmax``
@@ -364,7 +347,7 @@ def gemv_4bit(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
     ``[N]`` in ``x.dtype``.
   """
   n, k = out_features, x.shape[0]
-  statistics, nested_block = _statistics(absmax, nested)
+  statistics, nested_block = statistics_operands(absmax, nested)
   options = dict(impl=impl, num_warps=num_warps, num_stages=num_stages, K=k,
                  BLOCK_SIZE=block_size, BLOCK_N=block_n,
                  NESTED=nested is not None, NESTED_BLOCK=nested_block)
@@ -410,7 +393,7 @@ def matmul_4bit_small(x: jax.Array, packed: jax.Array, quant_map: jax.Array,
     ``[M, N]`` in ``x.dtype``.
   """
   (m, k), n = x.shape, out_features
-  statistics, nested_block = _statistics(absmax, nested)
+  statistics, nested_block = statistics_operands(absmax, nested)
   words = chunk_words(block_size)
   split_k = _split_k(k, block_size, split_k)
   block_k = max(8 * words, min(block_k, 1 << ((k // split_k).bit_length() - 1)))

@@ -12,6 +12,12 @@ Full tiles run without masks: jax-triton does not tell the compiler that
 ``n`` is a multiple of 16, so a mask ``offsets < n`` makes it emit 1-, 2- or
 4-byte accesses instead of 16-byte ones; only the last, partial tile takes
 the masked path.
+
+:func:`dequantize_4bit_tiled_kernel` reads a weight in the tiled order of
+:mod:`jlowbit._tiling` (``UNITS`` consecutive 512-byte units of one 16-row
+tile per program), permutes the loaded bytes back to row-major order in
+registers and writes the 16 rows' ``64 UNITS`` columns: the same values as
+:func:`dequantize_4bit_kernel` on the untiled bytes, with no untiled copy.
 """
 
 import jax
@@ -107,6 +113,34 @@ def dequantize_4bit_kernel(packed_ptr, quant_map_ptr, absmax_ptr, n, out_ptr,
                      BLOCK_SIZE, BLOCKS, True)
 
 
+@triton.jit
+def dequantize_4bit_tiled_kernel(packed_ptr, quant_map_ptr, absmax_ptr, out_ptr,
+                                 K: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                                 UNITS: tl.constexpr):
+  """``W`` ``[N, K]`` from its tiled bytes and tiled float32 absmax; grid
+  ``N / 16 * K / (64 UNITS)`` (``UNITS`` divides ``K / 64``)."""
+  STEPS: tl.constexpr = K // (64 * UNITS)  # programs per 16-row tile
+  tile = tl.program_id(0) // STEPS
+  first = tl.program_id(0) % STEPS * UNITS  # first 64-column block
+  packed = tl.load(packed_ptr + (tile.to(tl.int64) * (K // 64) + first) * 512
+                   + tl.arange(0, 512 * UNITS))
+  # Unit u holds, lane (g, t) after lane, the bytes of rows g, g + 8 (h)
+  # and words t, 4 + t (j) of its block: to [row (h g), column (u j t byte)].
+  packed = tl.reshape(packed, (UNITS, 8, 4, 2, 2, 4))  # u g t h j byte
+  packed = tl.reshape(tl.permute(packed, (3, 1, 0, 4, 2, 5)), (16, 32 * UNITS))
+  high, low = common.unpack_nibbles(packed)
+  codes = tl.reshape(tl.join(high, low), (16, 64 * UNITS))
+  stats = ((tile * (K // BLOCK_SIZE) + (first + tl.arange(0, UNITS))
+            // (BLOCK_SIZE // 64)) * 16)[None, :] + tl.arange(0, 16)[:, None]
+  absmax = tl.broadcast_to(tl.load(absmax_ptr + stats)[:, :, None],
+                           (16, UNITS, 64))
+  values = tl.load(quant_map_ptr + codes) * tl.reshape(absmax, (16, 64 * UNITS))
+  rows = tile.to(tl.int64) * 16 + tl.arange(0, 16)
+  columns = first * 64 + tl.arange(0, 64 * UNITS)
+  tl.store(out_ptr + rows[:, None] * K + columns[None, :],
+           values.to(out_ptr.dtype.element_ty))
+
+
 def quantize_4bit(x: jax.Array, tree: jax.Array, bits: jax.Array,
                   block_size: int, sign_magnitude: bool, impl: str):
   """Launches the quantize kernel on flat ``x``; returns (packed, absmax).
@@ -133,4 +167,25 @@ def dequantize_4bit(packed: jax.Array, quant_map: jax.Array, absmax: jax.Array,
       out_shape=(jax.ShapeDtypeStruct((n,), dtype),),
       grid=(cdiv(n, TILE),), impl=impl, num_warps=DEQUANTIZE_WARPS,
       BLOCK_SIZE=block_size, BLOCKS=TILE // block_size)
+  return out
+
+
+def dequantize_4bit_tiled(packed: jax.Array, quant_map: jax.Array,
+                          absmax: jax.Array, shape: tuple[int, int],
+                          block_size: int, dtype, impl: str) -> jax.Array:
+  """Launches the tiled dequantize kernel; returns ``dtype[N * K]`` row-major.
+
+  ``packed`` and the float32 ``absmax`` in the tiled order of
+  :mod:`jlowbit._tiling` (``N % 16 == 0``, ``K % 64 == 0``,
+  ``block_size % 64 == 0``, ``K % block_size == 0``).
+  """
+  n, k = shape
+  units = 8  # 8192 elements per program, as TILE
+  while (k // 64) % units:
+    units //= 2
+  (out,) = launch(
+      __name__, "dequantize_4bit_tiled_kernel", packed, quant_map, absmax,
+      out_shape=(jax.ShapeDtypeStruct((n * k,), dtype),),
+      grid=(n // 16 * (k // (64 * units)),), impl=impl,
+      num_warps=DEQUANTIZE_WARPS, K=k, BLOCK_SIZE=block_size, UNITS=units)
   return out
