@@ -34,12 +34,42 @@ Scalar leaves (step counts) stay on the device: they are tiny, and keeping
 them there spares one transfer each per step.
 """
 
-from typing import Any
+import contextlib
+import contextvars
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from jlowbit import _layout
+from jlowbit import _sharding
+from jlowbit import update8
+from jlowbit.optax_transforms import state as state_lib
+
 OFFLOAD_MEMORY_KIND = "pinned_host"
+
+
+class _Streaming(NamedTuple):
+  chunks: int
+  prefetch: bool
+
+
+# Set while offload_state(..., chunks=...) traces its inner update: the 8-bit
+# transformations then stream their host-resident moments in chunks.
+_STREAMING: contextvars.ContextVar[_Streaming | None] = contextvars.ContextVar(
+    "jlowbit_offload_streaming", default=None)
+
+
+@contextlib.contextmanager
+def _streaming(chunks: int, prefetch: bool):
+  token = _STREAMING.set(_Streaming(chunks, prefetch))
+  try:
+    yield
+  finally:
+    _STREAMING.reset(token)
 
 
 def _check_memory_kind() -> None:
@@ -63,7 +93,156 @@ def _to_space(tree: Any, space) -> Any:
       tree)
 
 
-def offload_state(inner: optax.GradientTransformation
+def in_host_memory(x: Any) -> bool:
+  """Whether ``x`` (concrete or traced) is in host memory."""
+  return getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host
+
+
+def to_device(x: jax.Array) -> jax.Array:
+  return jax.device_put(x, jax.memory.Space.Device) if in_host_memory(x) else x
+
+
+def _to_device_but_8bit(state: Any) -> Any:
+  """``state`` moved to the device, except the 8-bit leaves (uint8 codes and
+  their absmax) of every :class:`Quantized8bitMoment`: those stay in host
+  memory for the 8-bit transformation to stream."""
+  def move(node):
+    if not isinstance(node, state_lib.Quantized8bitMoment):
+      return _to_space(node, jax.memory.Space.Device)
+    codes, treedef = jax.tree.flatten(node.codes)
+    absmax = treedef.flatten_up_to(node.absmax)
+    codes = [c if a is not None else _to_space(c, jax.memory.Space.Device)
+             for c, a in zip(codes, absmax)]
+    return state_lib.Quantized8bitMoment(treedef.unflatten(codes), node.absmax)
+  return jax.tree.map(
+      move, state,
+      is_leaf=lambda x: isinstance(x, state_lib.Quantized8bitMoment))
+
+
+def _chunk_count(rows: int, chunks: int) -> int:
+  """The largest divisor of ``rows`` that is at most ``chunks``."""
+  return max(c for c in range(1, min(rows, chunks) + 1) if rows % c == 0)
+
+
+def _streamable(grad: jax.Array) -> bool:
+  """Whether a leaf can be streamed in chunks of its leading axis: rank >= 2
+  (blocks run along the last axis, so a leading-axis slice holds whole
+  blocks) and the leading axis not sharded."""
+  if grad.ndim < 2:
+    return False
+  sharding = _sharding.leaf_sharding(grad)
+  if sharding is None:
+    return True
+  return _layout.spec_entries(sharding.spec, grad.ndim)[0] is None
+
+
+def stream_plan(grads: Sequence[jax.Array]) -> tuple[dict[int, int], list[int]]:
+  """For the 8-bit leaves of an update whose moments are in host memory:
+  ``({leaf: chunks}, [leaves moved in whole])`` under the current
+  :func:`offload_state` setting (one chunk per leaf outside it)."""
+  setting = _STREAMING.get()
+  chunks = 1 if setting is None else setting.chunks
+  plan, whole = {}, []
+  for i, g in enumerate(grads):
+    if _streamable(g):
+      plan[i] = _chunk_count(g.shape[0], chunks)
+    else:
+      whole.append(i)
+  return plan, whole
+
+
+def stream_update(algorithm: str, grads: Sequence[jax.Array],
+                  moments: Sequence[tuple], hyper: jax.Array, *,
+                  chunks: int, block_size: int, stochastic, step,
+                  impl: str | None, counter_offsets: Sequence[int]) -> list:
+  """:func:`jlowbit.update8.update_8bit` of leaves whose moments are in host
+  memory, streamed through the device ``chunks`` slices of their leading
+  axis at a time.
+
+  A ``lax.scan`` over the chunk index ``j``: its body moves slice ``j`` of
+  every leaf's codes and absmax to the device (``lax.dynamic_slice``, then
+  ``jax.device_put``), runs the update on them with slice ``j`` of the
+  gradients (one kernel launch for all the leaves' slices), moves the new
+  codes and absmax back and ``lax.dynamic_update_slice``-s them into the
+  carried host arrays, and writes the slice's direction over the gradient's
+  slice (so no second parameter-sized buffer appears). With prefetch (the
+  default) slice ``j + 1`` is moved in during iteration ``j``. Each slice
+  rounds as in the whole update (noise counters offset by the slice's
+  position), so the result is bit-identical to :func:`update_8bit` of the
+  whole leaves.
+
+  Args:
+    moments: per leaf, one ``(codes, absmax)`` pair per moment, in host
+      memory; every leaf's leading axis divisible by ``chunks``.
+    counter_offsets: per leaf, the noise counter of its first element in
+      the whole update.
+
+  Returns:
+    Per leaf ``(direction, ((codes, absmax), ...))``: the direction on the
+    device, the new moments in host memory.
+  """
+  setting = _STREAMING.get()
+  prefetch = True if setting is None else setting.prefetch
+  device, host = jax.memory.Space.Device, jax.memory.Space.Host
+  rows = [g.shape[0] // chunks for g in grads]
+  sizes = [g.size // chunks for g in grads]
+
+  def take(x, j, r):
+    return jax.lax.dynamic_slice_in_dim(x, j * r, r, 0)
+
+  def put(x, y, j, r):
+    return jax.lax.dynamic_update_slice_in_dim(x, y, j * r, 0)
+
+  def fetch(moments, j):
+    return [tuple((jax.device_put(take(c, j, r), device),
+                   jax.device_put(take(a, j, r), device)) for c, a in m)
+            for m, r in zip(moments, rows)]
+
+  def update(grads, moments, here, j):
+    offsets = [jnp.uint32(o % (1 << 32)) + j.astype(jnp.uint32)
+               * jnp.uint32(s % (1 << 32))
+               for o, s in zip(counter_offsets, sizes)]
+    outs = update8.update_8bit(
+        algorithm, [take(g, j, r) for g, r in zip(grads, rows)], here, hyper,
+        block_size=block_size, stochastic=stochastic, step=step, impl=impl,
+        counter_offsets=offsets)
+    grads = [put(g, d, j, r) for g, (d, _), r in zip(grads, outs, rows)]
+    moments = [tuple((put(c, jax.device_put(nc, host), j, r),
+                      put(a, jax.device_put(na, host), j, r))
+                     for (c, a), (nc, na) in zip(m, new))
+               for m, (_, new), r in zip(moments, outs, rows)]
+    return grads, moments
+
+  def body(carry, j):
+    grads, moments, here = carry
+    if not prefetch:
+      here = fetch(moments, j)
+      grads, moments = update(grads, moments, here, j)
+      return (grads, moments, None), None
+    ahead = fetch(moments, j + 1)  # before slice j is written back
+    grads, moments = update(grads, moments, here, j)
+    return (grads, moments, ahead), None
+
+  grads, moments = list(grads), [tuple(tuple(p) for p in m) for m in moments]
+  last = jnp.int32(chunks - 1)
+  if prefetch:
+    here = fetch(moments, jnp.int32(0))
+    if chunks > 1:
+      (grads, moments, here), _ = jax.lax.scan(
+          body, (grads, moments, here), jnp.arange(chunks - 1, dtype=jnp.int32))
+    # The last slice outside the loop; the barrier keeps XLA from fusing its
+    # direction with the step's other float math (which can round an ulp
+    # differently from the same math in the loop body).
+    grads, moments = jax.lax.optimization_barrier(
+        update(grads, moments, here, last))
+  else:
+    (grads, moments, _), _ = jax.lax.scan(
+        body, (grads, moments, None), jnp.arange(chunks, dtype=jnp.int32))
+  return [(g, m) for g, m in zip(grads, moments)]
+
+
+def offload_state(inner: optax.GradientTransformation, *,
+                  chunks: int | None = None, prefetch: bool = True
                   ) -> optax.GradientTransformationExtraArgs:
   """Keeps ``inner``'s state in host memory between steps.
 
@@ -71,6 +250,16 @@ def offload_state(inner: optax.GradientTransformation
     inner: any optax transformation (a jlowbit 8-bit optimizer, an
       ``optax.chain``, ...); extra keyword arguments of ``update`` are
       passed through to it.
+    chunks: ``None``: the whole state is moved to the device for the
+      update, and back. An int: jlowbit's 8-bit moments are *streamed*
+      instead: each 8-bit transformation of ``inner`` updates its leaves of
+      rank >= 2 (leading axis not sharded) ``chunks`` slices of their
+      leading axis at a time (the largest divisor of the axis that is at
+      most ``chunks``), moving one slice in and out per iteration of a
+      loop; the rest of the state (float moments, 1-D 8-bit leaves, other
+      transformations' state) is moved whole, as with ``None``.
+    prefetch: with ``chunks``, move slice ``j + 1`` in while slice ``j`` is
+      updated (two slices on the device at a time).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is
@@ -79,12 +268,15 @@ def offload_state(inner: optax.GradientTransformation
 
   Raises:
     ValueError: at ``init``, when the backend's devices have no
-      ``pinned_host`` memory.
+      ``pinned_host`` memory; at once for ``chunks < 1``.
 
   Example:
     >>> import optax, jlowbit as lowbit
     >>> tx = lowbit.offload_state(lowbit.adamw_8bit(1e-3))
+    >>> tx = lowbit.offload_state(lowbit.adamw_8bit(1e-3), chunks=8)
   """
+  if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
+    raise ValueError(f"chunks={chunks!r} must be None or a positive int")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -92,8 +284,13 @@ def offload_state(inner: optax.GradientTransformation
     return _to_space(inner.init(params), jax.memory.Space.Host)
 
   def update_fn(updates, state, params=None, **extra_args):
-    on_device = _to_space(state, jax.memory.Space.Device)
-    updates, on_device = inner.update(updates, on_device, params, **extra_args)
-    return updates, _to_space(on_device, jax.memory.Space.Host)
+    if chunks is None:
+      on_device = _to_space(state, jax.memory.Space.Device)
+      updates, new = inner.update(updates, on_device, params, **extra_args)
+    else:
+      with _streaming(chunks, prefetch):
+        updates, new = inner.update(updates, _to_device_but_8bit(state),
+                                    params, **extra_args)
+    return updates, _to_space(new, jax.memory.Space.Host)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
