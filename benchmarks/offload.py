@@ -240,7 +240,7 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--tiny", action="store_true",
                       help="CPU smoke test: width 64, depths 1 2, seq 16")
-  parser.add_argument("--optimizers", nargs="+",
+  parser.add_argument("--optimizers", nargs="*",
                       default=list(optimizers()), metavar="NAME",
                       help=f"a subset of {list(optimizers())} (the streamed "
                       "offloads of --chunks are added)")

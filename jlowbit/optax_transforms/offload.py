@@ -3,9 +3,11 @@ r"""Host-offloaded ("paged") optimizer state: :func:`offload_state`.
 bitsandbytes' paged optimizers (``PagedAdamW8bit``, ...) put their state in
 CUDA unified memory and let the driver page it in and out. JAX names memory
 explicitly instead: :func:`offload_state` keeps the state arrays of any
-transformation in the device's ``pinned_host`` memory between steps. Each
-update copies them to device memory, runs the wrapped transformation there
-and copies the new state back:
+transformation in the device's ``pinned_host`` memory between steps.
+
+**Whole** (``chunks=None``, the default): each update copies the state to
+device memory, runs the wrapped transformation there and copies the new
+state back:
 
 .. math::
   s_{\text{dev}} = \mathrm{put}(s_{\text{host}}, \text{device}), \quad
@@ -15,23 +17,58 @@ and copies the new state back:
 The copies are ``jax.device_put(..., jax.memory.Space.Device / Host)``: a
 change of memory space, not of layout, so every array keeps its sharding
 (offloaded sharded state stays sharded, each device's shard in its own
-host's memory). Inside ``jax.jit`` XLA issues them as one asynchronous
-copy per leaf and may overlap them with other work of the step. The
-state's values, and so the updates, are bit-identical to the wrapped
-transformation's.
+host's memory). The state's values, and so the updates, are bit-identical
+to the wrapped transformation's. What it costs: every step moves the state
+across the host link twice (in, then out), ``2 * state_bytes /
+link_bandwidth`` when nothing overlaps it — for an 8-bit optimizer about 2
+bytes per parameter per moment (on an H200, ~56 GB/s each way, not
+overlapped with the step's compute: 1.5x the step time of an
+11B-parameter model, see ``benchmarks/RESULTS.md``). What it saves: the
+state's device memory *between* steps only. During the update the whole
+state is on the device (XLA moves every leaf in before the update's
+kernels run, whatever order the code asks for), so the step's peak device
+memory is the same as without offload.
 
-What it costs: every step moves the offloaded state across the host link
-twice (in, then out), ``2 * state_bytes / link_bandwidth`` when nothing
-overlaps it — for an 8-bit optimizer about 2 bytes per parameter per
-moment (on an H200, ~56 GB/s each way, not overlapped with the step's
-compute: 1.5x the step time of an 11B-parameter model, see
-``benchmarks/RESULTS.md``). What it saves: the state's device memory
-between steps. During the update the whole state is on the device (XLA
-moves every leaf in before the update's kernels run), so the step's peak
-device memory is the same as without offload.
+**Streamed** (``chunks=N``): jlowbit's 8-bit moments stay in host memory
+through the update too. Each 8-bit transformation inside ``inner``
+(``scale_by_adam_8bit`` of ``adamw_8bit``, ...) updates its leaves of rank
+>= 2 whose leading axis is not sharded in ``N`` slices of that axis (the
+largest divisor of its length that is at most ``N``: stacked layers, rows of
+an embedding; blocks run along the last axis, so a slice holds whole
+blocks), in a ``lax.scan`` over the slice index: the body moves slice ``j``
+of every such leaf's codes and absmax to the device (``lax.dynamic_slice``
+of the host array, ``device_put``), runs the kernel on them with slice ``j``
+of the gradients, moves the new slice back and
+``lax.dynamic_update_slice``-s it into the carried host array, and writes
+the direction over the gradient's slice. A loop body's transfers cannot be
+hoisted out of the loop as the whole mode's are, so only the slices in
+flight should be on the device (about ``2 / N`` of the streamed state with
+``prefetch``: slice ``j + 1`` moves in while slice ``j`` is updated); and
+the direction needs no buffer of its own. The other state (float moments of small leaves, 1-D 8-bit
+leaves, leaves sharded along their leading axis, other transformations'
+state, step counts) is moved whole, as above. The transfers are the same
+bytes as the whole mode's; with ``prefetch`` a slice's move in can overlap
+the previous slice's update and move out (the link carries both directions
+at once). What it saves during the step depends on XLA's host-offloading
+support of the backend (``benchmarks/experiments/offload_stream.py`` and
+``offload_chunks.py`` measure it); on the CPU backend the planned
+temporaries of a small model's step fall with ``N``. Values: the 8-bit
+state is what the kernels compute for each element, bit for bit (every
+slice keeps its elements' rounding-noise counters); where XLA computes float
+math (the direction of float32 Adam, which ``update_8bit`` derives from the
+old state; everything with ``impl="xla"``), it may round an ulp or a few
+differently in the loop body than fused into the whole step, so updates may
+differ from the non-offloaded optimizer's by a few ulps (and the codes
+after that, as the parameters do).
 
 Scalar leaves (step counts) stay on the device: they are tiny, and keeping
 them there spares one transfer each per step.
+
+Known issue (CPU backend of jax 0.10, with or without ``chunks``): a jitted
+update that donates the offloaded state aborts when a float moment (a leaf
+below ``min_8bit_size``) has the shape and dtype of an update: the donated
+host buffer is aliased to the device output ("PjRtBuffer's memory kind does
+not match sharding's memory kind").
 """
 
 import contextlib
