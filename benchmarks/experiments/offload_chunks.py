@@ -122,6 +122,11 @@ def main():
   parser.add_argument("--no-prefetch", type=int, nargs="*", default=[8],
                       help="chunk counts also run without prefetch")
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--configs", nargs="+",
+                      help="run these configurations only (e.g. device "
+                      "'chunks=8'; one per run when dumping with "
+                      "XLA_FLAGS=--xla_dump_to=..., as every process "
+                      "numbers its modules from 0)")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   parser.add_argument("--json")
   args = parser.parse_args()
@@ -131,6 +136,7 @@ def main():
     return
   configs = (["device", "offload"] + [f"chunks={c}" for c in args.chunks]
              + [f"chunks={c} nopf" for c in args.no_prefetch])
+  configs = args.configs or configs
   rows = []
   for config in configs:
     result = subprocess.run(
