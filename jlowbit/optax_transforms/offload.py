@@ -73,7 +73,7 @@ not match sharding's memory kind").
 
 import contextlib
 import contextvars
-import math
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -217,6 +217,11 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
   Returns:
     Per leaf ``(direction, ((codes, absmax), ...))``: the direction on the
     device, the new moments in host memory.
+
+  The environment variable ``JLOWBIT_OFFLOAD_STREAM_FORM=xs`` (an
+  experiment, read when the update is traced) selects the other loop form:
+  the old moments read as a loop invariant and the new ones the loop's
+  stacked outputs, the pattern of XLA's offloaded activations.
   """
   setting = _STREAMING.get()
   prefetch = True if setting is None else setting.prefetch
@@ -235,7 +240,9 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
                    jax.device_put(take(a, j, r), device)) for c, a in m)
             for m, r in zip(moments, rows)]
 
-  def update(grads, moments, here, j):
+  def update(grads, here, j):
+    """Slice ``j``'s step: gradients with its direction written in, and its
+    new moments moved to the host."""
     offsets = [jnp.uint32(o % (1 << 32)) + j.astype(jnp.uint32)
                * jnp.uint32(s % (1 << 32))
                for o, s in zip(counter_offsets, sizes)]
@@ -244,37 +251,63 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
         block_size=block_size, stochastic=stochastic, step=step, impl=impl,
         counter_offsets=offsets)
     grads = [put(g, d, j, r) for g, (d, _), r in zip(grads, outs, rows)]
-    moments = [tuple((put(c, jax.device_put(nc, host), j, r),
-                      put(a, jax.device_put(na, host), j, r))
-                     for (c, a), (nc, na) in zip(m, new))
-               for m, (_, new), r in zip(moments, outs, rows)]
-    return grads, moments
+    new = [tuple((jax.device_put(c, host), jax.device_put(a, host))
+                 for c, a in leaf_new) for _, leaf_new in outs]
+    return grads, new
+
+  def write(moments, new, j):
+    return [tuple((put(c, nc, j, r), put(a, na, j, r))
+                  for (c, a), (nc, na) in zip(m, leaf_new))
+            for m, leaf_new, r in zip(moments, new, rows)]
+
+  grads, moments = list(grads), [tuple(tuple(p) for p in m) for m in moments]
+  steps = jnp.arange(chunks, dtype=jnp.int32)
+  if os.environ.get("JLOWBIT_OFFLOAD_STREAM_FORM", "carry") == "xs":
+    # Experiment (benchmarks/experiments/offload_stream.py, "scan+xs"): the
+    # pattern of XLA's offloaded activations. The old moments are a loop
+    # invariant read a slice at a time, the new ones the loop's stacked
+    # outputs (a new host array; twice the state on the host in the step).
+    def body_xs(carry, j):
+      grads, here = carry
+      ahead = None
+      if prefetch:  # the last iteration fetches slice 0 again, unused
+        ahead = fetch(moments, (j + 1) % chunks)
+      else:
+        here = fetch(moments, j)
+      grads, new = update(grads, here, j)
+      return (grads, ahead), new
+
+    here = fetch(moments, jnp.int32(0)) if prefetch else None
+    (grads, _), stacked = jax.lax.scan(body_xs, (grads, here), steps)
+    moments = [tuple((c.reshape(old_c.shape), a.reshape(old_a.shape))
+                     for (c, a), (old_c, old_a) in zip(leaf_new, m))
+               for leaf_new, m in zip(stacked, moments)]
+    return [(g, m) for g, m in zip(grads, moments)]
 
   def body(carry, j):
     grads, moments, here = carry
-    if not prefetch:
+    ahead = None
+    if prefetch:
+      ahead = fetch(moments, j + 1)  # before slice j is written back
+    else:
       here = fetch(moments, j)
-      grads, moments = update(grads, moments, here, j)
-      return (grads, moments, None), None
-    ahead = fetch(moments, j + 1)  # before slice j is written back
-    grads, moments = update(grads, moments, here, j)
-    return (grads, moments, ahead), None
+    grads, new = update(grads, here, j)
+    return (grads, write(moments, new, j), ahead), None
 
-  grads, moments = list(grads), [tuple(tuple(p) for p in m) for m in moments]
-  last = jnp.int32(chunks - 1)
   if prefetch:
     here = fetch(moments, jnp.int32(0))
     if chunks > 1:
       (grads, moments, here), _ = jax.lax.scan(
-          body, (grads, moments, here), jnp.arange(chunks - 1, dtype=jnp.int32))
+          body, (grads, moments, here), steps[:-1])
     # The last slice outside the loop; the barrier keeps XLA from fusing its
     # direction with the step's other float math (which can round an ulp
     # differently from the same math in the loop body).
-    grads, moments = jax.lax.optimization_barrier(
-        update(grads, moments, here, last))
+    last = jnp.int32(chunks - 1)
+    grads, new = update(grads, here, last)
+    grads = jax.lax.optimization_barrier(grads)
+    moments = write(moments, new, last)
   else:
-    (grads, moments, _), _ = jax.lax.scan(
-        body, (grads, moments, None), jnp.arange(chunks, dtype=jnp.int32))
+    (grads, moments, _), _ = jax.lax.scan(body, (grads, moments, None), steps)
   return [(g, m) for g, m in zip(grads, moments)]
 
 
