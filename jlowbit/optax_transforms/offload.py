@@ -205,8 +205,10 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
   slice (so no second parameter-sized buffer appears). With prefetch (the
   default) slice ``j + 1`` is moved in during iteration ``j``. Each slice
   rounds as in the whole update (noise counters offset by the slice's
-  position), so the result is bit-identical to :func:`update_8bit` of the
-  whole leaves.
+  position), so with the kernels the new 8-bit state is bit-identical to
+  :func:`update_8bit`'s of the whole leaves; float math that XLA compiles
+  (directions derived from the old state, ``impl="xla"``) may round an ulp
+  or a few differently in the loop body.
 
   Args:
     moments: per leaf, one ``(codes, absmax)`` pair per moment, in host
