@@ -249,3 +249,26 @@ def test_streamed_with_nnx_optimizer():
   _assert_on_host(nnx.state(optimizer, nnx.OptState))
   jax.tree.map(lambda g, w: _assert_close(g, w, ULPS),
                nnx.state(model, nnx.Param), nnx.state(reference, nnx.Param))
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_update_8bit_counter_offsets_split_an_update(traced):
+  """A leaf updated alone with ``counter_offsets`` (int or traced) rounds
+  stochastically as it does in the call with all leaves."""
+  from jlowbit import update8  # pylint: disable=g-import-not-at-top
+  grads = [jax.random.normal(jax.random.key(i), (4, 128)) for i in range(2)]
+  moments = [((jnp.full(g.shape, 130, jnp.uint8), jnp.full((4, 2), 0.5)),) * 2
+             for g in grads]
+  kwargs = dict(block_size=64, stochastic=(True, True), step=jnp.int32(3),
+                impl="xla")
+  hyper = jnp.asarray([0.9, 0.99, 1e-8, 1.0, 1.0], jnp.float32)
+  both = update8.update_8bit("adam", grads, moments, hyper, **kwargs)
+  offset = grads[0].size
+
+  def alone(offset):
+    return update8.update_8bit("adam", grads[1:], moments[1:], hyper,
+                               counter_offsets=[offset], **kwargs)
+  got = (jax.jit(alone)(jnp.int32(offset)) if traced else alone(offset))
+  jax.tree.map(np.testing.assert_array_equal, got[0][1], both[1][1])
+  shifted = alone(offset + 1)  # another offset: other noise
+  assert not np.array_equal(shifted[0][1][0][0], both[1][1][0][0])
