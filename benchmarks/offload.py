@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -170,8 +169,6 @@ def run_one(name: str, shape: Shape, batch: int, seq: int, steps: int) -> dict:
   tx = make_optimizer(name)
   row = dict(optimizer=name, width=shape.width, depth=shape.depth,
              params=shape.params, fits=False, step_s=None, error=None)
-  if _STREAMED.fullmatch(name):
-    row["stream_form"] = os.environ.get("JLOWBIT_OFFLOAD_STREAM_FORM", "carry")
 
   @jax.jit
   def setup(key):

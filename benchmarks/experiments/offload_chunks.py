@@ -17,18 +17,13 @@ optimizer and applies the update. Configurations, each in a fresh process:
   python benchmarks/experiments/offload_chunks.py [--layers 32] [--width 4096]
       [--chunks 4 8 32] [--json out.json]
 
-(``--layers 4 --width 256 --vocab 1000`` runs on a CPU.) With
-``JLOWBIT_OFFLOAD_STREAM_FORM=xs`` the streamed configurations use the
-other loop form of ``jlowbit.optax_transforms.offload.stream_update`` (new
-state as the loop's stacked output instead of written into the carried
-host arrays).
+(``--layers 4 --width 256 --vocab 1000`` runs on a CPU.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -71,8 +66,7 @@ def run(config: str, layers: int, width: int, vocab: int, steps: int) -> dict:
             "embed": jnp.zeros((vocab, width), jnp.float32)}
   n = sum(p.size for p in jax.tree.leaves(params))
   row = dict(config=config, params=n, params_gb=4 * n / 1e9, layers=layers,
-             width=width, vocab=vocab, stream_form=os.environ.get(
-                 "JLOWBIT_OFFLOAD_STREAM_FORM", "carry"))
+             width=width, vocab=vocab)
 
   @jax.jit
   def setup(key):

@@ -50,8 +50,12 @@ state, step counts) is moved whole, as above. The transfers are the same
 bytes as the whole mode's; with ``prefetch`` a slice's move in can overlap
 the previous slice's update and move out (the link carries both directions
 at once). What it saves during the step depends on XLA's host-offloading
-support of the backend (``benchmarks/experiments/offload_stream.py`` and
-``offload_chunks.py`` measure it); on the CPU backend the planned
+support of the backend. On an H200 (jax 0.11) the loop's transfers stay in
+the loop: 8 GB of uint8 state in 8 chunks through this scan plans 2.0 GB of
+device temporaries against 16 GB moved whole, and runs in 348 ms against
+311 (``benchmarks/experiments/offload_stream.py``, ``benchmarks/RESULTS.md``
+section 4); the streamed optimizer itself has not yet been timed on a GPU
+(``benchmarks/offload.py --chunks``). On the CPU backend the planned
 temporaries of a small model's step fall with ``N``. Values: the 8-bit
 state is what the kernels compute for each element, bit for bit (every
 slice keeps its elements' rounding-noise counters); where XLA computes float
@@ -73,7 +77,6 @@ not match sharding's memory kind").
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -219,11 +222,6 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
   Returns:
     Per leaf ``(direction, ((codes, absmax), ...))``: the direction on the
     device, the new moments in host memory.
-
-  The environment variable ``JLOWBIT_OFFLOAD_STREAM_FORM=xs`` (an
-  experiment, read when the update is traced) selects the other loop form:
-  the old moments read as a loop invariant and the new ones the loop's
-  stacked outputs, the pattern of XLA's offloaded activations.
   """
   setting = _STREAMING.get()
   prefetch = True if setting is None else setting.prefetch
@@ -264,28 +262,6 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
 
   grads, moments = list(grads), [tuple(tuple(p) for p in m) for m in moments]
   steps = jnp.arange(chunks, dtype=jnp.int32)
-  if os.environ.get("JLOWBIT_OFFLOAD_STREAM_FORM", "carry") == "xs":
-    # Experiment (benchmarks/experiments/offload_stream.py, "scan+xs"): the
-    # pattern of XLA's offloaded activations. The old moments are a loop
-    # invariant read a slice at a time, the new ones the loop's stacked
-    # outputs (a new host array; twice the state on the host in the step).
-    def body_xs(carry, j):
-      grads, here = carry
-      ahead = None
-      if prefetch:  # the last iteration fetches slice 0 again, unused
-        ahead = fetch(moments, (j + 1) % chunks)
-      else:
-        here = fetch(moments, j)
-      grads, new = update(grads, here, j)
-      return (grads, ahead), new
-
-    here = fetch(moments, jnp.int32(0)) if prefetch else None
-    (grads, _), stacked = jax.lax.scan(body_xs, (grads, here), steps)
-    moments = [tuple((c.reshape(old_c.shape), a.reshape(old_a.shape))
-                     for (c, a), (old_c, old_a) in zip(leaf_new, m))
-               for leaf_new, m in zip(stacked, moments)]
-    return [(g, m) for g, m in zip(grads, moments)]
-
   def body(carry, j):
     grads, moments, here = carry
     ahead = None
