@@ -25,7 +25,13 @@ one does not fit in device memory):
 * ``jlowbit adamw_8bit``: 8-bit moments (~10 bytes per parameter);
 * ``jlowbit adamw_8bit + offload``: the same state kept in ``pinned_host``
   memory between steps by ``jlowbit.offload_state`` (~8 bytes per parameter
-  on the device between steps).
+  on the device between steps);
+* ``jlowbit adamw_8bit + offload(chunks=N)``: ``offload_state(...,
+  chunks=N)``: the 8-bit moments streamed through the device ``N`` slices
+  of each leaf's leading axis at a time (a loop; the next slice prefetched),
+  so that only about ``2 / N`` of the state is on the device during the
+  update (``--chunks``, default 8; ``offload(chunks=N, no prefetch)`` for
+  one slice at a time).
 
 ``step_s`` is the median wall time of ``--steps`` steps after one untimed
 (compiling) step.
@@ -37,6 +43,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -117,6 +124,28 @@ def optimizers() -> dict:
   }
 
 
+_STREAMED = re.compile(
+    r"jlowbit adamw_8bit \+ offload\(chunks=(\d+)(, no prefetch)?\)")
+
+
+def streamed_name(chunks: int, prefetch: bool = True) -> str:
+  return (f"jlowbit adamw_8bit + offload(chunks={chunks}"
+          f"{'' if prefetch else ', no prefetch'})")
+
+
+def make_optimizer(name: str) -> optax.GradientTransformation:
+  """An optimizer of :func:`optimizers`, or a streamed offload
+  (:func:`streamed_name`)."""
+  if name in optimizers():
+    return optimizers()[name]()
+  match = _STREAMED.fullmatch(name)
+  if match is None:
+    raise ValueError(f"unknown optimizer {name!r}")
+  return jlowbit.offload_state(jlowbit.adamw_8bit(1e-4, weight_decay=0.1),
+                               chunks=int(match.group(1)),
+                               prefetch=match.group(2) is None)
+
+
 def _out_of_memory(error: Exception) -> bool:
   text = str(error)
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
@@ -137,7 +166,7 @@ def _memory(compiled) -> dict:
 
 def run_one(name: str, shape: Shape, batch: int, seq: int, steps: int) -> dict:
   """One optimizer at one depth: fits or not, median step time."""
-  tx = optimizers()[name]()
+  tx = make_optimizer(name)
   row = dict(optimizer=name, width=shape.width, depth=shape.depth,
              params=shape.params, fits=False, step_s=None, error=None)
 
@@ -211,9 +240,15 @@ def main():
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--tiny", action="store_true",
                       help="CPU smoke test: width 64, depths 1 2, seq 16")
-  parser.add_argument("--optimizers", nargs="+", choices=list(optimizers()),
+  parser.add_argument("--optimizers", nargs="*",
                       default=list(optimizers()), metavar="NAME",
-                      help=f"a subset of {list(optimizers())}")
+                      help=f"a subset of {list(optimizers())} (the streamed "
+                      "offloads of --chunks are added)")
+  parser.add_argument("--chunks", type=int, nargs="*", default=[8],
+                      help="a 'jlowbit adamw_8bit + offload(chunks=N)' row "
+                      "set per N (none: --chunks with no value)")
+  parser.add_argument("--no-prefetch", action="store_true",
+                      help="also run each --chunks N without prefetching")
   parser.add_argument("--in-process", action="store_true",
                       help="run every configuration in this process (by "
                       "default each runs in a fresh one, so that memory a "
@@ -231,6 +266,12 @@ def main():
     args.width, args.depths, args.vocab = 64, [1, 2], 256
     args.batch, args.seq, args.steps = 2, 16, 2
     args.in_process = True
+  for chunks in args.chunks:
+    args.optimizers.append(streamed_name(chunks))
+    if args.no_prefetch:
+      args.optimizers.append(streamed_name(chunks, prefetch=False))
+  for name in args.optimizers:
+    make_optimizer(name)  # ValueError for an unknown name
   print("device:", jax.devices()[0].device_kind)
   rows = []
   for name in args.optimizers:
@@ -249,8 +290,14 @@ def main():
              for name in args.optimizers}
   summary = dict(largest_params=largest)
   base, eight, offload = list(optimizers())
-  if largest.get(base) and largest.get(offload):
-    summary["offload_params_vs_optax"] = largest[offload] / largest[base]
+  offloads = [name for name in args.optimizers
+              if name == offload or _STREAMED.fullmatch(name)]
+  if largest.get(base):
+    summary["params_vs_optax"] = {
+        name: largest[name] / largest[base] for name in args.optimizers
+        if largest.get(name)}
+    if largest.get(offload):
+      summary["offload_params_vs_optax"] = largest[offload] / largest[base]
   both = [r["depth"] for r in rows if r["optimizer"] == eight and r["fits"]]
   if both:
     depth = max(both)
@@ -259,6 +306,8 @@ def main():
     if offload in times:
       summary["offload_step_cost"] = dict(
           depth=depth, ratio=times[offload] / times[eight])
+    summary["step_cost_vs_8bit"] = dict(depth=depth, ratio={
+        name: times[name] / times[eight] for name in offloads if name in times})
   print(json.dumps(summary, indent=1))
   if args.json:
     with open(args.json, "w") as f:

@@ -69,7 +69,8 @@ def place(x: jax.Array, mesh, spec: PartitionSpec) -> jax.Array:
 def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
                         moments: Sequence[tuple], hyper: jax.Array, step,
                         offsets: Sequence[int], block_size: int,
-                        noise_type: type | None) -> list:
+                        noise_type: type | None,
+                        shifts: jax.Array | None = None) -> list:
   """``fn`` on every device's shards of ``grads`` and their 8-bit moments.
 
   Args:
@@ -106,8 +107,10 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
              for m, s, b in zip(moments, specs, blocks)]
   step = jnp.zeros((), jnp.int32) if step is None else step
   mapped = _mapped(fn, mesh, tuple(shapes), tuple(blocks),
-                   tuple(len(m) for m in moments), tuple(offsets), noise_type)
-  outs = mapped(grads, moments, hyper, step)
+                   tuple(len(m) for m in moments), tuple(offsets), noise_type,
+                   shifts is not None)
+  outs = (mapped(grads, moments, hyper, step) if shifts is None
+          else mapped(grads, moments, hyper, step, shifts))
   results = []
   for (d, new), s, b in zip(outs, specs, blocks):
     if b != s:
@@ -119,17 +122,22 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
 
 @functools.cache
 def _mapped(fn: Callable, mesh, shapes: tuple, blocks: tuple, moments: tuple,
-            offsets: tuple, noise_type) -> Callable:
-  """The jitted ``jax.shard_map`` of :func:`shard_mapped_update` (cached)."""
+            offsets: tuple, noise_type, shifted: bool = False) -> Callable:
+  """The jitted ``jax.shard_map`` of :func:`shard_mapped_update` (cached).
+  ``shifted``: it takes a fifth argument, uint32 per leaf, added to the
+  leaves' noise counters (traced counter offsets)."""
   sizes = axis_sizes(mesh)
 
-  def local(grads, moments, hyper, step):
+  def local(grads, moments, hyper, step, shifts=None):
     noise = [None] * len(grads)
     if noise_type is not None:
       noise = []
-      for shape, spec, grad, offset in zip(shapes, blocks, grads, offsets):
+      for i, (shape, spec, grad, offset) in enumerate(
+          zip(shapes, blocks, grads, offsets)):
         starts = _layout.shard_starts(shape, spec, sizes)
         counters = _layout.row_counters(shape, grad.shape, starts, offset)
+        if shifts is not None:
+          counters = counters + shifts[i]
         noise.append(noise_type(counters, _layout.contiguous(shape, spec, sizes)))
     return fn(list(grads), list(moments), hyper, step=step, noise=noise)
 
@@ -137,7 +145,7 @@ def _mapped(fn: Callable, mesh, shapes: tuple, blocks: tuple, moments: tuple,
   return jax.jit(jax.shard_map(
       local, mesh=mesh,
       in_specs=(list(blocks), [spec for _, spec in leaf_specs], PartitionSpec(),
-                PartitionSpec()),
+                PartitionSpec()) + ((PartitionSpec(),) if shifted else ()),
       out_specs=leaf_specs, check_vma=False))
 
 

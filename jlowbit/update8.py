@@ -411,7 +411,9 @@ def update_8bit(
     algorithm: str, grads: Sequence[jax.Array],
     moments: Sequence[Sequence[Moment]], hyper: jax.Array, *, block_size: int,
     stochastic: tuple[bool, ...] | None = None, step: jax.Array | None = None,
-    impl: str | None = None) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
+    impl: str | None = None,
+    counter_offsets: Sequence[int | jax.Array] | None = None
+) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
   r"""One optimizer step of many leaves with 8-bit blockwise moments.
 
   **Sharded leaves** run shard-locally: the leaves whose sharding is known
@@ -474,6 +476,18 @@ def update_8bit(
     _check_moments(alg, grad, leaf_moments, block_size, where=f" of grads[{i}]")
   hyper = jnp.asarray(hyper, jnp.float32)
   offsets = np.cumsum([0] + [g.size for g in grads[:-1]]).tolist()
+  # Traced offsets are added to the counters of offset 0 (uint32 wraps).
+  shifts = None
+  if counter_offsets is not None:
+    if len(counter_offsets) != len(grads):
+      raise ValueError(f"got {len(counter_offsets)} counter_offsets for "
+                       f"{len(grads)} grads")
+    offsets = [o if isinstance(o, (int, np.integer)) else 0
+               for o in counter_offsets]
+    if not all(isinstance(o, (int, np.integer)) for o in counter_offsets):
+      shifts = [jnp.asarray(o).astype(jnp.uint32)
+                if not isinstance(o, (int, np.integer)) else jnp.uint32(0)
+                for o in counter_offsets]
   impl = _impl.resolve_impl(impl)
   if any(stochastic):
     step = jnp.asarray(step)
@@ -484,7 +498,8 @@ def update_8bit(
   for mesh, leaves in groups.items():
     if mesh is None:
       noise = [LeafNoise(_layout.row_counters(grads[i].shape, grads[i].shape,
-                                              None, offsets[i]), True)
+                                              None, offsets[i])
+                         + (0 if shifts is None else shifts[i]), True)
                if any(stochastic) else None for i in leaves]
       outs = _update_local(alg, [grads[i] for i in leaves],
                            [moments[i] for i in leaves], hyper, block_size,
@@ -494,7 +509,9 @@ def update_8bit(
           _LocalStep(algorithm, block_size, stochastic, impl),
           mesh, [grads[i] for i in leaves], [moments[i] for i in leaves],
           hyper, step, [offsets[i] for i in leaves], block_size,
-          noise_type=LeafNoise if any(stochastic) else None)
+          noise_type=LeafNoise if any(stochastic) else None,
+          shifts=None if shifts is None else jnp.stack(
+              [shifts[i] for i in leaves]))
     for i, out in zip(leaves, outs):
       results[i] = out
   return results

@@ -14,6 +14,11 @@ checked against the unchunked one, the compiled step's planned device bytes,
 the process's peak device bytes, and the median step time::
 
   python benchmarks/experiments/offload_stream.py [--gb 8] [--chunks 8]
+      [--variants ...] [--donate-grads] [--json out.json]
+
+(On a CPU, e.g. ``--gb 0.05``, it runs too: the CPU backend has a
+``pinned_host`` memory kind, though its memory analysis need not match a
+GPU's.)
 
 Variants:
 
@@ -27,7 +32,29 @@ Variants:
   two chunks in flight);
 * ``pieces``: the state stored as a tuple of per-chunk host arrays (no
   slicing of host arrays), chunks moved in and out one by one, with the
-  barrier chain.
+  barrier chain;
+* ``scan``: a ``lax.scan`` over the chunk index (a loop XLA cannot unroll
+  or hoist transfers out of) whose body ``lax.dynamic_slice``-s chunk ``j``
+  of the host array, moves it to the device, updates it and
+  ``lax.dynamic_update_slice``-s the host-moved result back into the carried
+  (donated) host array; the direction is the scan's stacked output;
+* ``scan+prefetch``: the same with chunk ``j + 1`` moved in during
+  iteration ``j`` and carried on the device (double buffering: its transfer
+  can overlap chunk ``j``'s compute and write-back);
+* ``scan+inplace``: ``scan`` with the direction written over the (donated,
+  carried) gradient instead of a new stacked output, as an optimizer that
+  must not allocate a second parameter-sized buffer would;
+* ``scan+xs``: the pattern of XLA's offloaded activations: the host state
+  (reshaped to ``[chunks, ...]``) is the scan's ``xs`` (each iteration reads
+  its slice, moves it in) and the new state its ``ys`` moved to the host (a
+  new host array: twice the state on the host during the step, none of it
+  aliased);
+* ``scan+xs+prefetch``: ``scan+xs`` with chunk ``j + 1`` of the old state
+  moved in during iteration ``j`` (double buffering).
+
+``--donate-grads`` donates the gradient to every variant (``scan+inplace``
+always donates it); then each timed step feeds the previous direction in as
+the gradient.
 """
 
 from __future__ import annotations
@@ -43,7 +70,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-VARIANTS = ("whole", "slices", "slices+barrier", "pieces")
+VARIANTS = ("whole", "slices", "slices+barrier", "pieces", "scan",
+            "scan+prefetch", "scan+inplace", "scan+xs", "scan+xs+prefetch")
 
 
 def _step_math(s, g):
@@ -85,13 +113,73 @@ def make_step(variant: str, chunks: int):
       ds.append(d)
     return tuple(out), jnp.concatenate(ds)
 
+  def scanned(s, g, prefetch, inplace):
+    n = s.shape[0] // chunks
+    take = lambda x, j: jax.lax.dynamic_slice_in_dim(x, j * n, n, 0)
+    put = lambda x, y, j: jax.lax.dynamic_update_slice_in_dim(x, y, j * n, 0)
+    fetch = lambda s, j: jax.device_put(take(s, j), device)
+
+    def body(carry, j):
+      s, g, ahead = carry
+      current = ahead if prefetch else fetch(s, j)
+      if prefetch:  # chunk j + 1 (the last iteration fetches chunk 0 again)
+        ahead = fetch(s, (j + 1) % chunks)
+      new, d = _step_math(current, take(g, j))
+      s = put(s, jax.device_put(new, host), j)
+      if inplace:
+        return (s, put(g, d, j), ahead), None
+      return (s, g, ahead), d
+
+    ahead = fetch(s, 0) if prefetch else None
+    (s, g, _), ds = jax.lax.scan(body, (s, g, ahead), jnp.arange(chunks))
+    return s, (g if inplace else ds.reshape(g.shape))
+
+  def scanned_xs(s, g, prefetch):
+    n = s.shape[0] // chunks
+    stack = lambda x: x.reshape((chunks, n) + x.shape[1:])
+    fetch = lambda s, j: jax.device_put(
+        jax.lax.dynamic_index_in_dim(s, j, 0, keepdims=False), device)
+
+    def body(ahead, xs):
+      if prefetch:  # reads the old state (a loop invariant) one chunk ahead
+        j, g_j = xs
+        current, ahead = ahead, fetch(s_stacked, (j + 1) % chunks)
+      else:
+        s_j, g_j = xs
+        current = jax.device_put(s_j, device)
+      new, d = _step_math(current, g_j)
+      return ahead, (jax.device_put(new, host), d)
+
+    s_stacked = stack(s)
+    ahead = fetch(s_stacked, 0) if prefetch else None
+    xs = (jnp.arange(chunks) if prefetch else s_stacked, stack(g))
+    _, (new, ds) = jax.lax.scan(body, ahead, xs)
+    return new.reshape(s.shape), ds.reshape(g.shape)
+
   return {"whole": whole,
+          "scan+xs": lambda s, g: scanned_xs(s, g, False),
+          "scan+xs+prefetch": lambda s, g: scanned_xs(s, g, True),
           "slices": lambda s, g: sliced(s, g, False),
           "slices+barrier": lambda s, g: sliced(s, g, True),
-          "pieces": pieces}[variant]
+          "pieces": pieces,
+          "scan": lambda s, g: scanned(s, g, False, False),
+          "scan+prefetch": lambda s, g: scanned(s, g, True, False),
+          "scan+inplace": lambda s, g: scanned(s, g, False, True)}[variant]
 
 
-def run_variant(variant: str, gb: float, chunks: int, steps: int) -> dict:
+def _memory_row(stats) -> dict:
+  """The compiled step's planned bytes (``memory_analysis()``), in GB."""
+  gb = lambda name: getattr(stats, name, 0) / 1e9
+  row = {f"planned_{k}_gb": gb(f"{k}_size_in_bytes")
+         for k in ("argument", "output", "alias", "temp", "host_argument",
+                   "host_output", "host_alias", "host_temp")}
+  row["planned_device_gb"] = (row["planned_argument_gb"] + row["planned_output_gb"]
+                              - row["planned_alias_gb"] + row["planned_temp_gb"])
+  return row
+
+
+def run_variant(variant: str, gb: float, chunks: int, steps: int,
+                donate_grads: bool = False) -> dict:
   dev = jax.devices()[0]
   host = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
   layers, cols = 4 * chunks, 4096
@@ -100,36 +188,46 @@ def run_variant(variant: str, gb: float, chunks: int, steps: int) -> dict:
   g = jax.random.normal(jax.random.key(0), shape, jnp.float32) * 3
   s = jnp.full(shape, 7, jnp.uint8)
   want_s, want_d = jax.jit(_step_math)(s, g)
-  want_s, want_d = np.asarray(want_s[:, :8]), np.asarray(want_d[:, :8])
+  # Copies (np.array), so that no numpy view keeps a reference to a buffer
+  # a later step donates ("Donation requested for buffer with external
+  # reference").
+  want_s, want_d = np.array(want_s[:, :8]), np.array(want_d[:, :8])
   n = layers // chunks
   if variant == "pieces":
     s = tuple(jax.device_put(s[j * n:(j + 1) * n], host) for j in range(chunks))
   else:
     s = jax.device_put(s, host)
-  row = dict(variant=variant, state_gb=np.prod(shape) / 1e9, chunks=chunks)
-  step = jax.jit(make_step(variant, chunks), donate_argnums=0)
+  donate_grads = donate_grads or variant == "scan+inplace"
+  row = dict(variant=variant, state_gb=np.prod(shape) / 1e9, chunks=chunks,
+             grads_gb=4 * np.prod(shape) / 1e9, donate_grads=donate_grads,
+             backend=dev.platform)
+  step = jax.jit(make_step(variant, chunks),
+                 donate_argnums=(0, 1) if donate_grads else 0)
   try:
     compiled = step.lower(s, g).compile()
     stats = compiled.memory_analysis()
-    row["planned_device_gb"] = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                                - stats.alias_size_in_bytes + stats.temp_size_in_bytes) / 1e9
-    row["planned_temp_gb"] = stats.temp_size_in_bytes / 1e9
+    if stats is not None:
+      row.update(_memory_row(stats))
+    hlo = compiled.as_text()
+    row["hlo_while_loops"] = hlo.count(" while(")
     s, d = step(s, g)
-    got_s = np.concatenate([np.asarray(p) for p in s]) if variant == "pieces" else np.asarray(s)
-    row["correct"] = bool(np.array_equal(got_s[:, :8], want_s)
-                          and np.array_equal(np.asarray(d[:, :8]), want_d))
-    kinds = {p.sharding.memory_kind for p in (s if variant == "pieces" else (s,))}
-    row["state_memory_kinds"] = sorted(kinds)
+    pieces = s if variant == "pieces" else (s,)
+    got_s = np.concatenate([np.array(p[:, :8]) for p in pieces])
+    row["correct"] = bool(np.array_equal(got_s, want_s)
+                          and np.array_equal(np.array(d[:, :8]), want_d))
+    row["state_memory_kinds"] = sorted({p.sharding.memory_kind for p in pieces})
+    del got_s, pieces
     times = []
     for _ in range(steps):
       start = time.perf_counter()
-      s, d = step(s, g)
+      s, d = step(s, d if donate_grads else g)
       jax.block_until_ready((s, d))
       times.append(time.perf_counter() - start)
     row["step_ms"] = statistics.median(times) * 1e3
     row["link_gbps"] = 2 * row["state_gb"] / (row["step_ms"] / 1e3)
     mem = dev.memory_stats() or {}
-    row["peak_device_gb"] = mem.get("peak_bytes_in_use", 0) / 1e9
+    if "peak_bytes_in_use" in mem:
+      row["peak_device_gb"] = mem["peak_bytes_in_use"] / 1e9
     row["ok"] = True
   except Exception as e:  # pylint: disable=broad-except
     row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:400]}")
@@ -142,17 +240,20 @@ def main():
   parser.add_argument("--chunks", type=int, default=8)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+  parser.add_argument("--donate-grads", action="store_true")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   parser.add_argument("--json")
   args = parser.parse_args()
   if args.one:
-    print("ROW " + json.dumps(run_variant(args.one, args.gb, args.chunks, args.steps)))
+    print("ROW " + json.dumps(run_variant(args.one, args.gb, args.chunks,
+                                          args.steps, args.donate_grads)))
     return
   rows = []
   for variant in args.variants:
     result = subprocess.run(
         [sys.executable, __file__, "--one", variant, "--gb", str(args.gb),
-         "--chunks", str(args.chunks), "--steps", str(args.steps)],
+         "--chunks", str(args.chunks), "--steps", str(args.steps)]
+        + (["--donate-grads"] if args.donate_grads else []),
         capture_output=True, text=True, check=False)
     lines = [l for l in result.stdout.splitlines() if l.startswith("ROW ")]
     row = (json.loads(lines[0][4:]) if lines else
@@ -161,7 +262,8 @@ def main():
     print(json.dumps(row), flush=True)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(device=jax.devices()[0].device_kind, rows=rows), f, indent=1)
+      json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                     args=vars(args), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

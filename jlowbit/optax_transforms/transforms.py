@@ -36,11 +36,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jlowbit import algorithms
 from jlowbit import update8
 from jlowbit.optax_transforms import checks
+from jlowbit.optax_transforms import offload
 from jlowbit.optax_transforms import state as state_lib
 
 # (count before the step, int32; t = step number, float) -> hyper vector.
@@ -77,11 +79,15 @@ def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
   eightbit = [i for i in range(len(grads)) if absmax[i][0] is not None]
   for i, g in enumerate(grads):
     if absmax[i][0] is None:
+      moments = tuple(offload.to_device(m) for m in codes[i])
       direction, new = update8.update_float(
-          algorithm, g, codes[i], hyper(codes[i][0].dtype))
+          algorithm, g, moments, hyper(moments[0].dtype))
       out[i] = direction, tuple((m.astype(old.dtype), None)
                                 for m, old in zip(new, codes[i]))
-  if eightbit:
+  if any(offload.in_host_memory(codes[i][0]) for i in eightbit):
+    _update_streamed(out, algorithm, grads, codes, absmax, eightbit, hyper,
+                     block_size, impl, stochastic, step)
+  elif eightbit:
     results = update8.update_8bit(
         algorithm, [grads[i] for i in eightbit],
         [tuple(zip(codes[i], absmax[i])) for i in eightbit],
@@ -90,6 +96,44 @@ def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
     for i, result in zip(eightbit, results):
       out[i] = result
   return out
+
+
+def _update_streamed(out: list, algorithm: str, grads: list, codes: list,
+                     absmax: list, eightbit: list, hyper, block_size: int,
+                     impl: str | None, stochastic, step) -> None:
+  """The 8-bit leaves when their moments are in host memory
+  (:func:`jlowbit.offload_state` with ``chunks``): leaves of rank >= 2
+  streamed through the device in slices of their leading axis
+  (:func:`jlowbit.optax_transforms.offload.stream_update`, one loop per
+  chunk count), the others moved in whole. Every leaf keeps the noise
+  counters of the one-call update, so the results are bit-identical."""
+  sizes = [grads[i].size for i in eightbit]
+  offsets = dict(zip(eightbit, np.cumsum([0] + sizes[:-1]).tolist()))
+  host = [i for i in eightbit if offload.in_host_memory(codes[i][0])]
+  plan, whole = offload.stream_plan([grads[i] for i in host])
+  whole = [host[k] for k in whole]
+  whole += [i for i in eightbit if i not in host]
+  groups: dict[int, list[int]] = {}
+  for k, chunks in plan.items():
+    groups.setdefault(chunks, []).append(host[k])
+  for chunks, leaves in sorted(groups.items()):
+    results = offload.stream_update(
+        algorithm, [grads[i] for i in leaves],
+        [tuple(zip(codes[i], absmax[i])) for i in leaves], hyper(jnp.float32),
+        chunks=chunks, block_size=block_size, stochastic=stochastic,
+        step=step, impl=impl, counter_offsets=[offsets[i] for i in leaves])
+    for i, result in zip(leaves, results):
+      out[i] = result
+  if whole:
+    whole = sorted(whole)
+    results = update8.update_8bit(
+        algorithm, [grads[i] for i in whole],
+        [tuple((offload.to_device(c), offload.to_device(a))
+               for c, a in zip(codes[i], absmax[i])) for i in whole],
+        hyper(jnp.float32), block_size=block_size, stochastic=stochastic,
+        step=step, impl=impl, counter_offsets=[offsets[i] for i in whole])
+    for i, result in zip(whole, results):
+      out[i] = result
 
 
 def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
