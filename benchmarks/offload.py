@@ -239,7 +239,7 @@ def main():
   parser.add_argument("--seq", type=int, default=1024)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--tiny", action="store_true",
-                      help="CPU smoke test: width 64, depths 1 2, seq 16")
+                      help="CPU smoke test: width 64, depth 2, seq 16")
   parser.add_argument("--optimizers", nargs="*",
                       default=list(optimizers()), metavar="NAME",
                       help=f"a subset of {list(optimizers())} (the streamed "
@@ -263,7 +263,7 @@ def main():
     print(_ROW_PREFIX + json.dumps(row), flush=True)
     return
   if args.tiny:
-    args.width, args.depths, args.vocab = 64, [1, 2], 256
+    args.width, args.depths, args.vocab = 64, [2], 256
     args.batch, args.seq, args.steps = 2, 16, 2
     args.in_process = True
   for chunks in args.chunks:

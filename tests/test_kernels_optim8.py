@@ -73,7 +73,7 @@ HYPER = {
     "adagrad": [1e-10],
 }
 # (shape, block_size): partial last blocks; sizes 16 divides and does not.
-INTERPRET_CASES = [((1000,), 256), ((300, 7), 64), ((48, 50), 2048)]
+INTERPRET_CASES = [((1000,), 256), ((300, 7), 64), ((6, 50), 2048)]
 GPU_CASES = [((1_000_037,), 256), ((1000, 1024), 64), ((1_000_037,), 2048)]
 
 
@@ -240,8 +240,10 @@ def test_many_leaves_match_contract_reference(impl, block_size, algorithm):
     _assert_moments(new, want_new, impl)
 
 
-@pytest.mark.parametrize("impl", KERNEL_IMPLS)
-@pytest.mark.parametrize("block_size", [64, 256])
+@pytest.mark.parametrize("impl, block_size", [
+    ("interpret", 64),  # 256 interpreted takes 40 s of CI for no new path
+    pytest.param("triton", 64, marks=pytest.mark.gpu),
+    pytest.param("triton", 256, marks=pytest.mark.gpu)])
 def test_stochastic_rounding_matches_library_reference(impl, block_size):
   """AdEMAMix's slow EMA rounded stochastically: the kernel draws the
   reference's noise (counters running across the leaves of a launch)."""

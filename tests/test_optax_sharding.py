@@ -109,7 +109,7 @@ def _assert_identical(got, want, float_ulps=0):
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 @pytest.mark.parametrize("impl, mode", [
     ("xla", "eager"), ("xla", "explicit"), ("xla", "auto"),
-    ("interpret", "eager"), ("interpret", "explicit")])
+    ("interpret", "explicit")])
 def test_sharded_update_is_bit_identical_to_unsharded(impl, mode, mesh_name):
   axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
   mesh, leaves = _mesh(mesh_name, axis_type)
