@@ -58,22 +58,30 @@ configuration's whole time. The summary: the largest model per optimizer,
 step times against optax's and state bytes per parameter at the deepest
 model optax fits.
 
-Multi-GPU runs (issue 15; H200s, one command per line, each within 10
-minutes; jax-triton installed from carried wheels, ``.whl`` of
-``/work/shared/gpu/prepare.sh``), on 2 GPUs::
+Multi-GPU runs (issue 15), on ``nvidia-h200-x2`` from the repository
+root with ``.whl/jax_triton-0.3.1-py3-none-any.whl`` carried (the wheel
+``/work/shared/gpu/prepare.sh`` downloads), one command per call (each
+within the 10-minute limit; the JSON is rewritten after every row)::
 
-  python3 -m pip install -q --no-deps .whl/*.whl
-  PYTHONPATH=. python3 -m pytest -x -q tests/test_optax_sharding.py
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3 benchmarks/offload.py --fsdp --batch 8 --steps 2 --depths 40 --json $OUT/fsdp2_d40.json
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3 benchmarks/offload.py --fsdp --batch 8 --steps 2 --optimizers "optax adamw" --chunks --depths 64 72 80 88 --json $OUT/fsdp2_optax.json
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3 benchmarks/offload.py --fsdp --batch 8 --steps 2 --optimizers "jlowbit adamw_8bit" --chunks --depths 96 104 112 120 --json $OUT/fsdp2_8bit.json
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3 benchmarks/offload.py --fsdp --batch 8 --steps 2 --optimizers --chunks 8 --depths 112 128 144 160 --json $OUT/fsdp2_stream.json
+  python3 -m pip install -q --no-deps .whl/*.whl && PYTHONPATH=. python3 -m pytest -x -q -m gpu tests/test_optax_sharding.py && PYTHONPATH=. python3 -m pytest -x -q tests/test_optax_sharding.py
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.; python3 -m pip install -q --no-deps .whl/*.whl; python3 benchmarks/offload.py --fsdp --batch 8 --steps 2 --depths 40 --json $OUT/fsdp2_d40.json
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.; python3 -m pip install -q --no-deps .whl/*.whl; python3 benchmarks/offload.py --fsdp --batch 8 --steps 2 --optimizers "optax adamw" --chunks --depths 64 72 80 88 --json $OUT/fsdp2_optax.json
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.; python3 -m pip install -q --no-deps .whl/*.whl; python3 benchmarks/offload.py --fsdp --batch 8 --steps 2 --optimizers "jlowbit adamw_8bit" --chunks --depths 96 104 112 120 --json $OUT/fsdp2_8bit.json
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.; python3 -m pip install -q --no-deps .whl/*.whl; python3 benchmarks/offload.py --fsdp --batch 8 --steps 2 --optimizers --chunks 8 --depths 120 128 136 144 152 --json $OUT/fsdp2_stream.json
 
-and on 4 GPUs the same with ``fsdp4_*.json`` and the depths ``40``;
-``144 160 176 192`` (optax); ``192 208 224 240`` (8-bit); ``224 256 288
-320`` (streamed offload). The whole offload (``jlowbit adamw_8bit +
-offload``) plans the 8-bit peak (``benchmarks/RESULTS.md`` section 4), so
-its largest model is the 8-bit one's; the depth-40 run times it.
+On ``nvidia-h200-x4``: the same commands with ``fsdp4_*.json`` and the
+depths ``40``; ``120 128 136 144 152`` (optax); ``176 184 192 200 208``
+(8-bit); ``224 240 256 272`` (streamed offload). The depths bracket each
+optimizer's limit as estimated from the single-H200 run
+(``benchmarks/RESULTS.md`` section 4: 16.9 bytes per parameter at the
+step's peak for optax, 12.0 for 8-bit; the parameters' share divided by
+the devices) and from planned bytes of the FSDP steps compiled for host
+devices; a list whose first depth does not fit needs a lower start. The
+depth-40 run (8.18B parameters, the largest model optax fits on one H200)
+times all four optimizers on one model: step time against optax, state
+bytes per parameter (target <= 2.05 / devices). The whole offload
+(``jlowbit adamw_8bit + offload``) plans the 8-bit peak (RESULTS section
+4), so it is timed there and not searched.
 """
 
 from __future__ import annotations
