@@ -63,16 +63,17 @@ def assert_same_cast(got, want, impl):
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_benchmark_tiny(script: str, tmp_path) -> tuple[dict, str]:
-  """Runs ``benchmarks/<script> --tiny --json`` on this checkout's jlowbit
-  (also where another one is installed); its JSON results and stdout."""
+def run_benchmark_tiny(script: str, tmp_path, *extra: str) -> tuple[dict, str]:
+  """Runs ``benchmarks/<script> --tiny --json ... *extra`` on this checkout's
+  jlowbit (also where another one is installed); its JSON results and
+  stdout."""
   out = tmp_path / "results.json"
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
       [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
   result = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", "--json",
-       str(out)],
+       str(out), *extra],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
       check=False)
   assert result.returncode == 0, result.stdout + result.stderr

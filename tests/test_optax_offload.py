@@ -140,6 +140,12 @@ def test_offload_of_sharded_state_keeps_sharding(make):
   for k in params:
     assert moments[k].sharding.memory_kind == "pinned_host", k
     assert tuple(moments[k].sharding.spec) == tuple(spec[k]), (k, moments[k].sharding.spec)
+  # state_shardings says so too (step counts: on the device, replicated).
+  shardings = jlowbit.state_shardings(tx, params)
+  for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    assert s.memory_kind == ("pinned_host" if x.ndim else "device")
+    if x.ndim:
+      assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
 
 
 def test_offload_with_nnx_optimizer():

@@ -1,13 +1,18 @@
-"""Sharded 8-bit optimizer state (meshes of 8 of the 9 host devices that
-tests/conftest.py asks for).
+"""Sharded 8-bit optimizer state, on meshes of host devices (CPU) or GPUs.
 
 Blocks run along each leaf's last axis (``jlowbit._layout``), so a leaf
 sharded along its leading axes, or along whole blocks of its last axis,
 updates shard-locally: the sharded step equals the unsharded one bit for
-bit (``xla`` and the Triton ``interpret`` path, stochastic rounding
-included), its compiled HLO has no collective, and the state keeps its
-shardings through ``init``, ``update`` and ``jax.jit`` (optax's own
-sharding checks, for every optimizer).
+bit (``xla``, the Triton ``interpret`` path and, on GPUs, compiled
+``triton``; stochastic rounding included), its compiled HLO has no
+collective, and the state keeps its shardings through ``init``,
+``update`` and ``jax.jit`` (optax's own sharding checks, for every
+optimizer).
+
+Devices: on the CPU, 8 of the 9 host devices that tests/conftest.py asks
+for; on GPUs, all of them (2, 4 or 8; of another count, the first 4 or 2).
+The 1-D mesh spans every device, the 2-D mesh is ``(n / 2, 2)`` and needs
+4 devices (its tests skip on 2).
 """
 
 import jax
@@ -20,18 +25,32 @@ from jax.sharding import PartitionSpec as P
 
 import jlowbit as lowbit
 
-if jax.device_count() < 9:
-  pytest.skip("needs 9 devices (XLA_FLAGS=--xla_force_host_platform_device_count=9, "
-              "set by tests/conftest.py before JAX starts)", allow_module_level=True)
 
-# CPU device 0 stays out of the meshes: jax.pure_callback (the Triton
-# interpreter's way in) stages its arguments on it, which deadlocks when
-# that device is itself waiting in a callback of the same program.
-DEVICES = jax.devices()[-8:]
+def _devices() -> list:
+  """The devices the meshes are built from (the module skips without)."""
+  if jax.default_backend() == "gpu":
+    gpus = jax.devices()
+    count = next((c for c in (8, 4, 2) if c <= len(gpus)), 0)
+    if not count:
+      pytest.skip(f"needs 2 or more GPUs (found {len(gpus)})",
+                  allow_module_level=True)
+    return gpus[:count]
+  if jax.device_count() < 9:
+    pytest.skip("needs 9 host devices (XLA_FLAGS=--xla_force_host_platform_"
+                "device_count=9, set by tests/conftest.py before JAX starts) "
+                "or 2 or more GPUs", allow_module_level=True)
+  # CPU device 0 stays out of the meshes: jax.pure_callback (the Triton
+  # interpreter's way in) stages its arguments on it, which deadlocks when
+  # that device is itself waiting in a callback of the same program.
+  return jax.devices()[-8:]
+
+
+DEVICES = _devices()
+N = len(DEVICES)  # 2, 4 or 8: the sharded axes below divide for each
 BLOCK = 64
-# Leaves of a 2-D mesh (fsdp=4, tp=2): FSDP, tensor-parallel, both, a middle
-# axis (heads) sharded, a last axis (100) that is not a multiple of the block
-# size with sharded rows, a tiny float-state leaf.
+# Leaves of a 2-D mesh (fsdp=N/2, tp=2): FSDP, tensor-parallel, both, a
+# middle axis (heads) sharded, a last axis (100) that is not a multiple of
+# the block size with sharded rows, a tiny float-state leaf.
 LEAVES_2D = {
     "fsdp": ((16, 128), P("fsdp", None)),
     "tp": ((8, 256), P(None, "tp")),
@@ -46,13 +65,18 @@ LEAVES_1D = {
     "flat": ((512,), P("x")),
     "replicated": ((3, 70), P()),
 }
-MESHES = {"1d": ((8,), ("x",), LEAVES_1D), "2d": ((4, 2), ("fsdp", "tp"), LEAVES_2D)}
+MESHES = {"1d": ((N,), ("x",), LEAVES_1D),
+          "2d": ((N // 2, 2), ("fsdp", "tp"), LEAVES_2D)}
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter",
                "all-reduce")
+# Compiled Triton: on GPUs only (conftest.py skips the ``gpu`` marker elsewhere).
+TRITON = pytest.mark.gpu
 
 
 def _mesh(name, axis_type=AxisType.Auto):
   shape, axes, leaves = MESHES[name]
+  if name == "2d" and N < 4:
+    pytest.skip(f"the 2-D mesh needs 4 devices (have {N})")
   return jax.make_mesh(shape, axes, axis_types=(axis_type,) * len(axes),
                        devices=DEVICES), leaves
 
@@ -109,7 +133,9 @@ def _assert_identical(got, want, float_ulps=0):
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 @pytest.mark.parametrize("impl, mode", [
     ("xla", "eager"), ("xla", "explicit"), ("xla", "auto"),
-    ("interpret", "explicit")])
+    ("interpret", "explicit"),
+    pytest.param("triton", "eager", marks=TRITON),
+    pytest.param("triton", "explicit", marks=TRITON)])
 def test_sharded_update_is_bit_identical_to_unsharded(impl, mode, mesh_name):
   axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
   mesh, leaves = _mesh(mesh_name, axis_type)
@@ -144,7 +170,8 @@ def test_sharded_update_is_bit_identical_to_unsharded(impl, mode, mesh_name):
 
 @pytest.mark.parametrize("impl, axis_type", [
     ("xla", AxisType.Explicit), ("xla", AxisType.Auto),
-    ("interpret", AxisType.Explicit)])
+    ("interpret", AxisType.Explicit),
+    pytest.param("triton", AxisType.Explicit, marks=TRITON)])
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 def test_update_hlo_has_no_collectives(mesh_name, impl, axis_type):
   mesh, leaves = _mesh(mesh_name, axis_type)
@@ -161,12 +188,14 @@ def test_update_hlo_has_no_collectives(mesh_name, impl, axis_type):
   assert "all-reduce" in hlo  # the check sees collectives where there are some
 
 
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.parametrize("impl", [
+    "xla", "interpret", pytest.param("triton", marks=TRITON)])
 def test_leaf_whose_shards_split_blocks_is_gathered_and_exact(impl):
-  """(16, 1000) with its last axis over 8 devices: 125-element shards cut
-  64-element blocks, so that leaf is computed with its last axis gathered
-  (absmax replicated along it); the result is still the unsharded one."""
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,),
+  """(16, 1000) with its last axis over N devices: shards of 1000 / N
+  elements (125, 250 or 500) cut 64-element blocks, so that leaf is
+  computed with its last axis gathered (absmax replicated along it); the
+  result is still the unsharded one."""
+  mesh = jax.make_mesh((N,), ("x",), axis_types=(AxisType.Explicit,),
                        devices=DEVICES)
   tx = _optimizer(impl)
   params = {"w": jax.random.normal(jax.random.key(0), (16, 1000))}
@@ -198,7 +227,7 @@ def test_optax_state_sharding_checks(name):
   state types (shardings included) equal after init and update, and
   preserved under jax.jit."""
   optimizer = OPTIMIZERS[name]
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,),
+  mesh = jax.make_mesh((N,), ("x",), axis_types=(AxisType.Explicit,),
                        devices=DEVICES)
   sharding = NamedSharding(mesh, P(None, "x"))
   with jax.set_mesh(mesh):
@@ -265,7 +294,7 @@ def test_update_inside_users_shard_map():
   _assert_identical((updates, state), want)
 
 
-@pytest.mark.parametrize("target", [((8, 1), ("fsdp", "tp")), ((8,), ("fsdp",))])
+@pytest.mark.parametrize("target", [((N, 1), ("fsdp", "tp")), ((N,), ("fsdp",))])
 def test_orbax_round_trip_onto_another_mesh(tmp_path, target):
   ocp = pytest.importorskip("orbax.checkpoint")
   mesh, leaves = _mesh("2d")

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from jlowbit.optax_transforms.offload import OFFLOAD_MEMORY_KIND
+
 
 def _sharding(leaf, name: str) -> NamedSharding:
   sharding = getattr(leaf, "sharding", None)
@@ -32,9 +34,10 @@ def state_shardings(optimizer: Any, params: Any) -> Any:
   :func:`jlowbit._layout.block_spec`); float moments like their parameter;
   what other optax transformations in the chain keep, as their ``init``
   places it under ``AxisType.Explicit`` axes (moments like the parameters,
-  counters replicated). Computed by tracing ``init`` abstractly on the
-  parameters' mesh with explicit axes, so it is ``init``'s own decision,
-  whatever the mesh's axis types are.
+  counters replicated); state that ``init`` puts in host memory
+  (:func:`jlowbit.offload_state`) in ``pinned_host``. Computed by tracing
+  ``init`` abstractly on the parameters' mesh with explicit axes, so it is
+  ``init``'s own decision, whatever the mesh's axis types are.
 
   Args:
     optimizer: an ``optax.GradientTransformation`` (any chain).
@@ -69,11 +72,14 @@ def state_shardings(optimizer: Any, params: Any) -> Any:
           sharding=NamedSharding(explicit, _sharding(p, "params").spec)),
       params)
   with jax.sharding.use_abstract_mesh(explicit):
-    state = jax.eval_shape(optimizer.init, abstract)
+    traced, state = jax.make_jaxpr(optimizer.init, return_shape=True)(abstract)
   kind = shardings[0].memory_kind
 
-  def concrete(leaf):
-    spec = getattr(leaf.sharding, "spec", None) or PartitionSpec()
-    return NamedSharding(mesh, spec, memory_kind=kind)
+  def concrete(aval):
+    spec = getattr(aval.sharding, "spec", None) or PartitionSpec()
+    host = getattr(aval, "memory_space", None) == jax.memory.Space.Host
+    return NamedSharding(mesh, spec,
+                         memory_kind=OFFLOAD_MEMORY_KIND if host else kind)
 
-  return jax.tree.map(concrete, state)
+  return jax.tree.structure(state).unflatten(
+      [concrete(v.aval) for v in traced.jaxpr.outvars])
