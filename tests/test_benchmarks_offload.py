@@ -31,8 +31,6 @@ def test_offload_benchmark_tiny(tmp_path):
       "jlowbit adamw_8bit + offload", streamed}
 
 
-
-
 def test_offload_benchmark_tiny_fsdp(tmp_path):
   """--fsdp over 8 host devices: optax, 8-bit and streamed offload (the
   whole offload's path is the non-FSDP test's plus the streamed one's, and
