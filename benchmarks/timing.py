@@ -61,7 +61,8 @@ def device_kernel_events(trace_events: Iterable[dict]) -> list[tuple[str, float]
           and (e.get("pid"), e.get("tid")) in streams]
 
 
-def time_jax_device(fn: Callable, inputs: Sequence, repeats: int = 10) -> float:
+def time_jax_device(fn: Callable, inputs: Sequence, repeats: int = 10,
+                    kernel: str | None = None) -> float:
   """Median GPU time per call of ``fn``: the kernels' own durations.
 
   Runs the executable of :func:`time_jax` under ``jax.profiler`` and sums
@@ -69,10 +70,12 @@ def time_jax_device(fn: Callable, inputs: Sequence, repeats: int = 10) -> float:
   so host dispatch and launch gaps, which :func:`time_jax`'s wall clock
   includes, are left out: the figure to set against the HBM floor. Each of
   ``repeats`` runs is traced separately; the median is divided by
-  ``len(inputs)``.
+  ``len(inputs)``. ``kernel``: count only the kernels whose name contains
+  it.
 
   Raises:
-    RuntimeError: the trace has no GPU stream (e.g. a CPU-only JAX).
+    RuntimeError: the trace has no GPU stream (e.g. a CPU-only JAX), or no
+      kernel named like ``kernel``.
   """
   many = jax.jit(lambda xs: [fn(*x) for x in xs])
   jax.block_until_ready(many(inputs))
@@ -89,7 +92,11 @@ def time_jax_device(fn: Callable, inputs: Sequence, repeats: int = 10) -> float:
     if not kernels:
       raise RuntimeError("the profiler trace has no GPU kernels: "
                          "time_jax_device needs a GPU backend")
-    samples.append(sum(seconds for _, seconds in kernels))
+    chosen = [s for name, s in kernels if kernel is None or kernel in name]
+    if not chosen:
+      raise RuntimeError(f"no kernel named like {kernel!r} in the trace; "
+                         f"kernels: {sorted({name for name, _ in kernels})}")
+    samples.append(sum(chosen))
   return statistics.median(samples) / len(inputs)
 
 

@@ -4,8 +4,8 @@ Times :func:`jlowbit.triton_kernels.optim8.fused_update` on one leaf of N
 parameters (random gradient, random 8-bit moments: the codes scatter over
 the codebook as in training, unlike a constant gradient whose gathers all
 hit one address), the median GPU time of the update kernel itself (from a
-profiler trace, as :func:`timing.time_jax_device`, but only the kernels
-named ``*update_kernel*``: not the copies XLA makes of the undonated
+profiler trace, :func:`timing.time_jax_device` of the kernels named
+``*update_kernel*``: not the copies XLA makes of the undonated
 moments), for each value of ``optim8.ELEMENTS_PER_THREAD`` given, and
 prints the bytes
 the kernel moves per parameter (gradient read, codes read and written,
@@ -20,18 +20,14 @@ machine from the repository root::
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
-import statistics
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, "benchmarks")
-from timing import device_kernel_events, hbm_tbps, table  # noqa: E402
+from timing import hbm_tbps, table, time_jax_device  # noqa: E402
 
 from jlowbit import algorithms  # noqa: E402
 from jlowbit import codebooks  # noqa: E402
@@ -58,27 +54,6 @@ def _inputs(algorithm: str, n: int, dtype, seed: int):
     moments.append(update8.quantize_rows_reference(
         x, codebooks.dynamic(signed), BLOCK_SIZE))
   return grad, tuple(moments)
-
-
-def kernel_seconds(fn, inputs, repeats: int = 10) -> float:
-  """Median GPU seconds per call of the ``*update_kernel*`` kernels of ``fn``."""
-  many = jax.jit(lambda xs: [fn(*x) for x in xs])
-  jax.block_until_ready(many(inputs))
-  samples = []
-  for _ in range(repeats):
-    with tempfile.TemporaryDirectory() as directory:
-      with jax.profiler.trace(directory, create_perfetto_trace=True):
-        jax.block_until_ready(many(inputs))
-      kernels = []
-      for path in glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True):
-        with gzip.open(path) as f:
-          kernels += device_kernel_events(json.load(f)["traceEvents"])
-    updates = [s for name, s in kernels if "update_kernel" in name]
-    if not updates:
-      raise RuntimeError("no *update_kernel* in the trace; kernels: "
-                         f"{sorted({name for name, _ in kernels})}")
-    samples.append(sum(updates))
-  return statistics.median(samples) / len(inputs)
 
 
 def main():
@@ -112,7 +87,7 @@ def main():
               block_size=BLOCK_SIZE, impl="triton", stochastic=stochastic,
               write_direction=write)
 
-        seconds = kernel_seconds(step, inputs)
+        seconds = time_jax_device(step, inputs, kernel="update_kernel")
         rows.append(dict(case=name, dtype=dtype, elements_per_thread=per_thread,
                          ms=seconds * 1e3, bytes_per_param=moved,
                          tb_per_s=moved * n / seconds / 1e12,
