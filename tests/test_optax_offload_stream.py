@@ -8,6 +8,8 @@ computes from the old state): XLA rounds the same float32 expression an
 ulp differently in a loop body than fused into the whole step.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,6 +140,23 @@ def test_streamed_update_loops_over_slices():
       jax.tree.map(jnp.ones_like, params), state, params).as_text()
   assert hlo.count("stablehlo.while") == 1
   assert "tensor<2x16x128xui8>" in hlo and "tensor<25x256xui8>" in hlo
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_streamed_update_copies_no_whole_state(prefetch):
+  """With the state donated, the compiled update writes the slices into the
+  host arrays in place: no copy of a whole leaf's codes (a slice read of the
+  array before the previous slice's write made XLA copy all of it every
+  iteration, 38 s a step for 23 GB of state on the H200)."""
+  tx = jlowbit.offload_state(jlowbit.adamw_8bit(1e-2, impl="xla"), chunks=4,
+                             prefetch=prefetch)
+  params = _without_small(_params())
+  state = tx.init(params)
+  hlo = jax.jit(tx.update, donate_argnums=1).lower(
+      jax.tree.map(jnp.ones_like, params), state, params).compile().as_text()
+  copies = [line for line in hlo.splitlines()
+            if re.search(r"= u8\[(8,16,128|100,256)\]\S* copy\(", line)]
+  assert not copies, copies
 
 
 def test_stream_plan():

@@ -261,31 +261,42 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
             for m, leaf_new, r in zip(moments, new, rows)]
 
   grads, moments = list(grads), [tuple(tuple(p) for p in m) for m in moments]
-  steps = jnp.arange(chunks, dtype=jnp.int32)
-  def body(carry, j):
-    grads, moments, here = carry
-    ahead = None
-    if prefetch:
-      ahead = fetch(moments, j + 1)  # before slice j is written back
-    else:
-      here = fetch(moments, j)
-    grads, new = update(grads, here, j)
-    return (grads, write(moments, new, j), ahead), None
+  if not prefetch:
+    def body(carry, j):
+      grads, moments = carry
+      grads, new = update(grads, fetch(moments, j), j)
+      return (grads, write(moments, new, j)), None
 
-  if prefetch:
-    here = fetch(moments, jnp.int32(0))
-    if chunks > 1:
-      (grads, moments, here), _ = jax.lax.scan(
-          body, (grads, moments, here), steps[:-1])
-    # The last slice outside the loop; the barrier keeps XLA from fusing its
-    # direction with the step's other float math (which can round an ulp
-    # differently from the same math in the loop body).
-    last = jnp.int32(chunks - 1)
-    grads, new = update(grads, here, last)
-    grads = jax.lax.optimization_barrier(grads)
-    moments = write(moments, new, last)
-  else:
-    (grads, moments, _), _ = jax.lax.scan(body, (grads, moments, None), steps)
+    (grads, moments), _ = jax.lax.scan(
+        body, (grads, moments), jnp.arange(chunks, dtype=jnp.int32))
+    return [(g, m) for g, m in zip(grads, moments)]
+
+  # A pipeline: iteration j writes slice j - 1's new moments back, then
+  # reads slice j + 1 from the written array (a read of the array before the
+  # write would make XLA copy the whole host array every iteration), then
+  # updates slice j, whose moments the previous iteration read.
+  def body(carry, j):
+    grads, moments, here, pending = carry
+    moments = write(moments, pending, j - 1)
+    ahead = fetch(moments, j + 1)
+    grads, new = update(grads, here, j)
+    return (grads, moments, ahead, new), None
+
+  here = fetch(moments, jnp.int32(0))
+  if chunks > 1:
+    ahead = fetch(moments, jnp.int32(1))
+    grads, pending = update(grads, here, jnp.int32(0))
+    (grads, moments, here, pending), _ = jax.lax.scan(
+        body, (grads, moments, ahead, pending),
+        jnp.arange(1, chunks - 1, dtype=jnp.int32))
+    moments = write(moments, pending, jnp.int32(chunks - 2))
+  # The last slice outside the loop; the barrier keeps XLA from fusing its
+  # direction with the step's other float math (which can round an ulp
+  # differently from the same math in the loop body).
+  last = jnp.int32(chunks - 1)
+  grads, new = update(grads, here, last)
+  grads = jax.lax.optimization_barrier(grads)
+  moments = write(moments, new, last)
   return [(g, m) for g, m in zip(grads, moments)]
 
 
