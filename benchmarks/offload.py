@@ -36,10 +36,9 @@ one does not fit in device memory):
   on the device between steps);
 * ``jlowbit adamw_8bit + offload(chunks=N)``: ``offload_state(...,
   chunks=N)``: the 8-bit moments streamed through the device ``N`` slices
-  of each leaf's leading axis at a time (a loop; the next slice prefetched),
-  so that only about ``2 / N`` of the state is on the device during the
-  update (``--chunks``, default 8; ``offload(chunks=N, no prefetch)`` for
-  one slice at a time).
+  of each leaf's leading axis at a time (a loop), so that only about
+  ``1 / N`` of the state is on the device during the update (``--chunks``,
+  default 8).
 
 Each row: ``step_s``, the median wall time of ``--steps`` steps after one
 untimed (compiling) step; ``step_device_gb``, the compiled step's planned
@@ -128,13 +127,11 @@ def optimizers() -> dict:
   }
 
 
-_STREAMED = re.compile(
-    r"jlowbit adamw_8bit \+ offload\(chunks=(\d+)(, no prefetch)?\)")
+_STREAMED = re.compile(r"jlowbit adamw_8bit \+ offload\(chunks=(\d+)\)")
 
 
-def streamed_name(chunks: int, prefetch: bool = True) -> str:
-  return (f"jlowbit adamw_8bit + offload(chunks={chunks}"
-          f"{'' if prefetch else ', no prefetch'})")
+def streamed_name(chunks: int) -> str:
+  return f"jlowbit adamw_8bit + offload(chunks={chunks})"
 
 
 def make_optimizer(name: str) -> optax.GradientTransformation:
@@ -146,8 +143,7 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
   if match is None:
     raise ValueError(f"unknown optimizer {name!r}")
   return jlowbit.offload_state(jlowbit.adamw_8bit(1e-4, weight_decay=0.1),
-                               chunks=int(match.group(1)),
-                               prefetch=match.group(2) is None)
+                               chunks=int(match.group(1)))
 
 
 def _out_of_memory(error: Exception) -> bool:
@@ -291,7 +287,8 @@ def _run_child(name: str, shape: Shape, args) -> dict:
   for line in result.stdout.splitlines():
     if line.startswith(_ROW_PREFIX):
       return json.loads(line[len(_ROW_PREFIX):])
-  raise RuntimeError(f"{name} at depth {shape.depth} failed:\n"
+  raise RuntimeError(f"{name} at depth {shape.depth} failed (exit code "
+                     f"{result.returncode}):\n{result.stdout[-2000:]}\n"
                      f"{result.stderr[-3000:]}")
 
 
@@ -355,8 +352,6 @@ def main():
   parser.add_argument("--chunks", type=int, nargs="*", default=[8],
                       help="a 'jlowbit adamw_8bit + offload(chunks=N)' row "
                       "set per N (none: --chunks with no value)")
-  parser.add_argument("--no-prefetch", action="store_true",
-                      help="also run each --chunks N without prefetching")
   parser.add_argument("--in-process", action="store_true",
                       help="run every configuration in this process (by "
                       "default each runs in a fresh one, so that memory a "
@@ -376,8 +371,6 @@ def main():
     args.in_process = True
   for chunks in args.chunks:
     args.optimizers.append(streamed_name(chunks))
-    if args.no_prefetch:
-      args.optimizers.append(streamed_name(chunks, prefetch=False))
   for name in args.optimizers:
     make_optimizer(name)  # ValueError for an unknown name
   device = jax.devices()[0].device_kind

@@ -9,8 +9,7 @@ optimizer and applies the update. Configurations, each in a fresh process:
 
 * ``device``: no offload (state in device memory);
 * ``offload``: ``offload_state(tx)`` (whole state moved in and out);
-* ``chunks=N``: ``offload_state(tx, chunks=N)``;
-* ``chunks=N nopf``: the same without prefetch.
+* ``chunks=N``: ``offload_state(tx, chunks=N)``.
 
 ::
 
@@ -43,8 +42,7 @@ def make_tx(config: str):
     return tx
   if config == "offload":
     return jlowbit.offload_state(tx)
-  chunks, *rest = config.removeprefix("chunks=").split()
-  return jlowbit.offload_state(tx, chunks=int(chunks), prefetch=not rest)
+  return jlowbit.offload_state(tx, chunks=int(config.removeprefix("chunks=")))
 
 
 def _memory(compiled) -> dict:
@@ -119,8 +117,6 @@ def main():
   parser.add_argument("--width", type=int, default=4096)
   parser.add_argument("--vocab", type=int, default=32000)
   parser.add_argument("--chunks", type=int, nargs="*", default=[4, 8, 32])
-  parser.add_argument("--no-prefetch", type=int, nargs="*", default=[8],
-                      help="chunk counts also run without prefetch")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--configs", nargs="+",
                       help="run these configurations only (e.g. device "
@@ -134,8 +130,7 @@ def main():
     print("ROW " + json.dumps(run(args.one, args.layers, args.width,
                                   args.vocab, args.steps)), flush=True)
     return
-  configs = (["device", "offload"] + [f"chunks={c}" for c in args.chunks]
-             + [f"chunks={c} nopf" for c in args.no_prefetch])
+  configs = ["device", "offload"] + [f"chunks={c}" for c in args.chunks]
   configs = args.configs or configs
   rows = []
   for config in configs:

@@ -41,21 +41,25 @@ of the host array, ``device_put``), runs the kernel on them with slice ``j``
 of the gradients, moves the new slice back and
 ``lax.dynamic_update_slice``-s it into the carried host array, and writes
 the direction over the gradient's slice. A loop body's transfers cannot be
-hoisted out of the loop as the whole mode's are, so only the slices in
-flight should be on the device (about ``2 / N`` of the streamed state with
-``prefetch``: slice ``j + 1`` moves in while slice ``j`` is updated); and
-the direction needs no buffer of its own. The other state (float moments of small leaves, 1-D 8-bit
-leaves, leaves sharded along their leading axis, other transformations'
-state, step counts) is moved whole, as above. The transfers are the same
-bytes as the whole mode's; with ``prefetch`` a slice's move in can overlap
-the previous slice's update and move out (the link carries both directions
-at once). What it saves during the step depends on XLA's host-offloading
-support of the backend. On an H200 (jax 0.11) the loop's transfers stay in
-the loop: 8 GB of uint8 state in 8 chunks through this scan plans 2.0 GB of
-device temporaries against 16 GB moved whole, and runs in 348 ms against
-311 (``benchmarks/experiments/offload_stream.py``, ``benchmarks/RESULTS.md``
-section 4); the streamed optimizer itself has not yet been timed on a GPU
-(``benchmarks/offload.py --chunks``). On the CPU backend the planned
+hoisted out of the loop as the whole mode's are, so only about ``1 / N``
+of the streamed state is on the device at a time, and the direction needs
+no buffer of its own. The other state (float moments of small leaves, 1-D
+8-bit leaves, leaves sharded along their leading axis, other
+transformations' state, step counts) is moved whole, as above.
+
+The transfers are the same bytes as the whole mode's, one after the other:
+slice ``j + 1`` is read after slice ``j`` is written back. Reading it
+earlier (to overlap the two directions of the link) makes XLA copy the
+whole host array in every iteration to keep the value the read needs
+(38.7 s a step instead of 2.5 s on an H200), and carrying the new slice in
+host memory to the next iteration crashes XLA's GPU compiler (jax 0.11).
+
+Measured on an H200 (jax 0.11; ``benchmarks/offload.py``,
+``benchmarks/RESULTS.md`` section 4), a GPT-style model of 11.4B float32
+parameters, AdamW 8-bit, 23.2 GB of state: the step's device peak falls
+from 137.3 GB (8-bit state on the device) to 102.7 GB with ``chunks=8``,
+and the step takes 2.46 s against 1.57 s: the state crosses the host link
+twice, at its rate (about 52 GB/s each way). On the CPU backend the planned
 temporaries of a small model's step fall with ``N``. Values: the 8-bit
 state is what the kernels compute for each element, bit for bit (every
 slice keeps its elements' rounding-noise counters); where XLA computes float
@@ -78,7 +82,7 @@ not match sharding's memory kind").
 import contextlib
 import contextvars
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,20 +96,16 @@ from jlowbit.optax_transforms import state as state_lib
 OFFLOAD_MEMORY_KIND = "pinned_host"
 
 
-class _Streaming(NamedTuple):
-  chunks: int
-  prefetch: bool
-
-
-# Set while offload_state(..., chunks=...) traces its inner update: the 8-bit
-# transformations then stream their host-resident moments in chunks.
-_STREAMING: contextvars.ContextVar[_Streaming | None] = contextvars.ContextVar(
+# Set while offload_state(..., chunks=...) traces its inner update (to the
+# chunk count): the 8-bit transformations then stream their host-resident
+# moments in chunks.
+_STREAMING: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "jlowbit_offload_streaming", default=None)
 
 
 @contextlib.contextmanager
-def _streaming(chunks: int, prefetch: bool):
-  token = _STREAMING.set(_Streaming(chunks, prefetch))
+def _streaming(chunks: int):
+  token = _STREAMING.set(chunks)
   try:
     yield
   finally:
@@ -180,8 +180,7 @@ def stream_plan(grads: Sequence[jax.Array]) -> tuple[dict[int, int], list[int]]:
   """For the 8-bit leaves of an update whose moments are in host memory:
   ``({leaf: chunks}, [leaves moved in whole])`` under the current
   :func:`offload_state` setting (one chunk per leaf outside it)."""
-  setting = _STREAMING.get()
-  chunks = 1 if setting is None else setting.chunks
+  chunks = _STREAMING.get() or 1
   plan, whole = {}, []
   for i, g in enumerate(grads):
     if _streamable(g):
@@ -205,8 +204,7 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
   gradients (one kernel launch for all the leaves' slices), moves the new
   codes and absmax back and ``lax.dynamic_update_slice``-s them into the
   carried host arrays, and writes the slice's direction over the gradient's
-  slice (so no second parameter-sized buffer appears). With prefetch (the
-  default) slice ``j + 1`` is moved in during iteration ``j``. Each slice
+  slice (so no second parameter-sized buffer appears). Each slice
   rounds as in the whole update (noise counters offset by the slice's
   position), so with the kernels the new 8-bit state is bit-identical to
   :func:`update_8bit`'s of the whole leaves; float math that XLA compiles
@@ -223,8 +221,6 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
     Per leaf ``(direction, ((codes, absmax), ...))``: the direction on the
     device, the new moments in host memory.
   """
-  setting = _STREAMING.get()
-  prefetch = True if setting is None else setting.prefetch
   device, host = jax.memory.Space.Device, jax.memory.Space.Host
   rows = [g.shape[0] // chunks for g in grads]
   sizes = [g.size // chunks for g in grads]
@@ -260,48 +256,19 @@ def stream_update(algorithm: str, grads: Sequence[jax.Array],
                   for (c, a), (nc, na) in zip(m, leaf_new))
             for m, leaf_new, r in zip(moments, new, rows)]
 
-  grads, moments = list(grads), [tuple(tuple(p) for p in m) for m in moments]
-  if not prefetch:
-    def body(carry, j):
-      grads, moments = carry
-      grads, new = update(grads, fetch(moments, j), j)
-      return (grads, write(moments, new, j)), None
-
-    (grads, moments), _ = jax.lax.scan(
-        body, (grads, moments), jnp.arange(chunks, dtype=jnp.int32))
-    return [(g, m) for g, m in zip(grads, moments)]
-
-  # A pipeline: iteration j writes slice j - 1's new moments back, then
-  # reads slice j + 1 from the written array (a read of the array before the
-  # write would make XLA copy the whole host array every iteration), then
-  # updates slice j, whose moments the previous iteration read.
   def body(carry, j):
-    grads, moments, here, pending = carry
-    moments = write(moments, pending, j - 1)
-    ahead = fetch(moments, j + 1)
-    grads, new = update(grads, here, j)
-    return (grads, moments, ahead, new), None
+    grads, moments = carry
+    grads, new = update(grads, fetch(moments, j), j)
+    return (grads, write(moments, new, j)), None
 
-  here = fetch(moments, jnp.int32(0))
-  if chunks > 1:
-    ahead = fetch(moments, jnp.int32(1))
-    grads, pending = update(grads, here, jnp.int32(0))
-    (grads, moments, here, pending), _ = jax.lax.scan(
-        body, (grads, moments, ahead, pending),
-        jnp.arange(1, chunks - 1, dtype=jnp.int32))
-    moments = write(moments, pending, jnp.int32(chunks - 2))
-  # The last slice outside the loop; the barrier keeps XLA from fusing its
-  # direction with the step's other float math (which can round an ulp
-  # differently from the same math in the loop body).
-  last = jnp.int32(chunks - 1)
-  grads, new = update(grads, here, last)
-  grads = jax.lax.optimization_barrier(grads)
-  moments = write(moments, new, last)
+  grads, moments = list(grads), [tuple(tuple(p) for p in m) for m in moments]
+  (grads, moments), _ = jax.lax.scan(
+      body, (grads, moments), jnp.arange(chunks, dtype=jnp.int32))
   return [(g, m) for g, m in zip(grads, moments)]
 
 
 def offload_state(inner: optax.GradientTransformation, *,
-                  chunks: int | None = None, prefetch: bool = True
+                  chunks: int | None = None
                   ) -> optax.GradientTransformationExtraArgs:
   """Keeps ``inner``'s state in host memory between steps.
 
@@ -317,8 +284,6 @@ def offload_state(inner: optax.GradientTransformation, *,
       most ``chunks``), moving one slice in and out per iteration of a
       loop; the rest of the state (float moments, 1-D 8-bit leaves, other
       transformations' state) is moved whole, as with ``None``.
-    prefetch: with ``chunks``, move slice ``j + 1`` in while slice ``j`` is
-      updated (two slices on the device at a time).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is
@@ -347,7 +312,7 @@ def offload_state(inner: optax.GradientTransformation, *,
       on_device = _to_space(state, jax.memory.Space.Device)
       updates, new = inner.update(updates, on_device, params, **extra_args)
     else:
-      with _streaming(chunks, prefetch):
+      with _streaming(chunks):
         updates, new = inner.update(updates, _to_device_but_8bit(state),
                                     params, **extra_args)
     return updates, _to_space(new, jax.memory.Space.Host)
