@@ -50,7 +50,23 @@ Variants:
   new host array: twice the state on the host during the step, none of it
   aliased);
 * ``scan+xs+prefetch``: ``scan+xs`` with chunk ``j + 1`` of the old state
-  moved in during iteration ``j`` (double buffering).
+  moved in during iteration ``j`` (double buffering);
+* ``scan+pairs``: both directions of the host link at once. In one host
+  array, reading chunk ``j + 1`` before chunk ``j`` is written back makes
+  XLA copy the whole array every iteration (``scan+prefetch``;
+  ``benchmarks/RESULTS.md`` section 4, run 3). Here the state is two host
+  arrays, the even chunks and the odd ones; a loop iteration updates chunks
+  ``2k`` and ``2k + 1``: chunk ``2k + 1`` is read from the odd array while
+  chunk ``2k`` is written into the even one, and chunk ``2k + 2`` is read
+  from the even array (after that write) while chunk ``2k + 1`` is written
+  into the odd one. Every read and write of one array is ordered by data,
+  so nothing needs copying; the direction is written over the donated
+  gradient.
+
+Each row also counts ``state_copies``: copies of a whole state array in the
+compiled step. On the CPU backend (jax 0.10) every scan variant has two,
+``scan`` included, whose H200 time (run 2) shows the GPU copies nothing:
+only a GPU's count tells.
 
 ``--donate-grads`` donates the gradient to every variant (``scan+inplace``
 always donates it); then each timed step feeds the previous direction in as
@@ -61,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -71,7 +88,12 @@ import jax.numpy as jnp
 import numpy as np
 
 VARIANTS = ("whole", "slices", "slices+barrier", "pieces", "scan",
-            "scan+prefetch", "scan+inplace", "scan+xs", "scan+xs+prefetch")
+            "scan+prefetch", "scan+inplace", "scan+xs", "scan+xs+prefetch",
+            "scan+pairs")
+# Variants whose state is a tuple of host arrays, and the ones that write the
+# direction over the (donated) gradient.
+SPLIT_STATE = ("pieces", "scan+pairs")
+IN_PLACE = ("scan+inplace", "scan+pairs")
 
 
 def _step_math(s, g):
@@ -156,7 +178,33 @@ def make_step(variant: str, chunks: int):
     _, (new, ds) = jax.lax.scan(body, ahead, xs)
     return new.reshape(s.shape), ds.reshape(g.shape)
 
+  def pairs(s, g):
+    even, odd = s
+    n = g.shape[0] // chunks
+    take = lambda x, j: jax.lax.dynamic_slice_in_dim(x, j * n, n, 0)
+    put = lambda x, y, j: jax.lax.dynamic_update_slice_in_dim(x, y, j * n, 0)
+    fetch = lambda x, j: jax.device_put(take(x, j), device)
+
+    def update(x, g, current, k, j):
+      new, d = _step_math(current, take(g, j))
+      return put(x, jax.device_put(new, host), k), put(g, d, j)
+
+    def body(carry, k):
+      even, odd, g, here = carry  # here: chunk 2k, read last iteration
+      ahead = fetch(odd, k)  # chunk 2k + 1, while chunk 2k goes out
+      even, g = update(even, g, here, k, 2 * k)
+      # Chunk 2k + 2 (the last iteration reads chunk 0 again, unused), from
+      # the even array as just written, while chunk 2k + 1 goes out.
+      here = fetch(even, (k + 1) % (chunks // 2))
+      odd, g = update(odd, g, ahead, k, 2 * k + 1)
+      return (even, odd, g, here), None
+
+    (even, odd, g, _), _ = jax.lax.scan(
+        body, (even, odd, g, fetch(even, 0)), jnp.arange(chunks // 2))
+    return (even, odd), g
+
   return {"whole": whole,
+          "scan+pairs": pairs,
           "scan+xs": lambda s, g: scanned_xs(s, g, False),
           "scan+xs+prefetch": lambda s, g: scanned_xs(s, g, True),
           "slices": lambda s, g: sliced(s, g, False),
@@ -195,9 +243,15 @@ def run_variant(variant: str, gb: float, chunks: int, steps: int,
   n = layers // chunks
   if variant == "pieces":
     s = tuple(jax.device_put(s[j * n:(j + 1) * n], host) for j in range(chunks))
+  elif variant == "scan+pairs":
+    if chunks % 2:
+      raise ValueError(f"scan+pairs needs an even --chunks, got {chunks}")
+    by_chunk = s.reshape((chunks // 2, 2, n) + s.shape[1:])
+    s = tuple(jax.device_put(by_chunk[:, i].reshape((-1,) + s.shape[1:]), host)
+              for i in (0, 1))
   else:
     s = jax.device_put(s, host)
-  donate_grads = donate_grads or variant == "scan+inplace"
+  donate_grads = donate_grads or variant in IN_PLACE
   row = dict(variant=variant, state_gb=np.prod(shape) / 1e9, chunks=chunks,
              grads_gb=4 * np.prod(shape) / 1e9, donate_grads=donate_grads,
              backend=dev.platform)
@@ -210,9 +264,17 @@ def run_variant(variant: str, gb: float, chunks: int, steps: int,
       row.update(_memory_row(stats))
     hlo = compiled.as_text()
     row["hlo_while_loops"] = hlo.count(" while(")
+    state_shapes = {",".join(map(str, p.shape))
+                    for p in (s if variant in SPLIT_STATE else (s,))}
+    row["state_copies"] = sum(
+        1 for line in hlo.splitlines()
+        if re.search(r"= u8\[(%s)\]\S* copy\(" % "|".join(state_shapes), line))
     s, d = step(s, g)
-    pieces = s if variant == "pieces" else (s,)
+    pieces = s if variant in SPLIT_STATE else (s,)
     got_s = np.concatenate([np.array(p[:, :8]) for p in pieces])
+    if variant == "scan+pairs":  # back to chunk order
+      got_s = np.stack([p.reshape((chunks // 2, n) + p.shape[1:])
+                        for p in np.split(got_s, 2)], 1).reshape(want_s.shape)
     row["correct"] = bool(np.array_equal(got_s, want_s)
                           and np.array_equal(np.array(d[:, :8]), want_d))
     row["state_memory_kinds"] = sorted({p.sharding.memory_kind for p in pieces})
