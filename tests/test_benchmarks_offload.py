@@ -5,11 +5,12 @@ from conftest import run_benchmark_tiny
 
 
 def test_offload_benchmark_tiny(tmp_path):
-  results, _ = run_benchmark_tiny("offload.py", tmp_path)
-  rows = results["rows"]
+  """The 8-bit rows (optax's runs in the FSDP test; CI time counts)."""
   streamed = "jlowbit adamw_8bit + offload(chunks=8)"
-  names = ["optax adamw", "jlowbit adamw_8bit", "jlowbit adamw_8bit + offload",
-           streamed]
+  names = ["jlowbit adamw_8bit", "jlowbit adamw_8bit + offload", streamed]
+  results, _ = run_benchmark_tiny("offload.py", tmp_path, "--optimizers",
+                                  *names[:2])
+  rows = results["rows"]
   assert [(r["optimizer"], r["depth"]) for r in rows] == [
       (name, 2) for name in names]
   for r in rows:
