@@ -26,14 +26,15 @@ A weight in the tiled layout (:func:`jlowbit.tile_4bit`,
 TILED_ROWS`` bfloat16 / float16 rows (decoding, batched or not), the
 tensor-core kernel of :mod:`jlowbit.triton_kernels.mma4`: 16-row tiles of
 ``W`` dequantized from a register table straight into ``mma.sync``
-operands, 8 or 16 rows of ``x`` per pass over ``W``. On an H200 the
-experiment this kernel comes from (``benchmarks/experiments/
-gemv_candidate.py``, ``benchmarks/RESULTS.md`` session 9; for up to 8 rows
-the library's kernel compiles to the same SASS loop) measured that 4 or 8
-rows cost what one costs: 29.8 / 30.5 µs at 8192 x 8192 against 57.7 µs
-(4 rows) for the small-batch kernel on the bitsandbytes layout and 44 µs
-for cuBLAS bfloat16; one row 28.3 µs, as fast as the gemv (28.1). 9-16
-rows (two mma column groups per program) are not measured yet. Float32
+operands, 8 or 16 rows of ``x`` per pass over ``W``. On an H200
+(``benchmarks/quant.py --sections batch``, ``benchmarks/RESULTS.md``
+session 10) 4 or 8 rows cost about what one costs: 25.3 / 26.0 µs at 8192
+x 8192 against 57.6 / 58.2 µs for the small-batch kernel on the
+bitsandbytes layout and 36.3 / 36.5 µs for XLA's dense bfloat16 product;
+16 rows 32.7 µs (dense 39.6); one row 24.4 µs, as fast as the gemv on the
+bitsandbytes layout (23.8), which is faster at the smaller shapes of a
+Llama-3-8B layer (batch-1 decode: 220 tok/s tiled against 244,
+session 11), so the default layout stays ``"bnb"``. Float32
 rows and more than ``TILED_ROWS`` rows dequantize a tiled weight (a kernel
 that reads the tiled order, :func:`jlowbit.dequantize_4bit`) and use
 ``jnp.dot``.
