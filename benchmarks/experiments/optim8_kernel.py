@@ -6,20 +6,21 @@ the codebook as in training, unlike a constant gradient whose gathers all
 hit one address), the median GPU time of the update kernel itself (from a
 profiler trace, :func:`timing.time_jax_device` of the kernels named
 ``*update_kernel*``: not the copies XLA makes of the undonated
-moments), for each value of ``optim8.ELEMENTS_PER_THREAD`` given, and
-prints the bytes
+moments), for each value of ``optim8.ELEMENTS_PER_THREAD`` and of
+``optim8.TILE_ELEMENTS`` (elements per program) given, and prints the bytes
 the kernel moves per parameter (gradient read, codes read and written,
 direction written where the kernel writes it; absmax left out) and the
 fraction of the device's HBM bandwidth that reaches. Run on the GPU
 machine from the repository root::
 
   python benchmarks/experiments/optim8_kernel.py [--size 512M]
-      [--elements-per-thread 8 16] [--json OUT]
+      [--elements-per-thread 8 16] [--tile-elements 1024 2048] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -60,6 +61,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="512M")
   parser.add_argument("--elements-per-thread", type=int, nargs="+", default=[8, 16])
+  parser.add_argument("--tile-elements", type=int, nargs="+",
+                      default=[optim8.TILE_ELEMENTS],
+                      help="elements per program (optim8.TILE_ELEMENTS): "
+                      "fewer warps per program, more programs per SM")
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
   parser.add_argument("--json")
@@ -78,8 +83,11 @@ def main():
       inputs = [_inputs(algorithm, n, dtype, seed) for seed in range(2)]
       itemsize = jnp.dtype(dtype).itemsize
       moved = itemsize * (1 + write) + 2 * k  # bytes per parameter
-      for per_thread in args.elements_per_thread:
-        optim8.ELEMENTS_PER_THREAD = per_thread
+      for per_thread, tile in itertools.product(args.elements_per_thread,
+                                                args.tile_elements):
+        if tile < 32 * per_thread:
+          continue  # less than one warp
+        optim8.ELEMENTS_PER_THREAD, optim8.TILE_ELEMENTS = per_thread, tile
 
         def step(grad, moments):
           return optim8.fused_update(
@@ -89,6 +97,7 @@ def main():
 
         seconds = time_jax_device(step, inputs, kernel="update_kernel")
         rows.append(dict(case=name, dtype=dtype, elements_per_thread=per_thread,
+                         tile_elements=max(tile, BLOCK_SIZE),
                          ms=seconds * 1e3, bytes_per_param=moved,
                          tb_per_s=moved * n / seconds / 1e12,
                          pct_hbm=100 * moved * n / seconds / 1e12 / hbm_tbps()))
