@@ -72,6 +72,16 @@ disk at 32 layers; ``--tmp-dir`` chooses where). JAX is told not to
 preallocate GPU memory (unless ``XLA_PYTHON_CLIENT_PREALLOCATE`` is set), so
 torch can allocate beside it.
 
+``--profile`` (with the in-jit loop) traces one more loop run of each JAX
+row with ``jax.profiler`` and adds ``kernels_per_token``: the GPU kernels
+of one decode step by kind (``jlowbit 4-bit``: jlowbit's Triton kernels;
+``dense matmul``: cuBLAS / XLA GEMMs, the bf16 projections, lm_head and
+attention products; ``XLA fusions``: everything else, norms, rotary,
+softmax, the cache update, argmax), each with its launches and microseconds
+per token, their sum against the loop's wall time per token (the rest is
+time between kernels), and the ten kernels that take the most time. On a
+CPU the trace has no GPU kernels and the field is empty.
+
 ``--json PATH`` writes every row (and its setup and compile times, a few
 generated token ids) with the device, versions, date and command line; the
 table is printed last.
@@ -84,6 +94,8 @@ import dataclasses
 import datetime
 import functools
 import gc
+import glob
+import gzip
 import importlib.metadata
 import json
 import os
@@ -102,7 +114,7 @@ from flax import nnx
 import jlowbit
 from jlowbit.nn import convert
 from jlowbit.models import Llama, LlamaConfig
-from timing import hbm_tbps, table
+from timing import device_kernel_events, hbm_tbps, table
 
 # Llama-3-8B (HF config.json), num_hidden_layers set by --layers.
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -128,6 +140,7 @@ class Settings:
   seed: int
   quantize_head: bool = False
   layout: str = "bnb"
+  profile: bool = False
 
 
 def _split_quant_type(name: str) -> tuple[str, bool]:
@@ -181,6 +194,45 @@ def _jax_loop(graphdef, new_tokens: int):
   return loop
 
 
+def _kernel_kind(name: str) -> str:
+  lower = name.lower()
+  if "4bit" in lower or "_tiled" in lower:
+    return "jlowbit 4-bit"
+  if any(k in lower for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
+    return "dense matmul"
+  return "XLA fusions"
+
+
+def kernels_per_token(kernels: list[tuple[str, float]], tokens: int,
+                      wall_s: float) -> dict:
+  """``kernels`` (name, seconds) of ``tokens`` decode steps, per token."""
+  if not kernels:
+    return {}
+  kinds: dict[str, dict] = {}
+  by_name: dict[str, float] = {}
+  for name, seconds in kernels:
+    kind = kinds.setdefault(_kernel_kind(name), dict(launches=0, us=0.0))
+    kind["launches"] += 1 / tokens
+    kind["us"] += 1e6 * seconds / tokens
+    by_name[name] = by_name.get(name, 0.0) + 1e6 * seconds / tokens
+  top = sorted(by_name.items(), key=lambda item: -item[1])[:10]
+  return dict(kinds=kinds, kernel_us=sum(k["us"] for k in kinds.values()),
+              wall_us=1e6 * wall_s / tokens, top_kernels_us=dict(top))
+
+
+def _traced_kernels(run) -> tuple[list[tuple[str, float]], float]:
+  """The GPU kernels (name, seconds) of ``run()`` in a profiler trace, and
+  what ``run()`` returned (its timed seconds)."""
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      seconds = run()
+    kernels = []
+    for path in glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True):
+      with gzip.open(path) as f:
+        kernels += device_kernel_events(json.load(f)["traceEvents"])
+  return kernels, seconds
+
+
 def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
               quant_type: str | None, loop: bool) -> dict:
   """One JAX row: build (and quantize) the model, time greedy decoding."""
@@ -220,8 +272,8 @@ def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
     jax.block_until_ready(token)
     return time.perf_counter() - begin, np.concatenate(jax.device_get(tokens), 1)
 
-  def run_loop():
-    token, cache = prefill()
+  def run_loop(cache_and_token=None):
+    token, cache = cache_and_token or prefill()
     begin = time.perf_counter()
     tokens, cache = decode_loop(state, token, cache)
     jax.block_until_ready(tokens)
@@ -246,6 +298,11 @@ def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
     row.update(tok_s_loop=_median_rate(seconds, s.new_tokens),
                loop_run_s=seconds,
                loop_matches_step=bool((loop_tokens == tokens).all()))
+    if s.profile:
+      ready = prefill()  # outside the trace: only the loop's steps count
+      kernels, seconds = _traced_kernels(lambda: run_loop(ready)[0])
+      row["kernels_per_token"] = kernels_per_token(kernels, s.new_tokens,
+                                                   seconds)
   del model, graphdef, state, step, decode_loop
   gc.collect()
   return row
@@ -462,6 +519,9 @@ def main(argv=None):
   parser.add_argument("--quantize-head", action="store_true",
                       help="jlowbit rows also quantize the lm_head (1.05 GB of "
                       "the 8B model's bf16 weights; bitsandbytes keeps it bf16)")
+  parser.add_argument("--profile", action="store_true",
+                      help="per-token GPU kernel time by kind (a profiler "
+                      "trace of one more in-jit loop run per JAX row)")
   parser.add_argument("--json", help="write all rows and the environment to this file")
   args = parser.parse_args(argv)
   # Before the first device use: JAX then grows its GPU pool on demand, so
@@ -476,7 +536,8 @@ def main(argv=None):
                new_tokens=args.new_tokens or (8 if tiny else 64),
                repeats=args.repeats or (2 if tiny else 5),
                impl=args.impl or ("xla" if tiny else None), seed=args.seed,
-               quantize_head=args.quantize_head, layout=args.layout)
+               quantize_head=args.quantize_head, layout=args.layout,
+               profile=args.profile and not args.no_loop)
   device = jax.devices()[0].device_kind
   _log(f"device: {device} | jlowbit impl: {jlowbit.resolve_impl(s.impl)} | "
        f"layers: {layers} | prompt {s.prompt_len} + {s.new_tokens} new tokens, "
@@ -497,6 +558,12 @@ def main(argv=None):
     _log(f"  {name}: {r['tok_s']:.1f} tok/s"
          + (f", in-jit loop {r['tok_s_loop']:.1f} tok/s" if "tok_s_loop" in r else "")
          + f" (setup {r['setup_s']:.1f} s, first run {r['first_run_s']:.1f} s)")
+    profile = r.get("kernels_per_token")
+    if profile:
+      _log(f"    per token: wall {profile['wall_us']:.0f} us, kernels "
+           f"{profile['kernel_us']:.0f} us: " + ", ".join(
+               f"{kind} {k['us']:.0f} us / {k['launches']:.0f} launches"
+               for kind, k in profile["kinds"].items()))
 
   torch_skipped = None
   if args.torch:
