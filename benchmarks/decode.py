@@ -23,7 +23,10 @@ heads, head_dim 128, vocab 128256, rope_theta 500000, untied lm_head), with
   embedding and ``lm_head`` stay bf16 (bitsandbytes does the same). Batch-1
   steps run jlowbit's fused 4-bit gemv; with ``--layout tiled``
   (``quantize_model(..., layout="tiled")``, row names ending in ``tiled``)
-  the tensor-core kernel of tiled weights.
+  the tensor-core kernel of tiled weights. With ``--fuse`` (row names
+  ending in ``fused``) :func:`jlowbit.models.fuse_projections` then merges
+  each layer's q, k, v and gate, up projections: 4 products a layer
+  instead of 7 (nested statistics become float32 in the fused weights).
 * with ``--torch`` (CUDA torch + transformers; bitsandbytes for 4-bit):
   ``transformers bf16`` is ``LlamaForCausalLM`` of the same shapes, random
   init, bf16, sdpa attention; ``transformers + bnb <type>`` is that model
@@ -113,7 +116,7 @@ from flax import nnx
 
 import jlowbit
 from jlowbit.nn import convert
-from jlowbit.models import Llama, LlamaConfig
+from jlowbit.models import Llama, LlamaConfig, fuse_projections
 from timing import device_kernel_events, hbm_tbps, table
 
 # Llama-3-8B (HF config.json), num_hidden_layers set by --layers.
@@ -141,6 +144,7 @@ class Settings:
   quantize_head: bool = False
   layout: str = "bnb"
   profile: bool = False
+  fuse: bool = False
 
 
 def _split_quant_type(name: str) -> tuple[str, bool]:
@@ -247,6 +251,8 @@ def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
                               compress_statistics=nested, layout=s.layout,
                               impl=s.impl,
                               filter=every_linear if s.quantize_head else None)
+    if s.fuse:
+      fuse_projections(model, impl=s.impl)
   graphdef, state = nnx.split(model)
   jax.block_until_ready(state)
   setup_s = time.perf_counter() - start
@@ -519,6 +525,9 @@ def main(argv=None):
   parser.add_argument("--quantize-head", action="store_true",
                       help="jlowbit rows also quantize the lm_head (1.05 GB of "
                       "the 8B model's bf16 weights; bitsandbytes keeps it bf16)")
+  parser.add_argument("--fuse", action="store_true",
+                      help="jlowbit rows: jlowbit.models.fuse_projections after "
+                      "quantizing (q|k|v and gate|up as one product each)")
   parser.add_argument("--profile", action="store_true",
                       help="per-token GPU kernel time by kind (a profiler "
                       "trace of one more in-jit loop run per JAX row)")
@@ -537,7 +546,7 @@ def main(argv=None):
                repeats=args.repeats or (2 if tiny else 5),
                impl=args.impl or ("xla" if tiny else None), seed=args.seed,
                quantize_head=args.quantize_head, layout=args.layout,
-               profile=args.profile and not args.no_loop)
+               profile=args.profile and not args.no_loop, fuse=args.fuse)
   device = jax.devices()[0].device_kind
   _log(f"device: {device} | jlowbit impl: {jlowbit.resolve_impl(s.impl)} | "
        f"layers: {layers} | prompt {s.prompt_len} + {s.new_tokens} new tokens, "
@@ -548,7 +557,8 @@ def main(argv=None):
   rows = []
   jax_rows = ([] if args.no_bf16 else [("jax bf16", None)]) + [
       (_row_name("jlowbit", q) + (" +head" if args.quantize_head else "")
-       + (" tiled" if args.layout == "tiled" else ""), q)
+       + (" tiled" if args.layout == "tiled" else "")
+       + (" fused" if args.fuse else ""), q)
       for q in args.quant_types]
   if args.no_jax:
     jax_rows = []

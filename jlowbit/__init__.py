@@ -28,6 +28,7 @@ from jlowbit.matmul4 import (
 )
 from jlowbit.quant4 import (
     Quantized4bit,
+    concatenate_4bit,
     dequantize_4bit,
     quantize_4bit,
     tile_4bit,

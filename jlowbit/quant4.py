@@ -347,6 +347,76 @@ def untile_4bit(w4: Quantized4bit) -> Quantized4bit:
                     layout="bnb")
 
 
+def concatenate_4bit(weights, *, impl: str | None = None) -> Quantized4bit:
+  r"""Stacks 2-D 4-bit weights along their rows (output features).
+
+  .. math::
+    W = \begin{bmatrix} W_1 \\ W_2 \\ \vdots \end{bmatrix}
+    \in \mathbb{R}^{(N_1 + N_2 + \dots) \times K}
+
+  One product with ``W`` then does the work of the separate products with a
+  shared input (a transformer layer's query, key and value projections),
+  in one kernel launch. The codes and blocks are not touched: every
+  ``K`` is a multiple of ``block_size``, so no block spans two rows, and in
+  the tiled layout every ``N_i`` is a multiple of 16, so no tile spans two
+  weights; the packed bytes and float32 absmax are concatenated, byte for
+  byte what :func:`quantize_4bit` of the stacked float weight gives.
+  Nested statistics cannot be concatenated (each weight has its own offset
+  and second level); they are expanded to float32 (:func:`absmax_float32`,
+  the values the kernels decode them to), so the product per output
+  feature is unchanged and the result's statistics take 4 bytes per block.
+
+  Args:
+    weights: a non-empty sequence of :class:`Quantized4bit` of shapes
+      ``[N_i, K]``, all with the same ``K``, ``quant_type``, ``block_size``,
+      ``layout``, ``dtype`` and ``quant_storage``, and ``K % block_size ==
+      0``.
+    impl: for decoding nested statistics.
+
+  Returns:
+    The stacked weight ``[sum N_i, K]``, not nested, in the weights' layout.
+
+  Raises:
+    ValueError: no weights, or they do not stack (the message says which
+      field differs).
+  """
+  weights = list(weights)
+  if not weights:
+    raise ValueError("weights must hold at least one Quantized4bit")
+  for i, w4 in enumerate(weights):
+    check_quantized(w4, f"weights[{i}]")
+    if len(w4.shape) != 2:
+      raise ValueError(f"weights[{i}].shape={w4.shape} must be 2-D "
+                       "[out_features, in_features]")
+  first = weights[0]
+  for i, w4 in enumerate(weights[1:], 1):
+    for field in ("quant_type", "block_size", "layout", "dtype",
+                  "quant_storage"):
+      if getattr(w4, field) != getattr(first, field):
+        raise ValueError(f"weights[{i}].{field}={getattr(w4, field)!r} "
+                         f"differs from weights[0].{field}="
+                         f"{getattr(first, field)!r}")
+    if w4.shape[1] != first.shape[1]:
+      raise ValueError(f"weights[{i}].shape={w4.shape} has in_features "
+                       f"{w4.shape[1]}, weights[0] {first.shape[1]}")
+    if not (isinstance(w4.quant_map, jax.core.Tracer)
+            or isinstance(first.quant_map, jax.core.Tracer)
+            or np.array_equal(np.asarray(w4.quant_map),
+                              np.asarray(first.quant_map))):
+      raise ValueError(f"weights[{i}].quant_map differs from weights[0]'s")
+  k = first.shape[1]
+  if k % first.block_size:
+    raise ValueError(f"in_features={k} must be a multiple of block_size="
+                     f"{first.block_size}: a block would span two rows")
+  absmax = jnp.concatenate([absmax_float32(w4, impl=impl) for w4 in weights])
+  return Quantized4bit(
+      packed=jnp.concatenate([w4.packed for w4 in weights]), absmax=absmax,
+      quant_map=first.quant_map,
+      shape=(sum(w4.shape[0] for w4 in weights), k), dtype=first.dtype,
+      block_size=first.block_size, quant_type=first.quant_type,
+      quant_storage=first.quant_storage, layout=first.layout)
+
+
 def check_quant_storage(quant_storage) -> str:
   """The dtype name of ``quant_storage`` if it is an allowed storage dtype."""
   try:

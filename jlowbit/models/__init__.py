@@ -8,5 +8,6 @@ from jlowbit.models.llama import (
     Llama,
     Llama3RopeScaling,
     LlamaConfig,
+    fuse_projections,
     generate,
 )

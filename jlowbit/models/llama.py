@@ -16,7 +16,9 @@ projections are ``nnx.Linear`` (so :func:`jlowbit.nn.quantize_model` swaps
 them) or :class:`jlowbit.nn.Linear4bit` when loaded from a 4-bit checkpoint.
 
 Decoding runs through a :class:`KVCache` (:meth:`Llama.init_cache`,
-:func:`generate`).
+:func:`generate`). :func:`fuse_projections` merges each layer's
+projections that share an input (q, k, v; gate, up) into one product each,
+for decoding with fewer, larger kernel launches.
 """
 
 import dataclasses
@@ -208,9 +210,16 @@ class LlamaAttention(nnx.Module):
       ``([B, T, hidden], kv)``: the output and the updated cache.
     """
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if hasattr(self, "qkv_proj"):  # fuse_projections
+      q_size = self.num_heads * self.head_dim
+      q, k, v = jnp.split(
+          self.qkv_proj(x),
+          [q_size, q_size + self.num_kv_heads * self.head_dim], axis=-1)
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     cos, sin = cos.astype(q.dtype), sin.astype(q.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     if kv is not None:
@@ -246,7 +255,11 @@ class LlamaMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """``[..., hidden]`` -> ``[..., hidden]``."""
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if hasattr(self, "gate_up_proj"):  # fuse_projections
+      gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -432,6 +445,93 @@ class Llama(nnx.Module):
         if bias is not None:
           layer.bias.set_value(bias)
     return model
+
+
+# Per block of a decoder layer: the fused projection and the ones it replaces
+# (in the order of its output features).
+FUSED_PROJECTIONS = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                     "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
+# nnx.Linear settings the fused layer takes from its parts (which must agree).
+_LINEAR_SETTINGS = ("dtype", "param_dtype", "precision", "dot_general",
+                    "promote_dtype", "preferred_element_type")
+
+
+def fuse_projections(model: Llama, *, impl: str | None = None) -> Llama:
+  r"""Merges each layer's projections that share an input, in place.
+
+  ``self_attn.q_proj``, ``k_proj`` and ``v_proj`` become one
+  ``self_attn.qkv_proj`` (:math:`[W_q; W_k; W_v]`, its output split after
+  the product) and ``mlp.gate_proj`` and ``up_proj`` one ``mlp.gate_up_proj``:
+  per layer 4 products instead of 7, so batch-1 decoding launches fewer
+  and larger matrix-vector kernels. Float ``nnx.Linear`` projections are
+  concatenated as they are; 4-bit ones (:class:`jlowbit.nn.Linear4bit`)
+  with :func:`jlowbit.concatenate_4bit` (same codes; nested statistics
+  become float32), so the outputs are the separate projections' up to the
+  summation order of the kernels. Fuse after loading a checkpoint
+  (:meth:`Llama.from_hf_checkpoint` fills the separate projections) and
+  before or after :func:`jlowbit.nn.quantize_model`. A model already fused
+  is returned as it is.
+
+  Args:
+    model: the model to change.
+    impl: for decoding nested 4-bit statistics.
+
+  Returns:
+    ``model``.
+
+  Raises:
+    TypeError: a block's projections are not all ``nnx.Linear`` or all
+      ``Linear4bit`` (e.g. QLoRA layers, whose adapters belong to one
+      projection).
+    ValueError: their settings differ (dtype, bias, 4-bit format).
+  """
+  for i, layer in enumerate(model.layers):
+    for block_name, (fused_name, names) in FUSED_PROJECTIONS.items():
+      block = getattr(layer, block_name)
+      if hasattr(block, fused_name):
+        continue
+      where = f"layers[{i}].{block_name}"
+      fused = _fused_linear([getattr(block, name) for name in names],
+                            [f"{where}.{name}" for name in names], impl)
+      for name in names:
+        delattr(block, name)
+      setattr(block, fused_name, fused)
+  return model
+
+
+def _fused_linear(parts: list[nnx.Module], paths: list[str],
+                  impl: str | None) -> nnx.Module:
+  """One layer whose output is ``parts``' outputs concatenated."""
+  kinds = {type(part) for part in parts}
+  uses_bias = {part.bias is not None for part in parts}
+  if len(uses_bias) > 1:
+    raise ValueError(f"{', '.join(paths)}: some have a bias, some not")
+  biases = (jnp.concatenate([part.bias[...] for part in parts])
+            if uses_bias == {True} else None)
+  if kinds == {nnx.Linear}:
+    for setting in _LINEAR_SETTINGS:
+      values = [getattr(part, setting) for part in parts]
+      if any(value != values[0] for value in values[1:]):
+        raise ValueError(f"{', '.join(paths)}: {setting} differs: {values}")
+    kernel = jnp.concatenate([part.kernel[...] for part in parts], axis=1)
+    settings = {setting: getattr(parts[0], setting)
+                for setting in _LINEAR_SETTINGS}
+    return nnx.Linear(
+        kernel.shape[0], kernel.shape[1], use_bias=biases is not None,
+        kernel_init=lambda *_: kernel,
+        bias_init=lambda *_: biases, rngs=nnx.Rngs(0), **settings)
+  if kinds == {linear4bit.Linear4bit}:
+    for setting in ("dtype", "impl"):
+      values = [getattr(part, setting) for part in parts]
+      if any(value != values[0] for value in values[1:]):
+        raise ValueError(f"{', '.join(paths)}: {setting} differs: {values}")
+    w4 = quant4.concatenate_4bit([part.kernel.get_value() for part in parts],
+                                 impl=impl)
+    return linear4bit.Linear4bit.from_quantized(
+        w4, biases, dtype=parts[0].dtype, impl=parts[0].impl)
+  raise TypeError(f"{', '.join(paths)} must be all nnx.Linear or all "
+                  "jlowbit.nn.Linear4bit to be fused, got "
+                  f"{', '.join(type(part).__name__ for part in parts)}")
 
 
 def _slots(model: Llama) -> tuple[dict[str, tuple[nnx.Module, str]],
