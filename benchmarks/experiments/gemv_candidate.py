@@ -638,6 +638,28 @@ def stream_rows_kernel(x_ptr, packed_ptr, absmax_ptr, N, y_ptr,
            mask=t == 0)
 
 
+@triton.jit
+def stream_flat_kernel(words_ptr, y_ptr, LOOPS: tl.constexpr,
+                       LOADS: tl.constexpr, NUM_WARPS: tl.constexpr):
+  """The read ceiling at a given size, no layout at all: program ``p`` xors
+  the int32 words ``[p T L, (p + 1) T L)`` (``T = LOADS * 128 * NUM_WARPS``
+  words, ``L = LOOPS``), ``LOADS`` independent 16-byte loads per thread per
+  iteration (each warp load 512 contiguous bytes). Compared with the gemv at
+  the same bytes it says how much of the gap is the access pattern and
+  how much is the size (launch, ramp-up, tail)."""
+  THREADS: tl.constexpr = 32 * NUM_WARPS
+  TILE: tl.constexpr = LOADS * THREADS * 4
+  base = words_ptr + tl.program_id(0).to(tl.int64) * (LOOPS * TILE)
+  offs = (tl.arange(0, LOADS)[:, None, None] * (THREADS * 4)
+          + tl.arange(0, THREADS)[None, :, None] * 4
+          + tl.arange(0, 4)[None, None, :])
+  acc = tl.zeros([THREADS, 4], tl.int32)
+  for i in range(LOOPS):
+    acc ^= tl.reduce(tl.load(base + i * TILE + offs), 0, _xor)
+  tl.store(y_ptr + tl.program_id(0) * THREADS + tl.arange(0, THREADS),
+           _fold(acc))
+
+
 # --- Variant "mma tiled": the same arithmetic on a repacked weight. ---
 #
 # ``stream_rows_kernel`` shows that reading 16 rows a few dozen bytes at a

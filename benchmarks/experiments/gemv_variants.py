@@ -40,6 +40,10 @@ the mmas or with trivial arithmetic; ``mma tiled m4`` / ``m8``:
 ``gemv_candidate.matmul_mma_tiled_kernel``, 4 or 8 rows of ``x`` in B's
 columns (the cost of one gemv).
 
+Variant ``flat``: ``gemv_candidate.stream_flat_kernel``, the same number of
+bytes read as one flat buffer with 1-8 independent 16-byte loads per thread
+per iteration (the read ceiling at that size), and ``torch sum`` over it.
+
 Variant ``words``: ``jlowbit.triton_kernels.gemv4.gemv_4bit_kernel`` (int32
 words, codes unpacked in registers, the 16-entry table gathered with
 ``tl.gather``) over a grid of tile configs, ``x`` passed as bf16 or as a
@@ -292,6 +296,25 @@ def run(shapes, quick: bool, variants) -> list[dict]:
               NUM_WARPS=warps, WIDE=wide, num_warps=warps)
         record("stream wide" if wide else "stream mma", f"w{warps} s{split_k}",
                launch_stream)
+    if "flat" in variants:
+      # The same bytes read as one flat buffer (no rows, no x): the size's
+      # own ceiling. ``torch sum`` is a vendor reduction over them.
+      flat = torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32,
+                           device="cuda")
+      record("torch sum", "", lambda: flat.view(torch.float32).sum())
+      for warps, loads, loops in itertools.product((4, 8), (1, 2, 4, 8),
+                                                   (1, 4, 16)):
+        tile = loads * 128 * warps
+        grid = flat.numel() // (tile * loops)
+        yf = torch.empty(grid * 32 * warps, device="cuda", dtype=torch.int32)
+        def launch_flat(warps=warps, loads=loads, loops=loops, grid=grid,
+                        yf=yf):
+          gemv_candidate.stream_flat_kernel[(grid,)](
+              flat, yf, LOOPS=loops, LOADS=loads, NUM_WARPS=warps,
+              num_warps=warps)
+        record("stream flat", f"w{warps} l{loads} x{loops} g{grid}",
+               launch_flat, nb=grid * tile * loops * 4)
+      del flat
     if "rows" in variants:
       for bk, warps, nrows, use_prmt in itertools.product(
           (1024, 2048, 4096), (1, 2, 4), (2, 4), (False, True)):
@@ -373,9 +396,9 @@ def main():
   parser.add_argument("--dequant", action="store_true")
   parser.add_argument("--variants", nargs="*",
                       default=["words", "bcast", "prmt", "rows", "dot", "mma", "tiled",
-                               "stream", "small"],
+                               "stream", "small", "flat"],
                       help="of words, bcast, prmt, rows, dot, mma, tiled, stream, "
-                      "small")
+                      "small, flat")
   args = parser.parse_args()
   shapes = ([tuple(map(int, s.split("x"))) for s in args.shapes]
             if args.shapes is not None else SHAPES)
