@@ -33,8 +33,9 @@ x 8192 against 57.6 / 58.2 µs for the small-batch kernel on the
 bitsandbytes layout and 36.3 / 36.5 µs for XLA's dense bfloat16 product;
 16 rows 32.7 µs (dense 39.6); one row 24.4 µs, as fast as the gemv on the
 bitsandbytes layout (23.8), which is faster at the smaller shapes of a
-Llama-3-8B layer (batch-1 decode: 220 tok/s tiled against 244,
-session 11), so the default layout stays ``"bnb"``. Float32
+Llama-3-8B layer (batch-1 decode: 224 tok/s tiled against 252, session
+12; each tiled product also adds XLA launches for its register table and
+split-K sum), so the default layout stays ``"bnb"``. Float32
 rows and more than ``TILED_ROWS`` rows dequantize a tiled weight (a kernel
 that reads the tiled order, :func:`jlowbit.dequantize_4bit`) and use
 ``jnp.dot``.

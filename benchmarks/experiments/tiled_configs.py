@@ -4,7 +4,7 @@
 28672x8192 (``benchmarks/RESULTS.md``, session 9). At the smaller shapes of
 a Llama-3-8B layer one row on a tiled weight runs 1.1-1.3x slower than the
 gemv on the bitsandbytes layout (4096x4096: 10.5 vs 8.3 µs), which keeps
-batch-1 decode on the bitsandbytes layout (220 vs 244 tok/s), and 16 rows
+batch-1 decode on the bitsandbytes layout (224 vs 252 tok/s, session 12), and 16 rows
 at 4096x4096 take 1.22x dense bf16. At 4096x4096 the default splits K 16
 ways (4096 one-warp programs), and the float32 partial products are summed
 by a second kernel after it. (A config the kernel cannot take is halved
