@@ -45,7 +45,7 @@ def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
 def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
               b2: Any = 0.999, eps: Any = 1e-8, *,
               block_size: int | None = None,
-             min_8bit_size: int | None = None,
+              min_8bit_size: int | None = None,
               impl: str | None = None
               ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 8-bit blockwise moments.
@@ -218,7 +218,7 @@ def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum: Any = 0.9,
 def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay: Any = 0.99,
                  eps: Any = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0, *,
                  block_size: int | None = None,
-             min_8bit_size: int | None = None,
+                 min_8bit_size: int | None = None,
                  impl: str | None = None
                  ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop (torch semantics) with an 8-bit second moment.
@@ -247,7 +247,7 @@ def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay: Any = 0.99,
 def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, eps: Any = 1e-10,
                  weight_decay: optax.ScalarOrSchedule = 0.0, *,
                  block_size: int | None = None,
-             min_8bit_size: int | None = None,
+                 min_8bit_size: int | None = None,
                  impl: str | None = None
                  ) -> optax.GradientTransformationExtraArgs:
   r"""Adagrad with an 8-bit sum of squared gradients.
@@ -276,7 +276,7 @@ def lamb_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
               b2: Any = 0.999, eps: Any = 1e-6,
               weight_decay: optax.ScalarOrSchedule = 0.0, mask: Any = None, *,
               block_size: int | None = None,
-             min_8bit_size: int | None = None,
+              min_8bit_size: int | None = None,
               impl: str | None = None) -> optax.GradientTransformationExtraArgs:
   r"""LAMB (as ``optax.lamb``) with 8-bit Adam moments.
 
