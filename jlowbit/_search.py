@@ -126,49 +126,50 @@ def bucket_search_table(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray,
   a lower bound of the index for every ``x`` the key can hold (``r``
   relatively off by up to ``2**-18``); ``steps`` comparisons
   ``t[index] * scale <= x``, each adding 1, then reach the index exactly.
-  A key's table entry carries its start and ``t[start]``, so that the first
-  comparison needs no gather of its own.
+  A key's entry is its start alone, one byte: the 128 keys of a sign and
+  binary exponent share one 128-byte cache line.
   The comparisons are the tree's, so the result is the same for every ``x``
   of the block (``|x| <= scale``, or ``scale = inf``). NaN keys start (and
-  stay) at 0; the keys of ``+-inf`` hold their counts in a block of scale
-  ``inf`` and a NaN threshold (no comparison).
+  stay) at 0 (every comparison with NaN fails). ``x = +-inf`` lies in a
+  block of scale ``inf``, where ``t * scale <= x`` holds for the nonzero
+  ``t`` (``+inf``) or the negative ``t`` (``-inf``): the key of ``-inf``
+  starts at that count, where the thresholds are ``>= 0`` (or the NaN
+  last) and each comparison fails; ``+inf`` passes every comparison except
+  against a zero threshold or the NaN, so its key starts ``steps`` below
+  its count, where ``steps`` nonzero thresholds lead up to it.
 
   Args:
-    thresholds: float32 ``[2**k - 1]``, strictly increasing (host values).
+    thresholds: float32 ``[2**k - 1]`` (``k <= 8``), strictly increasing
+      (host values).
 
   Returns:
     ``(thresholds, buckets, steps)``: float32 ``[2**k]`` sorted thresholds
-    with NaN last (a comparison against it is false), uint32
-    ``[BUCKET_KEYS, 2]`` entries by key (the float32 bits of
-    ``thresholds[start]``, then ``start``: one little-endian 64-bit word
-    for the kernels), and the number of comparisons needed: 0 when the search
-    does not apply (more than :data:`MAX_BUCKET_STEPS` comparisons, or a
-    nonzero threshold of magnitude below ``2**-41``, too close to 0 for the
-    relative-error argument): the kernels then descend the tree.
+    with NaN last (a comparison against it is false), uint8
+    ``[BUCKET_KEYS]`` starts by key, and the number of comparisons needed:
+    0 when the search does not apply (more than :data:`MAX_BUCKET_STEPS`
+    comparisons, a nonzero threshold of magnitude below ``2**-41``, too
+    close to 0 for the relative-error argument, or no ``steps`` nonzero
+    thresholds right below the index of ``+inf``): the kernels then descend
+    the tree.
   """
   thresholds = np.asarray(thresholds, np.float64)
   lo, hi = _bucket_ranges()
   plus_inf, minus_inf = np.isposinf(lo), np.isneginf(hi)
-  empty = plus_inf | minus_inf | np.isnan(lo)  # start 0, no comparison
+  empty = plus_inf | minus_inf | np.isnan(lo)  # start 0 (+-inf: set below)
   lo[empty] = hi[empty] = -np.inf
   low = np.where(lo > 0, lo * (1 - _BUCKET_MARGIN), lo * (1 + _BUCKET_MARGIN))
   high = np.where(hi > 0, hi * (1 + _BUCKET_MARGIN), hi * (1 - _BUCKET_MARGIN))
   starts = np.searchsorted(thresholds, low, side="left")
   steps = int(np.max(np.searchsorted(thresholds, high, side="right") - starts))
-  if steps > MAX_BUCKET_STEPS or np.any((thresholds != 0)
-                                        & (np.abs(thresholds) < 2.0 ** -41)):
+  nonzero = np.sum(thresholds != 0)  # the index of +inf, its start + steps
+  if (steps > MAX_BUCKET_STEPS or nonzero < steps
+      or np.any(thresholds[nonzero - steps:nonzero] == 0)
+      or np.any((thresholds != 0) & (np.abs(thresholds) < 2.0 ** -41))):
     steps = 0
-  # x = +-inf lies in a block of scale inf, where t * scale <= x holds for
-  # the nonzero t (+inf) or the negative t (-inf): the count, no comparison.
-  # (A codebook with an exact-zero threshold *and* steps > 1 would still add
-  # one for +inf in the later steps; the shipped codebooks have neither pair:
-  # tests/test_ground_search.py.)
-  starts[plus_inf] = np.sum(thresholds != 0)
+  starts[plus_inf] = nonzero - steps
   starts[minus_inf] = np.sum(thresholds < 0)
   padded = np.concatenate([thresholds, [np.nan]]).astype(np.float32)
-  first = np.where(plus_inf | minus_inf, np.float32(np.nan), padded[starts])
-  buckets = np.stack([first.view(np.uint32), starts.astype(np.uint32)], -1)
-  return padded, buckets, steps
+  return padded, starts.astype(np.uint8), steps
 
 
 def _thresholds(data: bytes, floor: bool) -> np.ndarray:

@@ -36,10 +36,8 @@ def emulated_bucket_index(x, scale, thresholds, buckets, steps, inv_ulps=0):
     for _ in range(abs(inv_ulps) if np.isfinite(scale) else 0):
       inv_scale = np.nextafter(inv_scale, np.float32(np.sign(inv_ulps) * np.inf))
     r = x * inv_scale
-    entry = buckets[r.view(np.uint32) >> _search.BUCKET_KEY_SHIFT]
-    first_threshold = entry[..., 0].view(np.float32)
-    index = entry[..., 1].astype(np.int32) + (first_threshold * scale <= x)
-    for _ in range(steps - 1):
+    index = buckets[r.view(np.uint32) >> _search.BUCKET_KEY_SHIFT].astype(np.int32)
+    for _ in range(steps):
       index += (thresholds[index] * scale <= x).astype(np.int32)
   return index
 
@@ -122,15 +120,32 @@ def test_table_layout():
   assert thresholds.dtype == np.float32 and thresholds.shape == (256,)
   assert np.isnan(thresholds[-1])
   np.testing.assert_array_equal(thresholds[:-1], _search.decision_thresholds(CODES["signed"]))
-  assert buckets.dtype == np.uint32 and buckets.shape == (_search.BUCKET_KEYS, 2)
-  starts = buckets[:, 1]
+  assert buckets.dtype == np.uint8 and buckets.shape == (_search.BUCKET_KEYS,)
   key = lambda v: int(np.float32(v).view(np.uint32) >> _search.BUCKET_KEY_SHIFT)
-  first = buckets[:, 0].view(np.float32)
-  infinite = [key(np.inf), key(-np.inf)]
-  np.testing.assert_array_equal(np.delete(first, infinite),
-                                np.delete(thresholds[starts], infinite))
-  assert np.isnan(first[infinite]).all()
   zero = int(np.flatnonzero(CODES["signed"] == 0)[0])
-  assert starts[key(0.0)] == starts[key(-0.0)] == starts[key(-np.inf)] == zero
-  assert starts[key(1.0)] >= 254 and starts[key(np.inf)] == 255
-  assert starts[key(np.nan)] == starts[key(-np.nan)] == starts[key(-1.0)] == 0
+  assert buckets[key(0.0)] == buckets[key(-0.0)] == buckets[key(-np.inf)] == zero
+  assert thresholds[zero] > 0  # -inf's comparisons fail
+  # +inf: one comparison (steps) below its count, 255
+  assert buckets[key(1.0)] >= 254 and buckets[key(np.inf)] == 254
+  assert buckets[key(np.nan)] == buckets[key(-np.nan)] == buckets[key(-1.0)] == 0
+
+
+@pytest.mark.parametrize("thresholds, steps", [
+    ([-0.5, 0.0, 0.25, 0.25 * (1 + 2**-20), 0.75], 2),
+    ([-0.5, -0.25 * (1 + 2**-20), -0.25, 0.0], 2),
+    ([-0.5, 0.0, 0.5, 0.5 * (1 + 2**-20)], 0),
+], ids=["zero-inside", "zero-last", "zero-below-inf"])
+def test_infinities_with_a_zero_threshold(thresholds, steps):
+  """+-inf (blocks of scale inf) with an exact-zero threshold and several
+  comparisons per search: +inf passes all but the zero threshold."""
+  thresholds = np.float32(thresholds)
+  padded, buckets, got_steps = _search.bucket_search_table(thresholds)
+  assert got_steps == steps
+  if steps:
+    near = np.concatenate([thresholds, np.nextafter(thresholds, np.float32(-2)),
+                           np.float32([0.0, -0.0, 1.0, -1.0, np.nan])])
+    for scale, extra in ((1, []), (np.inf, [3e38, -3e38, np.inf, -np.inf])):
+      x, scale = np.concatenate([near, np.float32(extra)]), np.float32(scale)
+      np.testing.assert_array_equal(
+          emulated_bucket_index(x, scale, padded, buckets, steps),
+          tree_index(x, scale, thresholds))

@@ -507,7 +507,7 @@ def test_decision_tree_equals_nearest_code_index(code):
 def test_qmaps_layout():
   maps, buckets = optim8.qmaps(), optim8.bucket_entries()
   assert maps.shape == (2, optim8.QMAP_ROWS, 256) and maps.dtype == np.float32
-  assert buckets.shape == (2, 2, _search.BUCKET_KEYS, 2) and buckets.dtype == np.uint32
+  assert buckets.shape == (2, 2, _search.BUCKET_KEYS) and buckets.dtype == np.uint8
   for i, signed in enumerate((True, False)):
     code = codebooks.dynamic(signed)
     np.testing.assert_array_equal(maps[i, 0], code)

@@ -55,7 +55,7 @@ def compile_sass(algorithm: str, grad_dtype: str, stochastic, elements_per_threa
   signature = {"g_0": g}
   for j in range(k):
     signature.update({f"c{j}_0": "*u8", f"a{j}_0": "*fp32"})
-  signature.update(qmaps_ptr="*fp32", buckets_ptr="*u32", hyper_ptr="*fp32",
+  signature.update(qmaps_ptr="*fp32", buckets_ptr="*u8", hyper_ptr="*fp32",
                    keys_ptr="*u32")
   if direction:
     signature["d_0"] = g

@@ -130,7 +130,7 @@ def quantize_flat_tile(x, search_ptr, buckets_ptr, BLOCK_SIZE: tl.constexpr,
   index of :func:`scaled_tree_index` with :func:`block_scale` of each
   block's absmax). With ``STEPS > 0`` the index is found by
   :func:`scaled_bucket_bracket` (``search_ptr``: the sorted thresholds,
-  ``buckets_ptr``: the bucket entries of
+  ``buckets_ptr``: the uint8 bucket entries of
   ``jlowbit._search.bucket_search_table``), else by the decision tree at
   ``search_ptr``. The tile stays one-dimensional so that the table gathers
   keep a coalesced layout. With ``STOCHASTIC`` (bucketed search only) the
@@ -265,23 +265,22 @@ def bucket_operands(scale):
 @triton.jit
 def scaled_bucket_bracket(x, scale, inv_scale, thresholds_ptr, buckets_ptr,
                           STEPS: tl.constexpr):
-  """:func:`scaled_tree_index`'s index in ``STEPS`` gathers instead of 8,
-  as ``(start, bound)``: the index is ``start + (bound <= x)``.
+  """:func:`scaled_tree_index`'s index in ``STEPS + 1`` gathers instead of
+  8, as ``(start, bound)``: the index is ``start + (bound <= x)``.
 
   ``x``, ``scale`` (> 0) and ``inv_scale`` per :func:`bucket_operands`.
   The top 16 bits of ``r = x * inv_scale`` are a key of
-  ``jlowbit._search.bucket_search_table``, whose entry (one 64-bit gather)
-  holds a lower bound ``start`` of the index and the threshold
-  ``t[start]``; ``STEPS`` comparisons ``t[index] * scale <= x`` of the
-  sorted thresholds ``t`` finish it, the first against the entry's
-  threshold, the last left to the caller (:func:`counted_codes` fuses it
-  into the packing of the codes). A NaN ``x`` has a NaN key: index 0.
+  ``jlowbit._search.bucket_search_table``, whose entry (one byte gather,
+  ``buckets_ptr``: uint8) is a lower bound ``start`` of the index;
+  ``STEPS`` comparisons ``t[index] * scale <= x`` of the sorted thresholds
+  ``t`` at ``thresholds_ptr`` (one gather each) finish it, the last left to
+  the caller (:func:`counted_codes` fuses it into the packing of the
+  codes). A NaN ``x`` has a NaN key: index 0.
   """
   r = x * inv_scale
   key = r.to(tl.uint32, bitcast=True) >> BUCKET_KEY_SHIFT
-  entry = tl.load(buckets_ptr.to(tl.pointer_type(tl.int64)) + key)
-  start = (entry >> 32).to(tl.int32)
-  bound = entry.to(tl.int32).to(tl.float32, bitcast=True) * scale
+  start = tl.load(buckets_ptr + key).to(tl.int32)
+  bound = tl.load(thresholds_ptr + start) * scale
   for _ in tl.static_range(STEPS - 1):
     start += (bound <= x).to(tl.int32)
     bound = tl.load(thresholds_ptr + start) * scale

@@ -40,14 +40,15 @@ included).
 First moments use the signed dynamic codebook, second moments (``v``,
 ``nu``) the unsigned one. Both reach the kernels in one float32
 ``[2, 5, 256]`` array ``qmaps`` (:func:`qmaps`: per codebook the codes,
-(code, gap) pairs and the sorted thresholds of two searches) and one uint32 array
+(code, gap) pairs and the sorted thresholds of two searches) and one uint8 array
 of bucket entries (:func:`jlowbit._search.bucket_search_table`):
 dequantization gathers the codebook from a copy in shared memory
 (``tl.gather``); requantization compares ``threshold * absmax <= moment``
 like the reference's decision tree, but starts from the bucket keyed by the
 top 16 bits of ``moment / absmax``
-(:func:`jlowbit.triton_kernels.common.scaled_bucket_bracket`): one 64-bit
-gather per element instead of eight, no division, the codes of the
+(:func:`jlowbit.triton_kernels.common.scaled_bucket_bracket`): a byte
+gather of the bucket's start, then one threshold gather per comparison (one
+or two) instead of the tree's eight gathers, no division, the codes of the
 reference, packed four to a word as the last comparison adds its 1
 (:func:`jlowbit.triton_kernels.common.counted_codes`).
 
@@ -378,7 +379,7 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
   qmap = lambda j, row: f"qmaps_ptr + {(QMAP_ROWS * book(j) + row) << CODE_BITS}"
   search = lambda j: (  # thresholds, bucket entries, (code, gap) pairs
       f"{qmap(j, 3 + stochastic[j])}, "
-      f"buckets_ptr + {(2 * book(j) + stochastic[j]) * 2 * _search.BUCKET_KEYS}, "
+      f"buckets_ptr + {(2 * book(j) + stochastic[j]) * _search.BUCKET_KEYS}, "
       f"{qmap(j, 1)}")
   steps = lambda j: _search_tables()[2][book(j)][stochastic[j]]
   moments = ", ".join(f"m{j}" for j in range(k))
@@ -452,7 +453,7 @@ def _search_tables() -> tuple[np.ndarray, np.ndarray, tuple]:
     buckets.append([entries for _, entries, _ in searches])
     steps.append(tuple(s for _, _, s in searches))
   assert min(min(s) for s in steps) > 0, "the dynamic codebooks have bucketed searches"
-  maps, buckets = np.asarray(maps, np.float32), np.asarray(buckets, np.uint32)
+  maps, buckets = np.asarray(maps, np.float32), np.asarray(buckets, np.uint8)
   maps.setflags(write=False)
   buckets.setflags(write=False)
   return maps, buckets, tuple(steps)
@@ -469,7 +470,7 @@ def qmaps() -> np.ndarray:
 
 
 def bucket_entries() -> np.ndarray:
-  """uint32 ``[2, 2, BUCKET_KEYS, 2]``: the bucket entries of [signed,
+  """uint8 ``[2, 2, BUCKET_KEYS]``: the bucket entries of [signed,
   unsigned] x [nearest-code search, lower-bracketing-code search]."""
   return _search_tables()[1]
 
