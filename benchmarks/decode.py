@@ -97,8 +97,6 @@ import dataclasses
 import datetime
 import functools
 import gc
-import glob
-import gzip
 import importlib.metadata
 import json
 import os
@@ -117,7 +115,7 @@ from flax import nnx
 import jlowbit
 from jlowbit.nn import convert
 from jlowbit.models import Llama, LlamaConfig, fuse_projections
-from timing import device_kernel_events, hbm_tbps, table
+from timing import hbm_tbps, table, traced_kernels
 
 # Llama-3-8B (HF config.json), num_hidden_layers set by --layers.
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -224,19 +222,6 @@ def kernels_per_token(kernels: list[tuple[str, float]], tokens: int,
               wall_us=1e6 * wall_s / tokens, top_kernels_us=dict(top))
 
 
-def _traced_kernels(run) -> tuple[list[tuple[str, float]], float]:
-  """The GPU kernels (name, seconds) of ``run()`` in a profiler trace, and
-  what ``run()`` returned (its timed seconds)."""
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory, create_perfetto_trace=True):
-      seconds = run()
-    kernels = []
-    for path in glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True):
-      with gzip.open(path) as f:
-        kernels += device_kernel_events(json.load(f)["traceEvents"])
-  return kernels, seconds
-
-
 def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
               quant_type: str | None, loop: bool) -> dict:
   """One JAX row: build (and quantize) the model, time greedy decoding."""
@@ -306,7 +291,7 @@ def bench_jax(name: str, config: LlamaConfig, prompt: np.ndarray, s: Settings,
                loop_matches_step=bool((loop_tokens == tokens).all()))
     if s.profile:
       ready = prefill()  # outside the trace: only the loop's steps count
-      kernels, seconds = _traced_kernels(lambda: run_loop(ready)[0])
+      kernels, seconds = traced_kernels(lambda: run_loop(ready)[0])
       row["kernels_per_token"] = kernels_per_token(kernels, s.new_tokens,
                                                    seconds)
   del model, graphdef, state, step, decode_loop

@@ -61,6 +61,20 @@ def device_kernel_events(trace_events: Iterable[dict]) -> list[tuple[str, float]
           and (e.get("pid"), e.get("tid")) in streams]
 
 
+def traced_kernels(run: Callable) -> tuple[list[tuple[str, float]], object]:
+  """``run()`` under ``jax.profiler``: the GPU kernels it launched ((name,
+  seconds), :func:`device_kernel_events`; none on a CPU-only JAX) and what
+  it returned."""
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      result = run()
+    kernels = []
+    for path in glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True):
+      with gzip.open(path) as f:
+        kernels += device_kernel_events(json.load(f)["traceEvents"])
+  return kernels, result
+
+
 def time_jax_device(fn: Callable, inputs: Sequence, repeats: int = 10,
                     kernel: str | None = None) -> float:
   """Median GPU time per call of ``fn``: the kernels' own durations.
@@ -81,14 +95,7 @@ def time_jax_device(fn: Callable, inputs: Sequence, repeats: int = 10,
   jax.block_until_ready(many(inputs))
   samples = []
   for _ in range(repeats):
-    with tempfile.TemporaryDirectory() as directory:
-      with jax.profiler.trace(directory, create_perfetto_trace=True):
-        jax.block_until_ready(many(inputs))
-      paths = glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True)
-      kernels = []
-      for path in paths:
-        with gzip.open(path) as f:
-          kernels += device_kernel_events(json.load(f)["traceEvents"])
+    kernels, _ = traced_kernels(lambda: jax.block_until_ready(many(inputs)))
     if not kernels:
       raise RuntimeError("the profiler trace has no GPU kernels: "
                          "time_jax_device needs a GPU backend")

@@ -153,6 +153,9 @@ def bucket_search_table(thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     the tree.
   """
   thresholds = np.asarray(thresholds, np.float64)
+  if thresholds.shape[0] > 255:
+    raise ValueError(f"thresholds has {thresholds.shape[0]} entries; at most "
+                     "255 (8-bit codes: a start is one byte)")
   lo, hi = _bucket_ranges()
   plus_inf, minus_inf = np.isposinf(lo), np.isneginf(hi)
   empty = plus_inf | minus_inf | np.isnan(lo)  # start 0 (+-inf: set below)

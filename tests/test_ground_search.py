@@ -149,3 +149,9 @@ def test_infinities_with_a_zero_threshold(thresholds, steps):
       np.testing.assert_array_equal(
           emulated_bucket_index(x, scale, padded, buckets, steps),
           tree_index(x, scale, thresholds))
+
+
+def test_bucket_table_refuses_more_than_8_bit_codes():
+  """A start is one byte: 256 thresholds (a 9-bit codebook) would wrap."""
+  with pytest.raises(ValueError, match="at most 255"):
+    _search.bucket_search_table(np.linspace(-1, 1, 256, dtype=np.float32))

@@ -499,6 +499,15 @@ def fuse_projections(model: Llama, *, impl: str | None = None) -> Llama:
   return model
 
 
+def _check_same(parts: list[nnx.Module], paths: list[str],
+                settings: tuple[str, ...]) -> None:
+  """Raises ``ValueError`` naming the first of ``settings`` that differs."""
+  for setting in settings:
+    values = [getattr(part, setting) for part in parts]
+    if any(value != values[0] for value in values[1:]):
+      raise ValueError(f"{', '.join(paths)}: {setting} differs: {values}")
+
+
 def _fused_linear(parts: list[nnx.Module], paths: list[str],
                   impl: str | None) -> nnx.Module:
   """One layer whose output is ``parts``' outputs concatenated."""
@@ -509,10 +518,7 @@ def _fused_linear(parts: list[nnx.Module], paths: list[str],
   biases = (jnp.concatenate([part.bias[...] for part in parts])
             if uses_bias == {True} else None)
   if kinds == {nnx.Linear}:
-    for setting in _LINEAR_SETTINGS:
-      values = [getattr(part, setting) for part in parts]
-      if any(value != values[0] for value in values[1:]):
-        raise ValueError(f"{', '.join(paths)}: {setting} differs: {values}")
+    _check_same(parts, paths, _LINEAR_SETTINGS)
     kernel = jnp.concatenate([part.kernel[...] for part in parts], axis=1)
     settings = {setting: getattr(parts[0], setting)
                 for setting in _LINEAR_SETTINGS}
@@ -521,10 +527,7 @@ def _fused_linear(parts: list[nnx.Module], paths: list[str],
         kernel_init=lambda *_: kernel,
         bias_init=lambda *_: biases, rngs=nnx.Rngs(0), **settings)
   if kinds == {linear4bit.Linear4bit}:
-    for setting in ("dtype", "impl"):
-      values = [getattr(part, setting) for part in parts]
-      if any(value != values[0] for value in values[1:]):
-        raise ValueError(f"{', '.join(paths)}: {setting} differs: {values}")
+    _check_same(parts, paths, ("dtype", "impl"))
     w4 = quant4.concatenate_4bit([part.kernel.get_value() for part in parts],
                                  impl=impl)
     return linear4bit.Linear4bit.from_quantized(
