@@ -45,13 +45,13 @@ from jlowbit import codebooks
 
 Moment = tuple[jax.Array, jax.Array]  # (uint8 codes, float32 absmax)
 
-_16BIT = ("bfloat16", "float16")
-_ALL = ("float32", *_16BIT)
 # Gradient dtypes whose direction the kernel does not write (see
-# writes_direction): measured on an H100, benchmarks/RESULTS.md runs 5-6.
+# writes_direction): the faster choice with normally distributed gradients
+# on an H200 (benchmarks/RESULTS.md, optimizer run 10; RMSprop and Adagrad,
+# one unsigned moment, follow SGD-momentum).
 _DIRECTION_FROM_STATE = {
-    "adam": ("float32",), "ademamix": (), "lion": _16BIT,
-    "momentum": _ALL, "rmsprop": _ALL, "adagrad": _ALL,
+    "adam": ("float32",), "ademamix": (), "lion": (),
+    "momentum": ("float32",), "rmsprop": ("float32",), "adagrad": ("float32",),
 }
 
 
@@ -64,12 +64,14 @@ def writes_direction(algorithm: str, grad_dtype) -> bool:
   A written direction is written and read back (twice its size); one from
   the state reads the old codes (a byte per moment) and the gradient again
   in a fusion that gathers from the codebooks. Chosen per algorithm and
-  gradient dtype by what was faster on an H100 (``benchmarks/RESULTS.md``,
-  optimizer runs 5-6): from the state for SGD-momentum, RMSprop and Adagrad
-  (one moment: 5 vs 8 bytes in float32), float32 Adam (6 vs 8) and 16-bit
-  Lion (3 vs 4); written for AdEMAMix (7 vs 8 in float32, but its
-  three-codebook fusion ran 2% slower), 16-bit Adam (4 vs 4) and float32
-  Lion (bfloat16 signs: 4 vs 5).
+  gradient dtype by what was faster on an H200 with normally distributed
+  gradients (``benchmarks/experiments/direction_choice.py``): from the
+  state for float32 SGD-momentum, RMSprop and Adagrad (one moment: 5 vs 8
+  bytes) and float32 Adam (6 vs 8); written for AdEMAMix (7 vs 8 in
+  float32, but its three-codebook fusion is no faster), Lion (float32:
+  bfloat16 signs, 4 vs 5) and every 16-bit gradient (4 vs 4 for Adam, 3 vs
+  4 for one moment: the recomputing fusion's gathers cost more than the
+  bytes they save).
   """
   return jnp.dtype(grad_dtype).name not in _DIRECTION_FROM_STATE[algorithm]
 
