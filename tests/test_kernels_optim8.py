@@ -339,14 +339,16 @@ def test_warps_of_a_launch(monkeypatch, shapes, block_size, warps):
 def test_kernel_writes_the_direction_or_leaves_it_to_xla():
   written = {(a, d) for a in ALGORITHMS for d in ("float32", "bfloat16", "float16")
              if update8.writes_direction(a, jnp.dtype(d))}
-  assert written == {("lion", "float32"), ("adam", "bfloat16"), ("adam", "float16"),
-                     *(("ademamix", d) for d in ("float32", "bfloat16", "float16"))}
+  assert written == {*(("lion", d) for d in ("float32", "bfloat16", "float16")),
+                     *(("ademamix", d) for d in ("float32", "bfloat16", "float16")),
+                     *((a, d) for a in ("adam", "momentum", "rmsprop", "adagrad")
+                       for d in ("bfloat16", "float16"))}
   layout = (optim8.Leaf(0, 4, 0, 1, 100, 7, 0, True, False),
             optim8.Leaf(4, 2, 0, 1, 50, 4, 1, True, False))
   adam = optim8._kernel_source("adam", layout, (False, False), False)
   assert "_store_direction" not in adam and "d_0" not in adam
   assert "_store_direction(d_ptr" in optim8._kernel_source("lion", layout, (False,), True)
-  for algorithm, dtype in (("momentum", "bfloat16"), ("adam", "float32")):
+  for algorithm, dtype in (("momentum", "float32"), ("adam", "float32")):
     grad, moments, hyper = _inputs(algorithm, (3, 300), dtype, 128, seed=4)
     direction = fused(algorithm, grad, moments, hyper,
                                     block_size=128, impl="interpret")[0]
