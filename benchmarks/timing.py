@@ -44,35 +44,59 @@ def time_jax(fn: Callable, inputs: Sequence, repeats: int = 20) -> float:
   return statistics.median(samples) / len(inputs)
 
 
-def device_kernel_events(trace_events: Iterable[dict]) -> list[tuple[str, float]]:
-  """(name, seconds) of every kernel a Perfetto trace recorded on a GPU stream.
-
-  ``trace_events``: the ``traceEvents`` of a ``jax.profiler.trace(...,
-  create_perfetto_trace=True)`` file. Kernels are the complete (``"X"``)
-  events of threads named ``"Stream #N(...)"``, the GPU streams of the JAX
-  trace; host threads and metadata are skipped.
-  """
+def _gpu_stream_kernels(trace_events: Iterable[dict]) -> list[dict]:
+  """The complete (``"X"``) events of the threads named ``"Stream #N(...)"``,
+  the GPU streams of a JAX trace; host threads and metadata are skipped."""
   events = list(trace_events)
   streams = {(e.get("pid"), e.get("tid")) for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"
              and str(e.get("args", {}).get("name", "")).startswith("Stream #")}
-  return [(e["name"], e["dur"] * 1e-6) for e in events
-          if e.get("ph") == "X" and "dur" in e
+  return [e for e in events if e.get("ph") == "X" and "dur" in e
           and (e.get("pid"), e.get("tid")) in streams]
+
+
+def device_kernel_events(trace_events: Iterable[dict]) -> list[tuple[str, float]]:
+  """(name, seconds) of every kernel a Perfetto trace recorded on a GPU stream.
+
+  ``trace_events``: the ``traceEvents`` of a ``jax.profiler.trace(...,
+  create_perfetto_trace=True)`` file.
+  """
+  return [(e["name"], e["dur"] * 1e-6) for e in _gpu_stream_kernels(trace_events)]
+
+
+def gpu_busy(trace_events: Iterable[dict]) -> tuple[float, float, int]:
+  """(summed kernel seconds, seconds some GPU stream was busy, streams used)
+  of a trace's GPU kernels: the busy time is the union of the kernels'
+  intervals, less than the sum where kernels overlapped."""
+  kernels = sorted((e["ts"], e["ts"] + e["dur"], (e["pid"], e["tid"]))
+                   for e in _gpu_stream_kernels(trace_events))
+  busy, reach = 0.0, float("-inf")
+  for start, end, _ in kernels:
+    busy += max(0.0, end - max(start, reach))
+    reach = max(reach, end)
+  total = sum(end - start for start, end, _ in kernels)
+  return total * 1e-6, busy * 1e-6, len({stream for _, _, stream in kernels})
+
+
+def traced_events(run: Callable) -> tuple[list[dict], object]:
+  """``run()`` under ``jax.profiler``: the trace's events (the
+  ``traceEvents`` of its Perfetto files) and what ``run`` returned."""
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      result = run()
+    events = []
+    for path in glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True):
+      with gzip.open(path) as f:
+        events += json.load(f)["traceEvents"]
+  return events, result
 
 
 def traced_kernels(run: Callable) -> tuple[list[tuple[str, float]], object]:
   """``run()`` under ``jax.profiler``: the GPU kernels it launched ((name,
   seconds), :func:`device_kernel_events`; none on a CPU-only JAX) and what
   it returned."""
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory, create_perfetto_trace=True):
-      result = run()
-    kernels = []
-    for path in glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True):
-      with gzip.open(path) as f:
-        kernels += device_kernel_events(json.load(f)["traceEvents"])
-  return kernels, result
+  events, result = traced_events(run)
+  return device_kernel_events(events), result
 
 
 def time_jax_device(fn: Callable, inputs: Sequence, repeats: int = 10,

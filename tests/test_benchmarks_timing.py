@@ -34,6 +34,23 @@ def test_device_kernel_events_keeps_gpu_stream_kernels_only():
   assert sum(seconds for _, seconds in got) == pytest.approx(29e-6)
 
 
+def test_gpu_busy_counts_overlapping_kernels_once():
+  events = [
+      _thread(1, 10, "Stream #14(Compute)"),
+      _thread(1, 12, "Stream #16(Compute)"),
+      _thread(2, 20, "python3"),
+      {"ph": "X", "pid": 1, "tid": 10, "name": "update_kernel", "ts": 0.0, "dur": 10.0},
+      {"ph": "X", "pid": 1, "tid": 12, "name": "loop_add_fusion", "ts": 4.0, "dur": 10.0},
+      {"ph": "X", "pid": 1, "tid": 10, "name": "loop_add_fusion_2", "ts": 20.0, "dur": 2.0},
+      {"ph": "X", "pid": 2, "tid": 20, "name": "PjitFunction(step)", "ts": 0.0, "dur": 90.0},
+  ]
+  kernels, busy, streams = timing.gpu_busy(events)
+  assert kernels == pytest.approx(22e-6)
+  assert busy == pytest.approx(16e-6)  # [0, 14] and [20, 22]
+  assert streams == 2
+  assert timing.gpu_busy(events[:3]) == (0.0, 0.0, 0)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU error path")
 def test_time_jax_device_needs_a_gpu():
   with pytest.raises(RuntimeError, match="no GPU kernels"):

@@ -18,12 +18,9 @@ Run on an NVIDIA GPU from the repository root::
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +28,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from optim import OPTIMIZERS, gpt2_small_shapes, make_tree, time_steps  # noqa: E402  pylint: disable=g-import-not-at-top
-from timing import table  # noqa: E402  pylint: disable=g-import-not-at-top
+from timing import gpu_busy, table, traced_events  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from jlowbit import update8  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -44,8 +41,8 @@ SHAPES = {"512M": lambda: [(512 << 20,)], "128M": lambda: [(128 << 20,)],
 
 
 def _gpu_busy(tx, params, grads, steps: int = 10) -> tuple[float, float, int]:
-  """(sum of kernel durations, union of their intervals, streams) per step
-  of ``steps`` unrolled steps in one jitted call."""
+  """:func:`timing.gpu_busy` per step of ``steps`` unrolled steps in one
+  jitted call."""
   def many(params, state, grads):
     for _ in range(steps):
       updates, state = tx.update(grads, state, params)
@@ -56,26 +53,9 @@ def _gpu_busy(tx, params, grads, steps: int = 10) -> tuple[float, float, int]:
   state = tx.init(params)
   run = jax.jit(many, donate_argnums=(0, 1))
   params, state = jax.block_until_ready(run(params, state, grads))
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory, create_perfetto_trace=True):
-      jax.block_until_ready(run(params, state, grads))
-    events = []
-    for path in glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True):
-      with gzip.open(path) as f:
-        events += json.load(f)["traceEvents"]
-  streams = {(e.get("pid"), e.get("tid")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"
-             and str(e.get("args", {}).get("name", "")).startswith("Stream #")}
-  kernels = sorted((e["ts"], e["ts"] + e["dur"], (e["pid"], e["tid"]))
-                   for e in events if e.get("ph") == "X" and "dur" in e
-                   and (e.get("pid"), e.get("tid")) in streams)
-  total = sum(end - start for start, end, _ in kernels)
-  union, reach = 0.0, float("-inf")
-  for start, end, _ in kernels:
-    union += max(0.0, end - max(start, reach))
-    reach = max(reach, end)
-  used = len({stream for _, _, stream in kernels})
-  return total * 1e-6 / steps, union * 1e-6 / steps, used
+  events, _ = traced_events(lambda: jax.block_until_ready(run(params, state, grads)))
+  kernels, busy, streams = gpu_busy(events)
+  return kernels / steps, busy / steps, streams
 
 
 def main():
