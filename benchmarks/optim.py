@@ -91,6 +91,23 @@ def make_tree(shapes, dtype):
   return params, grads
 
 
+def jitted_steps(tx, steps: int = 1):
+  """``(params, state, grads) -> (params, state)`` jitted, params and state
+  donated: one optimizer step (update, then ``optax.apply_updates``), or
+  ``steps`` of them unrolled with an ``optimization_barrier`` between them
+  (so that XLA does not fuse across steps)."""
+  def one_step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  def many_steps(params, state, grads):
+    for _ in range(steps):
+      params, state = jax.lax.optimization_barrier(one_step(params, state, grads))
+    return params, state
+
+  return jax.jit(one_step if steps == 1 else many_steps, donate_argnums=(0, 1))
+
+
 def time_steps(tx, params, grads, steps: int = 10, repeats: int = 10,
                in_jit: bool = False) -> tuple[float, int]:
   """Median seconds per optimizer step, and the state's size in bytes.
@@ -100,17 +117,7 @@ def time_steps(tx, params, grads, steps: int = 10, repeats: int = 10,
   """
   state = tx.init(params)
   state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
-
-  def one_step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  def many_steps(params, state, grads):
-    for _ in range(steps):  # the barrier keeps XLA from fusing across steps
-      params, state = jax.lax.optimization_barrier(one_step(params, state, grads))
-    return params, state
-
-  step = jax.jit(many_steps if in_jit else one_step, donate_argnums=(0, 1))
+  step = jitted_steps(tx, steps if in_jit else 1)
   calls = 1 if in_jit else steps
   params, state = jax.block_until_ready(step(params, state, grads))
   samples = []
@@ -159,7 +166,6 @@ def bench_bnb(label: str, shapes) -> list[dict]:
   import bitsandbytes as bnb  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   rows = []
-  n = sum(int(torch.tensor(s).prod()) for s in shapes)
   makers = {
       "torch AdamW(fused)": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
       "bnb AdamW8bit": lambda p: bnb.optim.AdamW8bit(p, lr=1e-3),

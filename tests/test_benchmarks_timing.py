@@ -16,6 +16,10 @@ def _thread(pid, tid, name):
           "args": {"name": name}}
 
 
+def _complete(pid, tid, name, ts, dur):
+  return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+
 def test_device_kernel_events_keeps_gpu_stream_kernels_only():
   # The shape of a JAX GPU trace (seen on an H200): kernels are complete
   # events on "Stream #N(Compute)" threads; host threads also have them.
@@ -23,10 +27,10 @@ def test_device_kernel_events_keeps_gpu_stream_kernels_only():
       _thread(1, 10, "Stream #14(Compute)"),
       _thread(1, 11, "Stream #15(MemcpyD2H)"),
       _thread(2, 20, "python3"),
-      {"ph": "X", "pid": 1, "tid": 10, "name": "gemv_4bit_kernel", "ts": 5.0, "dur": 24.5},
-      {"ph": "X", "pid": 1, "tid": 10, "name": "loop_convert_fusion", "ts": 40.0, "dur": 1.5},
-      {"ph": "X", "pid": 1, "tid": 11, "name": "memcpy", "ts": 50.0, "dur": 3.0},
-      {"ph": "X", "pid": 2, "tid": 20, "name": "PjitFunction(many)", "ts": 0.0, "dur": 90.0},
+      _complete(1, 10, "gemv_4bit_kernel", 5.0, 24.5),
+      _complete(1, 10, "loop_convert_fusion", 40.0, 1.5),
+      _complete(1, 11, "memcpy", 50.0, 3.0),
+      _complete(2, 20, "PjitFunction(many)", 0.0, 90.0),
       {"ph": "i", "pid": 1, "tid": 10, "name": "marker", "ts": 1.0},
   ]
   got = timing.device_kernel_events(events)
@@ -39,10 +43,10 @@ def test_gpu_busy_counts_overlapping_kernels_once():
       _thread(1, 10, "Stream #14(Compute)"),
       _thread(1, 12, "Stream #16(Compute)"),
       _thread(2, 20, "python3"),
-      {"ph": "X", "pid": 1, "tid": 10, "name": "update_kernel", "ts": 0.0, "dur": 10.0},
-      {"ph": "X", "pid": 1, "tid": 12, "name": "loop_add_fusion", "ts": 4.0, "dur": 10.0},
-      {"ph": "X", "pid": 1, "tid": 10, "name": "loop_add_fusion_2", "ts": 20.0, "dur": 2.0},
-      {"ph": "X", "pid": 2, "tid": 20, "name": "PjitFunction(step)", "ts": 0.0, "dur": 90.0},
+      _complete(1, 10, "update_kernel", 0.0, 10.0),
+      _complete(1, 12, "loop_add_fusion", 4.0, 10.0),
+      _complete(1, 10, "loop_add_fusion_2", 20.0, 2.0),
+      _complete(2, 20, "PjitFunction(step)", 0.0, 90.0),
   ]
   kernels, busy, streams = timing.gpu_busy(events)
   assert kernels == pytest.approx(22e-6)

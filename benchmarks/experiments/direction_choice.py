@@ -24,10 +24,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from optim import OPTIMIZERS, gpt2_small_shapes, make_tree, time_steps  # noqa: E402  pylint: disable=g-import-not-at-top
+from optim import OPTIMIZERS, gpt2_small_shapes, jitted_steps, make_tree, time_steps  # noqa: E402  pylint: disable=g-import-not-at-top
 from timing import gpu_busy, table, traced_events  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from jlowbit import update8  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -43,16 +42,8 @@ SHAPES = {"512M": lambda: [(512 << 20,)], "128M": lambda: [(128 << 20,)],
 def _gpu_busy(tx, params, grads, steps: int = 10) -> tuple[float, float, int]:
   """:func:`timing.gpu_busy` per step of ``steps`` unrolled steps in one
   jitted call."""
-  def many(params, state, grads):
-    for _ in range(steps):
-      updates, state = tx.update(grads, state, params)
-      params, state = jax.lax.optimization_barrier(
-          (optax.apply_updates(params, updates), state))
-    return params, state
-
-  state = tx.init(params)
-  run = jax.jit(many, donate_argnums=(0, 1))
-  params, state = jax.block_until_ready(run(params, state, grads))
+  run = jitted_steps(tx, steps)
+  params, state = jax.block_until_ready(run(params, tx.init(params), grads))
   events, _ = traced_events(lambda: jax.block_until_ready(run(params, state, grads)))
   kernels, busy, streams = gpu_busy(events)
   return kernels / steps, busy / steps, streams

@@ -24,20 +24,12 @@ import sys
 import time
 
 import jax
-import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from optim import OPTIMIZERS, gpt2_small_shapes, make_tree, time_steps  # noqa: E402  pylint: disable=g-import-not-at-top
+from optim import OPTIMIZERS, gpt2_small_shapes, jitted_steps, make_tree, time_steps  # noqa: E402  pylint: disable=g-import-not-at-top
 
 CASES = {"gpt2": gpt2_small_shapes, "leaf128M": lambda: [(128 << 20,)],
          "leaf512M": lambda: [(512 << 20,)]}
-
-
-def _step_fn(tx):
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-  return jax.jit(step, donate_argnums=(0, 1))
 
 
 def main():
@@ -50,7 +42,7 @@ def main():
   params, grads = make_tree(CASES[args.case](), jax.numpy.float32)
   if args.profile:
     state = tx.init(params)
-    step = _step_fn(tx)
+    step = jitted_steps(tx)
     for _ in range(3):
       params, state = step(params, state, grads)
     jax.block_until_ready(params)
@@ -61,7 +53,7 @@ def main():
     cuda.cuProfilerStop()
     return
   state = tx.init(params)
-  hlo = _step_fn(tx).lower(params, state, grads).compile().as_text()
+  hlo = jitted_steps(tx).lower(params, state, grads).compile().as_text()
   calls = len(re.findall(r"custom-call\(", hlo))
   fusions = len(re.findall(r"= .*fusion\(", hlo))
   dispatch = _dispatch_seconds(params, state, grads)
