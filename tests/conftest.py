@@ -35,8 +35,15 @@ ALL_IMPLS = [pytest.param("xla", id="xla")] + KERNEL_IMPLS
 FLOAT_DTYPES = ["float32", "bfloat16", "float16"]
 
 
+# Modules whose tests take 10-40 s each on a CPU: collected first, so that
+# pytest-xdist hands them out early and the run does not end waiting on one.
+SLOW_MODULES = ("test_optax_sharding.py", "test_benchmarks_offload.py",
+                "test_examples.py", "test_benchmarks_decode.py")
+
+
 def pytest_collection_modifyitems(config, items):
   del config
+  items.sort(key=lambda item: item.path.name not in SLOW_MODULES)
   if GPU_AVAILABLE:
     return
   skip = pytest.mark.skip(reason="needs an NVIDIA GPU with triton + jax-triton")
