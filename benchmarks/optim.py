@@ -5,7 +5,9 @@ Run on an NVIDIA GPU::
   python benchmarks/optim.py [--sizes 16M 128M 512M] [--optimizers ...] [--bnb] [--json out.json]
 
 A step is ``updates, state = tx.update(grads, state, params);
-params = optax.apply_updates(params, updates)`` jitted with params and state
+params = optax.apply_updates(params, updates)`` (rows ``*+fused``:
+``params, state = lowbit.update_and_apply(tx, grads, state, params)``, the
+kernel writing the parameters) jitted with params and state
 donated, timed as the median over repeats of 10 back-to-back steps (``ms``:
 one dispatch per step, so on trees of many leaves the host's dispatch of
 hundreds of argument buffers can dominate) and of 10 steps unrolled in one
@@ -52,6 +54,12 @@ OPTIMIZERS = {
     "optax.sgd(momentum)": (lambda: optax.sgd(1e-3, momentum=0.9), lambda s: 2 * s, None),
     "sgd_8bit": (lambda: lowbit.sgd_8bit(1e-3), lambda s: 2, "optax.sgd(momentum)"),
 }
+# The same 8-bit optimizers stepped by lowbit.update_and_apply (the kernel
+# writes the parameters: the state's bytes, the gradient and the parameter
+# read and written).
+FUSED = "+fused"
+OPTIMIZERS.update({name + FUSED: value for name, value in OPTIMIZERS.items()
+                   if value[2] is not None})
 # For 16-bit params optax keeps 16-bit moments by default; these keep the
 # float32 state optax offers (Adam's and AdEMAMix's nu follows the params).
 FP32_STATE = {
@@ -91,12 +99,15 @@ def make_tree(shapes, dtype):
   return params, grads
 
 
-def jitted_steps(tx, steps: int = 1):
+def jitted_steps(tx, steps: int = 1, fused: bool = False):
   """``(params, state, grads) -> (params, state)`` jitted, params and state
-  donated: one optimizer step (update, then ``optax.apply_updates``), or
-  ``steps`` of them unrolled with an ``optimization_barrier`` between them
-  (so that XLA does not fuse across steps)."""
+  donated: one optimizer step (update, then ``optax.apply_updates``; with
+  ``fused`` ``lowbit.update_and_apply``), or ``steps`` of them unrolled
+  with an ``optimization_barrier`` between them (so that XLA does not fuse
+  across steps)."""
   def one_step(params, state, grads):
+    if fused:
+      return lowbit.update_and_apply(tx, grads, state, params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -109,7 +120,7 @@ def jitted_steps(tx, steps: int = 1):
 
 
 def time_steps(tx, params, grads, steps: int = 10, repeats: int = 10,
-               in_jit: bool = False) -> tuple[float, int]:
+               in_jit: bool = False, fused: bool = False) -> tuple[float, int]:
   """Median seconds per optimizer step, and the state's size in bytes.
 
   ``in_jit``: the ``steps`` steps run unrolled in one jitted call instead of
@@ -117,7 +128,7 @@ def time_steps(tx, params, grads, steps: int = 10, repeats: int = 10,
   """
   state = tx.init(params)
   state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
-  step = jitted_steps(tx, steps if in_jit else 1)
+  step = jitted_steps(tx, steps if in_jit else 1, fused)
   calls = 1 if in_jit else steps
   params, state = jax.block_until_ready(step(params, state, grads))
   samples = []
@@ -141,8 +152,11 @@ def bench_case(label: str, shapes, dtype, names) -> list[dict]:
     cases += [(twin, factory, traffic, None) for name, (twin, factory, traffic)
               in FP32_STATE.items() if name in names]
   for name, factory, state_traffic, anchor in cases:
-    seconds, state_bytes = time_steps(factory(), *make_tree(shapes, dtype))
-    in_jit, _ = time_steps(factory(), *make_tree(shapes, dtype), in_jit=True)
+    fused = name.endswith(FUSED)
+    seconds, state_bytes = time_steps(factory(), *make_tree(shapes, dtype),
+                                      fused=fused)
+    in_jit, _ = time_steps(factory(), *make_tree(shapes, dtype), in_jit=True,
+                           fused=fused)
     times[name] = seconds, in_jit
     traffic = 3 * itemsize + state_traffic(itemsize)  # + grad, param read/write
     row = dict(case=label, dtype=jnp.dtype(dtype).name, optimizer=name, ms=seconds * 1e3,
@@ -155,7 +169,7 @@ def bench_case(label: str, shapes, dtype, names) -> list[dict]:
     rows.append(row)
     print(table([row], list(row)), flush=True)
   for row in rows:
-    twin = FP32_STATE.get(row["optimizer"], ("",))[0]
+    twin = FP32_STATE.get(row["optimizer"].removesuffix(FUSED), ("",))[0]
     if twin in times:
       row["in_jit_vs_fp32_state"] = row["ms_in_jit"] / 1e3 / times[twin][1]
   return rows

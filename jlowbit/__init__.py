@@ -34,7 +34,7 @@ from jlowbit.quant4 import (
     tile_4bit,
     untile_4bit,
 )
-from jlowbit.update8 import update_8bit
+from jlowbit.update8 import apply_8bit, update_8bit
 from jlowbit import nn
 from jlowbit.optax_transforms import (
     FLOAT32_STATE,
@@ -74,6 +74,7 @@ from jlowbit.optax_transforms import (
     sgd_8bit,
     sgd_32bit,
     state_shardings,
+    update_and_apply,
 )
 
 __version__ = "0.1.0"

@@ -331,6 +331,67 @@ def direction_8bit_reference(algorithm: str, grad: jax.Array,
   return _math_8bit(alg, grad, moments, hyper, block_size)[0]
 
 
+def apply_direction(param: jax.Array, direction: jax.Array,
+                    learning_rate: jax.Array, weight_decay: jax.Array,
+                    decays: bool) -> jax.Array:
+  r"""The parameter step of an optimizer that chains decoupled weight decay
+  and the learning rate (``optax.add_decayed_weights`` then
+  ``optax.scale_by_learning_rate`` then ``optax.apply_updates``), in one
+  rounding:
+
+  .. math::
+    p \leftarrow p - \eta (d + \lambda p) \quad\text{(decays)}, \qquad
+    p \leftarrow p - \eta d \quad\text{(otherwise)},
+
+  computed in float32 (float64 for float64 ``param``), cast to ``param``'s
+  dtype."""
+  dtype = _compute_dtype(param.dtype)
+  p, d = param.astype(dtype), direction.astype(dtype)
+  if decays:
+    d = d + jnp.asarray(weight_decay, dtype) * p
+  return (p - jnp.asarray(learning_rate, dtype) * d).astype(param.dtype)
+
+
+def coupled_gradient(grad: jax.Array, param: jax.Array,
+                     weight_decay: jax.Array) -> jax.Array:
+  """``g + wd * p`` in float32 (float64 for float64 values): the gradient
+  a coupled (L2) weight decay hands to the moments."""
+  dtype = _compute_dtype(jnp.promote_types(grad.dtype, param.dtype))
+  return (grad.astype(dtype)
+          + jnp.asarray(weight_decay, dtype) * param.astype(dtype))
+
+
+def apply_8bit_reference(
+    algorithm: str, param: jax.Array, grad: jax.Array,
+    moments: Sequence[Moment], hyper: jax.Array, *, learning_rate: jax.Array,
+    weight_decay: jax.Array = 0.0, decays: bool = True,
+    coupled_decay: bool = False, block_size: int,
+    stochastic: tuple[bool, ...] | None = None, step: jax.Array | None = None,
+    counter_offset: int = 0, row_counters: jax.Array | None = None
+) -> tuple[jax.Array, tuple[Moment, ...]]:
+  r"""One step of ``algorithm`` for one leaf that also writes the parameter
+  (``jax.numpy``): the twin of the fused kernel of :func:`apply_8bit`.
+
+  The moments are those of :func:`update_8bit_reference` with the float32
+  gradient (``g + wd * p`` first where ``coupled_decay`` and ``decays``);
+  the parameter is :func:`apply_direction` of the float32 direction (decay
+  added there where ``decays`` and not ``coupled_decay``).
+
+  Returns:
+    ``(new_param, new_moments)``: ``param``'s dtype and shape, moments as
+    :func:`update_8bit_reference`'s.
+  """
+  grad = grad.astype(jnp.float32)
+  if coupled_decay and decays:
+    grad = coupled_gradient(grad, param.astype(jnp.float32), weight_decay)
+  d, new = update_8bit_reference(
+      algorithm, grad, moments, hyper, block_size=block_size,
+      stochastic=stochastic, step=step, counter_offset=counter_offset,
+      row_counters=row_counters)
+  return (apply_direction(param, d, learning_rate, weight_decay,
+                          decays and not coupled_decay), new)
+
+
 class LeafNoise(NamedTuple):
   """Where a (local) leaf's rounding noise starts.
 
@@ -345,16 +406,69 @@ class LeafNoise(NamedTuple):
   contiguous: bool
 
 
+class ParameterStep(NamedTuple):
+  """The parameter step :func:`apply_8bit` adds to the update of its leaves."""
+  params: Sequence[jax.Array]
+  learning_rate: jax.Array  # float32 scalar
+  weight_decay: jax.Array  # float32 scalar
+  decays: tuple[bool, ...]  # per leaf
+  coupled: bool  # decay added to the gradient (L2), else to the direction
+
+  def take(self, leaves: Sequence[int]) -> "ParameterStep":
+    return self._replace(params=[self.params[i] for i in leaves],
+                         decays=tuple(self.decays[i] for i in leaves))
+
+  def unfused(self, run, grads) -> list:
+    """``run(grads)`` (per leaf ``(direction, new_moments)``) with the
+    parameter step done after it in ``jax.numpy`` (the coupled decay added
+    to ``grads`` before)."""
+    if self.coupled:
+      grads = [coupled_gradient(g, p, self.weight_decay) if decays else g
+               for g, p, decays in zip(grads, self.params, self.decays)]
+    return [(apply_direction(p, d, self.learning_rate, self.weight_decay,
+                             decays and not self.coupled), new)
+            for p, decays, (d, new) in zip(self.params, self.decays, run(grads))]
+
+
 def _update_local(alg: algorithms.Algorithm, grads, moments, hyper,
                   block_size: int, stochastic: tuple[bool, ...], step,
-                  noise: Sequence[LeafNoise | None], impl: str):
+                  noise: Sequence[LeafNoise | None], impl: str,
+                  apply: ParameterStep | None = None):
   """The step of leaves that are whole on this device (or one shard each,
-  inside ``jax.shard_map``), already validated."""
+  inside ``jax.shard_map``), already validated; with ``apply`` per leaf the
+  new parameter instead of the direction."""
   if impl == "xla":
+    if apply is not None:
+      return [apply_8bit_reference(
+          alg.name, p, g, m, hyper, learning_rate=apply.learning_rate,
+          weight_decay=apply.weight_decay, decays=decays,
+          coupled_decay=apply.coupled, block_size=block_size,
+          stochastic=stochastic, step=step,
+          row_counters=None if n is None else n.row_counters)
+              for p, g, m, n, decays in zip(apply.params, grads, moments, noise,
+                                            apply.decays)]
     return [update_8bit_reference(
         alg.name, g, m, hyper, block_size=block_size, stochastic=stochastic,
         step=step, row_counters=None if n is None else n.row_counters)
             for g, m, n in zip(grads, moments, noise)]
+  if apply is not None and any(p.dtype == jnp.float64 for p in apply.params):
+    # The kernels write float32/bfloat16/float16 parameters; float64 ones
+    # take the parameter step in jax.numpy.
+    results = [None] * len(grads)
+    for wide in (False, True):
+      leaves = [i for i, p in enumerate(apply.params)
+                if (p.dtype == jnp.float64) == wide]
+      if not leaves:
+        continue
+      part = apply.take(leaves)
+      run = lambda g, leaves=leaves, part=None: _update_local(
+          alg, g, [moments[i] for i in leaves], hyper, block_size, stochastic,
+          step, [noise[i] for i in leaves], impl, part)
+      outs = (part.unfused(run, [grads[i] for i in leaves]) if wide
+              else run([grads[i] for i in leaves], part=part))
+      for i, out in zip(leaves, outs):
+        results[i] = out
+    return results
   from jlowbit.triton_kernels import optim8  # pylint: disable=g-import-not-at-top
   # Per leaf the noise offsets the kernel adds: the step's Weyl offset plus
   # counter * PHASE_MULTIPLIER of its first element (contiguous) or of each
@@ -373,6 +487,9 @@ def _update_local(alg: algorithms.Algorithm, grads, moments, hyper,
   else:
     key_at = [(0, False)] * len(grads)
   keys = jnp.concatenate(keys) if keys else jnp.zeros((1,), jnp.uint32)
+  if apply is not None:
+    hyper = jnp.concatenate([hyper, jnp.stack(
+        [apply.learning_rate, apply.weight_decay]).astype(jnp.float32)])
   # Kernels take float32/bfloat16/float16; float64 gradients run in float32.
   kernel_grads = [_as_rows(g.astype(jnp.float32) if g.dtype == jnp.float64 else g)
                   for g in grads]
@@ -385,8 +502,16 @@ def _update_local(alg: algorithms.Algorithm, grads, moments, hyper,
         alg.name, [kernel_grads[i] for i in leaves],
         [kernel_moments[i] for i in leaves], hyper, keys,
         [key_at[i] for i in leaves], block_size=block_size, impl=impl,
-        stochastic=stochastic, write_direction=write)
+        stochastic=stochastic, write_direction=write,
+        apply=apply and optim8.ParameterStep(
+            [_as_rows(apply.params[i]) for i in leaves],
+            [apply.decays[i] for i in leaves],
+            "coupled" if apply.coupled else "decoupled"))
     for i, (d, new) in zip(leaves, outs):
+      if apply is not None:
+        new = tuple((c.reshape(grads[i].shape), a) for c, a in new)
+        results[i] = (d.reshape(grads[i].shape), new)
+        continue
       if d is None:  # not written, or an empty gradient
         d = direction_8bit_reference(alg.name, grads[i], moments[i], hyper,
                                      block_size=block_size)
@@ -464,6 +589,85 @@ def update_8bit(
     shape, dtype and sharding, new moments like ``moments``. The kernels
     update the moments in place when the caller donates them.
   """
+  return _step(algorithm, grads, moments, hyper, block_size, stochastic, step,
+               impl, counter_offsets, None)
+
+
+def apply_8bit(
+    algorithm: str, params: Sequence[jax.Array], grads: Sequence[jax.Array],
+    moments: Sequence[Sequence[Moment]], hyper: jax.Array, *,
+    learning_rate: jax.Array | float, weight_decay: jax.Array | float = 0.0,
+    decays: Sequence[bool] | None = None, coupled_decay: bool = False,
+    block_size: int, stochastic: tuple[bool, ...] | None = None,
+    step: jax.Array | None = None, impl: str | None = None,
+    counter_offsets: Sequence[int | jax.Array] | None = None
+) -> list[tuple[jax.Array, tuple[Moment, ...]]]:
+  r"""One optimizer step of many leaves that writes the parameters.
+
+  :func:`update_8bit` followed by the parameter step of an optimizer that
+  chains weight decay and the learning rate, in one pass over memory: the
+  kernel reads ``p`` beside the gradient and moments and writes
+
+  .. math::
+    p \leftarrow p - \eta\,(d + \lambda p) \quad\text{(decoupled decay)},
+    \qquad p \leftarrow p - \eta\, d(g + \lambda p) \quad\text{(coupled)},
+
+  in float32, instead of writing the direction ``d`` for XLA to decay,
+  scale and add (for float32 AdamW: 16 bytes a parameter instead of 22).
+  The moments are those of :func:`update_8bit` on the float32 gradient
+  (with ``coupled_decay`` on ``g + wd * p``); the parameters equal
+  :func:`apply_8bit_reference`'s (bit for bit in Triton's interpreter;
+  within a few ulp compiled, as :func:`update_8bit`'s directions). Leaves
+  on a mesh are updated as in :func:`update_8bit` and then stepped in
+  ``jax.numpy`` (the same values); so are float64 parameters.
+
+  Args:
+    algorithm, grads, moments, hyper, block_size, stochastic, step, impl,
+      counter_offsets: as in :func:`update_8bit`.
+    params: per gradient its parameter (floating, the gradient's shape).
+    learning_rate: :math:`\eta`, a scalar (may be traced).
+    weight_decay: :math:`\lambda`, a scalar (may be traced).
+    decays: per gradient whether its parameter decays; ``None``: all.
+    coupled_decay: add :math:`\lambda p` to the gradient before the
+      moments see it (L2, torch's SGD/RMSprop/Adagrad) instead of to the
+      direction (AdamW's decoupled decay).
+
+  Returns:
+    Per gradient ``(new_param, new_moments)``: ``new_param`` of the
+    parameter's shape, dtype and sharding. The kernels update parameters
+    and moments in place when the caller donates them.
+  """
+  if len(params) != len(grads):
+    raise ValueError(f"got {len(params)} params but {len(grads)} grads")
+  params = [val.as_float_array(p, f"params[{i}]", float64=True)
+            for i, p in enumerate(params)]
+  for i, (p, g) in enumerate(zip(params, grads)):
+    if tuple(p.shape) != tuple(jnp.shape(g)):
+      raise ValueError(f"params[{i}] has shape {tuple(p.shape)} but grads[{i}] "
+                       f"has shape {tuple(jnp.shape(g))}")
+  decays = (True,) * len(params) if decays is None else tuple(decays)
+  if len(decays) != len(params) or not all(
+      isinstance(d, (bool, np.bool_)) for d in decays):
+    raise ValueError(f"decays={decays!r} must hold one bool per parameter")
+  apply = ParameterStep(
+      params, _scalar(learning_rate, "learning_rate"),
+      _scalar(weight_decay, "weight_decay"),
+      tuple(bool(d) for d in decays), bool(coupled_decay))
+  return _step(algorithm, grads, moments, hyper, block_size, stochastic, step,
+               impl, counter_offsets, apply)
+
+
+def _scalar(value, name: str) -> jax.Array:
+  """``value`` as a float32 scalar (a number or a 0-d/1-element array)."""
+  value = jnp.asarray(value, jnp.float32)
+  if value.size != 1:
+    raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+  return value.reshape(())
+
+
+def _step(algorithm, grads, moments, hyper, block_size, stochastic, step, impl,
+          counter_offsets, apply: ParameterStep | None) -> list:
+  """:func:`update_8bit` (``apply`` ``None``) or :func:`apply_8bit`."""
   alg = _algorithm(algorithm)
   val.check_block_size(block_size, "block_size", _formats.BLOCK_SIZES_8BIT)
   block_size = int(block_size)
@@ -505,15 +709,19 @@ def update_8bit(
                if any(stochastic) else None for i in leaves]
       outs = _update_local(alg, [grads[i] for i in leaves],
                            [moments[i] for i in leaves], hyper, block_size,
-                           stochastic, step, noise, impl)
+                           stochastic, step, noise, impl,
+                           apply and apply.take(leaves))
     else:
-      outs = _sharding.shard_mapped_update(
+      run = lambda g, leaves=leaves: _sharding.shard_mapped_update(
           _LocalStep(algorithm, block_size, stochastic, impl),
-          mesh, [grads[i] for i in leaves], [moments[i] for i in leaves],
+          mesh, g, [moments[i] for i in leaves],
           hyper, step, [offsets[i] for i in leaves], block_size,
           noise_type=LeafNoise if any(stochastic) else None,
           shifts=None if shifts is None else jnp.stack(
               [shifts[i] for i in leaves]))
+      grads_here = [grads[i] for i in leaves]
+      outs = (run(grads_here) if apply is None
+              else apply.take(leaves).unfused(run, grads_here))
     for i, out in zip(leaves, outs):
       results[i] = out
   return results

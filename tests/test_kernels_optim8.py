@@ -266,6 +266,78 @@ def test_stochastic_rounding_matches_library_reference(impl, block_size):
   assert moved > 0.01 * offset  # m2 did round away from the nearest code
 
 
+# 2-D with partial blocks, 0-d, empty, 16-bit; fewer than INTERPRET_LEAVES:
+# the interpreter's time grows with the lanes.
+APPLY_LEAVES = [((40, 7), "float32"), ((), "float32"), ((0,), "float32"),
+                ((300,), "bfloat16"), ((129,), "float16")]
+
+
+def _params(grads):
+  return [(0.5 * jax.random.normal(jax.random.key(100 + i), g.shape)).astype(g.dtype)
+          for i, g in enumerate(grads)]
+
+
+def _assert_params(got, want, impl):
+  if impl == "interpret":
+    assert_same_cast(got, want, impl)
+    return
+  assert got.dtype == want.dtype and got.shape == want.shape
+  # FMA contraction and the GPU's approximate division: an ulp of float32
+  # in the direction, then one rounding to the parameter's dtype.
+  tol = {np.dtype(jnp.bfloat16): 2.0**-7, np.dtype(jnp.float16): 2.0**-10}.get(
+      np.dtype(got.dtype), 1e-6)
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), rtol=tol, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("algorithm, coupled, stochastic", [
+    ("adam", False, None), ("ademamix", False, (False, True, False)),
+    ("lion", False, None), ("momentum", True, None)])
+def test_parameter_step_matches_library_reference(impl, algorithm, coupled,
+                                                  stochastic):
+  """``apply_8bit``: the kernel reads the parameters and writes ``p - lr *
+  (d + wd * p)`` (coupled: the moments see ``g + wd * p``) for the leaves
+  that decay, ``p - lr * d`` for the others; moments as the reference's."""
+  cases = APPLY_LEAVES if impl == "interpret" else GPU_LEAVES
+  grads, moments, hyper = _leaves(algorithm, cases, 64)
+  params = _params(grads)
+  decays = [i % 2 == 0 for i in range(len(grads))]
+  step = jnp.int32(5)
+  out = update8.apply_8bit(algorithm, params, grads, moments, hyper,
+                           learning_rate=0.01, weight_decay=0.1, decays=decays,
+                           coupled_decay=coupled, block_size=64,
+                           stochastic=stochastic, step=step, impl=impl)
+  offset = 0
+  for p, g, m, decay, (new_p, new_m) in zip(params, grads, moments, decays, out):
+    want_p, want_m = update8.apply_8bit_reference(
+        algorithm, p, g, m, hyper, learning_rate=0.01, weight_decay=0.1,
+        decays=decay, coupled_decay=coupled, block_size=64,
+        stochastic=stochastic, step=step, counter_offset=offset)
+    offset += g.size
+    _assert_params(new_p, want_p, impl)
+    _assert_moments(new_m, want_m, impl)
+
+
+def test_parameter_step_of_float64_params_runs_in_float64():
+  """The kernels write 16/32-bit parameters; a float64 one takes its step
+  in jax.numpy after the kernel's update (same moments)."""
+  with jax.enable_x64(True):
+    grads, moments, hyper = _leaves("adam", [((300,), "float32")] * 2, 64)
+    params = [jnp.full((300,), 1 + 2.0**-40, jnp.float64),
+              jnp.ones((300,), jnp.float32)]
+    out = update8.apply_8bit("adam", params, grads, moments, hyper,
+                             learning_rate=2.0**-30, weight_decay=0.0,
+                             block_size=64, impl="interpret")
+    for p, g, m, (new_p, new_m) in zip(params, grads, moments, out):
+      want_p, want_m = update8.apply_8bit_reference(
+          "adam", p, g, m, hyper, learning_rate=2.0**-30, block_size=64)
+      assert new_p.dtype == p.dtype
+      np.testing.assert_array_equal(new_p, want_p)
+      _assert_moments(new_m, want_m, "interpret")
+    assert np.any(np.asarray(out[0][0]) != np.asarray(out[0][0], np.float32))
+
+
 @pytest.mark.parametrize("max_pointers, launches", [(384, 5), (10, 7)])
 def test_launches_group_leaves_by_dtype_and_pointer_budget(monkeypatch,
                                                            max_pointers, launches):

@@ -10,9 +10,12 @@
   in host memory between steps);
 * :mod:`~jlowbit.optax_transforms.state`: state NamedTuples and
   :class:`Quantized8bitMoment`;
-* :mod:`~jlowbit.optax_transforms.sharding`: ``state_shardings``.
+* :mod:`~jlowbit.optax_transforms.sharding`: ``state_shardings``;
+* :mod:`~jlowbit.optax_transforms.apply`: ``update_and_apply`` (one step
+  that writes the parameters, fused into the kernel for the aliases).
 
-The step itself is the functional op :func:`jlowbit.update8.update_8bit`.
+The step itself is the functional op :func:`jlowbit.update8.update_8bit`
+(:func:`jlowbit.update8.apply_8bit` when it writes the parameters).
 """
 
 from jlowbit.optax_transforms.aliases import (
@@ -35,6 +38,7 @@ from jlowbit.optax_transforms.aliases import (
     sgd_8bit,
     sgd_32bit,
 )
+from jlowbit.optax_transforms.apply import update_and_apply
 from jlowbit.optax_transforms.checks import STATIC_ARGS
 from jlowbit.optax_transforms.clipping import (
     PercentileClippingState,

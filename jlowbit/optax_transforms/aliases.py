@@ -29,17 +29,9 @@ from typing import Any
 
 import optax
 
+from jlowbit.optax_transforms import apply
 from jlowbit.optax_transforms import state as state_lib
 from jlowbit.optax_transforms import transforms
-
-
-def _decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
-  """``add_decayed_weights``, or ``identity`` for a literal zero, unmasked decay
-  (both have the state ``EmptyState``)."""
-  if (mask is None and isinstance(weight_decay, (int, float))
-      and weight_decay == 0):
-    return optax.identity()
-  return optax.add_decayed_weights(weight_decay, mask)
 
 
 def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
@@ -72,10 +64,10 @@ def adam_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
     >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, state)
     >>> params = optax.apply_updates(params, updates)
   """
-  return optax.chain(
+  return apply.fusable_chain(
       transforms.scale_by_adam_8bit(b1, b2, eps, block_size=block_size,
                                     min_8bit_size=min_8bit_size, impl=impl),
-      optax.scale_by_learning_rate(learning_rate))
+      learning_rate)
 
 
 def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
@@ -104,11 +96,10 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
-  return optax.chain(
+  return apply.fusable_chain(
       transforms.scale_by_adam_8bit(b1, b2, eps, block_size=block_size,
                                     min_8bit_size=min_8bit_size, impl=impl),
-      _decay(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate))
+      learning_rate, weight_decay, mask)
 
 
 def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
@@ -147,13 +138,12 @@ def ademamix_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
     Pagliardini et al., `The AdEMAMix Optimizer: Better, Faster, Older
     <https://arxiv.org/abs/2409.03137>`_, 2024.
   """
-  return optax.chain(
+  return apply.fusable_chain(
       transforms.scale_by_ademamix_8bit(
           b1, b2, b3, alpha, eps, t_alpha=t_alpha, t_beta3=t_beta3,
           stochastic_rounding=stochastic_rounding, block_size=block_size,
           min_8bit_size=min_8bit_size, impl=impl),
-      _decay(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate))
+      learning_rate, weight_decay, mask)
 
 
 def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
@@ -181,11 +171,10 @@ def lion_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
     Chen et al., `Symbolic Discovery of Optimization Algorithms
     <https://arxiv.org/abs/2302.06675>`_, 2023.
   """
-  return optax.chain(
+  return apply.fusable_chain(
       transforms.scale_by_lion_8bit(b1, b2, block_size=block_size,
                                     min_8bit_size=min_8bit_size, impl=impl),
-      _decay(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate))
+      learning_rate, weight_decay, mask)
 
 
 def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum: Any = 0.9,
@@ -208,11 +197,10 @@ def sgd_8bit(learning_rate: optax.ScalarOrSchedule, momentum: Any = 0.9,
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  return optax.chain(
-      _decay(weight_decay, None),
+  return apply.fusable_chain(
       transforms.scale_by_momentum_8bit(momentum, block_size=block_size,
                                         min_8bit_size=min_8bit_size, impl=impl),
-      optax.scale_by_learning_rate(learning_rate))
+      learning_rate, weight_decay, coupled=True)
 
 
 def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay: Any = 0.99,
@@ -237,11 +225,10 @@ def rmsprop_8bit(learning_rate: optax.ScalarOrSchedule, decay: Any = 0.99,
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  return optax.chain(
-      _decay(weight_decay, None),
+  return apply.fusable_chain(
       transforms.scale_by_rms_8bit(decay, eps, block_size=block_size,
                                    min_8bit_size=min_8bit_size, impl=impl),
-      optax.scale_by_learning_rate(learning_rate))
+      learning_rate, weight_decay, coupled=True)
 
 
 def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, eps: Any = 1e-10,
@@ -265,11 +252,10 @@ def adagrad_8bit(learning_rate: optax.ScalarOrSchedule, eps: Any = 1e-10,
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  return optax.chain(
-      _decay(weight_decay, None),
+  return apply.fusable_chain(
       transforms.scale_by_rss_8bit(eps, block_size=block_size,
                                    min_8bit_size=min_8bit_size, impl=impl),
-      optax.scale_by_learning_rate(learning_rate))
+      learning_rate, weight_decay, coupled=True)
 
 
 def lamb_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
@@ -304,7 +290,7 @@ def lamb_8bit(learning_rate: optax.ScalarOrSchedule, b1: Any = 0.9,
   return optax.chain(
       transforms.scale_by_adam_8bit(b1, b2, eps, block_size=block_size,
                                     min_8bit_size=min_8bit_size, impl=impl),
-      _decay(weight_decay, mask),
+      apply.decay_transform(weight_decay, mask),
       optax.scale_by_trust_ratio(),
       optax.scale_by_learning_rate(learning_rate))
 
@@ -343,7 +329,7 @@ def lars_8bit(learning_rate: optax.ScalarOrSchedule,
     <https://arxiv.org/abs/1708.03888>`_, 2017.
   """
   return optax.chain(
-      _decay(weight_decay, weight_decay_mask),
+      apply.decay_transform(weight_decay, weight_decay_mask),
       optax.masked(optax.scale_by_trust_ratio(
           trust_coefficient=trust_coefficient, eps=eps), trust_ratio_mask),
       optax.scale_by_learning_rate(learning_rate),

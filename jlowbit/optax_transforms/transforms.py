@@ -64,29 +64,54 @@ def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
                    hyper: Callable[[Any], jax.Array], block_size: int,
                    impl: str | None,
                    stochastic: tuple[bool, ...] | None,
-                   step: jax.Array) -> list:
-  """Per leaf ``(direction, ((codes, absmax) per moment))``.
+                   step: jax.Array,
+                   apply: update8.ParameterStep | None = None) -> list:
+  """Per leaf ``(direction, ((codes, absmax) per moment))``; with ``apply``
+  (its parameters and decays per leaf) the new parameter instead of the
+  direction.
 
   ``hyper(dtype)``: the hyper vector in ``dtype`` (float32; float64 for
   float64 moments). ``codes[i]``/``absmax[i]``: leaf i's per-moment codes
   and absmax;
   ``absmax[i][0] is None`` for a float-state leaf, whose codes are the
   float moments (absmax stays ``None``). The 8-bit leaves go to
-  :func:`jlowbit.update8.update_8bit` together (few kernel launches; their
-  rounding noise counts their elements in tree order).
+  :func:`jlowbit.update8.update_8bit` (:func:`jlowbit.update8.apply_8bit`)
+  together (few kernel launches; their rounding noise counts their elements
+  in tree order); the other leaves take the parameter step in ``jax.numpy``.
   """
   out = [None] * len(grads)
   eightbit = [i for i in range(len(grads)) if absmax[i][0] is not None]
-  for i, g in enumerate(grads):
-    if absmax[i][0] is None:
+  floats = [i for i in range(len(grads)) if absmax[i][0] is None]
+
+  def float_step(leaf_grads, leaves=floats):
+    results = []
+    for i, g in zip(leaves, leaf_grads):
       moments = tuple(offload.to_device(m) for m in codes[i])
       direction, new = update8.update_float(
           algorithm, g, moments, hyper(moments[0].dtype))
-      out[i] = direction, tuple((m.astype(old.dtype), None)
-                                for m, old in zip(new, codes[i]))
+      results.append((direction, tuple((m.astype(old.dtype), None)
+                                       for m, old in zip(new, codes[i]))))
+    return results
+
+  leaf_grads = [grads[i] for i in floats]
+  results = (float_step(leaf_grads) if apply is None
+             else apply.take(floats).unfused(float_step, leaf_grads))
+  for i, result in zip(floats, results):
+    out[i] = result
   if any(offload.in_host_memory(codes[i][0]) for i in eightbit):
     _update_streamed(out, algorithm, grads, codes, absmax, eightbit, hyper,
-                     block_size, impl, stochastic, step)
+                     block_size, impl, stochastic, step, apply)
+  elif eightbit and apply is not None:
+    part = apply.take(eightbit)
+    results = update8.apply_8bit(
+        algorithm, part.params, [grads[i] for i in eightbit],
+        [tuple(zip(codes[i], absmax[i])) for i in eightbit],
+        hyper(jnp.float32), learning_rate=part.learning_rate,
+        weight_decay=part.weight_decay, decays=part.decays,
+        coupled_decay=part.coupled, block_size=block_size,
+        stochastic=stochastic, step=step, impl=impl)
+    for i, result in zip(eightbit, results):
+      out[i] = result
   elif eightbit:
     results = update8.update_8bit(
         algorithm, [grads[i] for i in eightbit],
@@ -100,13 +125,15 @@ def _update_leaves(algorithm: str, grads: list, codes: list, absmax: list,
 
 def _update_streamed(out: list, algorithm: str, grads: list, codes: list,
                      absmax: list, eightbit: list, hyper, block_size: int,
-                     impl: str | None, stochastic, step) -> None:
+                     impl: str | None, stochastic, step,
+                     apply: update8.ParameterStep | None) -> None:
   """The 8-bit leaves when their moments are in host memory
   (:func:`jlowbit.offload_state` with ``chunks``): leaves of rank >= 2
   streamed through the device in slices of their leading axis
   (:func:`jlowbit.optax_transforms.offload.stream_update`, one loop per
   chunk count), the others moved in whole. Every leaf keeps the noise
-  counters of the one-call update, so the results are bit-identical."""
+  counters of the one-call update, so the results are bit-identical. With
+  ``apply`` the parameter step follows in ``jax.numpy``."""
   sizes = [grads[i].size for i in eightbit]
   offsets = dict(zip(eightbit, np.cumsum([0] + sizes[:-1]).tolist()))
   host = [i for i in eightbit if offload.in_host_memory(codes[i][0])]
@@ -116,24 +143,28 @@ def _update_streamed(out: list, algorithm: str, grads: list, codes: list,
   groups: dict[int, list[int]] = {}
   for k, chunks in plan.items():
     groups.setdefault(chunks, []).append(host[k])
-  for chunks, leaves in sorted(groups.items()):
-    results = offload.stream_update(
-        algorithm, [grads[i] for i in leaves],
-        [tuple(zip(codes[i], absmax[i])) for i in leaves], hyper(jnp.float32),
-        chunks=chunks, block_size=block_size, stochastic=stochastic,
-        step=step, impl=impl, counter_offsets=[offsets[i] for i in leaves])
+  def stepped(run, leaves):
+    leaf_grads = [grads[i] for i in leaves]
+    results = (run(leaf_grads) if apply is None
+               else apply.take(leaves).unfused(run, leaf_grads))
     for i, result in zip(leaves, results):
       out[i] = result
+
+  for chunks, leaves in sorted(groups.items()):
+    stepped(lambda g, leaves=leaves, chunks=chunks: offload.stream_update(
+        algorithm, g, [tuple(zip(codes[i], absmax[i])) for i in leaves],
+        hyper(jnp.float32), chunks=chunks, block_size=block_size,
+        stochastic=stochastic, step=step, impl=impl,
+        counter_offsets=[offsets[i] for i in leaves]), leaves)
   if whole:
     whole = sorted(whole)
-    results = update8.update_8bit(
-        algorithm, [grads[i] for i in whole],
+    stepped(lambda g: update8.update_8bit(
+        algorithm, g,
         [tuple((offload.to_device(c), offload.to_device(a))
                for c, a in zip(codes[i], absmax[i])) for i in whole],
         hyper(jnp.float32), block_size=block_size, stochastic=stochastic,
-        step=step, impl=impl, counter_offsets=[offsets[i] for i in whole])
-    for i, result in zip(whole, results):
-      out[i] = result
+        step=step, impl=impl, counter_offsets=[offsets[i] for i in whole]),
+            whole)
 
 
 def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
@@ -169,8 +200,9 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
         state_lib.init_moment(params, signed=s, storage=storage)
         for s in alg.signed))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def step(updates, state, params, apply_to=None):
+    """``(directions or, with apply_to(treedef) -> ParameterStep, new
+    params, new state)``."""
     updates = checks.as_float_leaves(updates, "updates")
     checks.check_state(state, state_cls, alg, updates, params, storage)
     moments = state[1:]
@@ -181,7 +213,8 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
     per_leaf = lambda trees: list(zip(*(treedef.flatten_up_to(t) for t in trees)))
     out = _update_leaves(algorithm, grads, per_leaf([m.codes for m in moments]),
                          per_leaf([m.absmax for m in moments]), hyper,
-                         block_size, impl, stochastic, count)
+                         block_size, impl, stochastic, count,
+                         apply_to and apply_to(treedef))
     pick = lambda f: treedef.unflatten([f(o) for o in out])
     new_moments = [
         state_lib.Quantized8bitMoment(pick(lambda o, i=i: o[1][i][0]),
@@ -189,6 +222,21 @@ def scale_by_8bit(algorithm: str, state_cls: type, hyper_fn: HyperFn, *,
         for i in range(len(alg.moments))]
     return pick(lambda o: o[0]), state_cls(count, *new_moments)
 
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return step(updates, state, params)
+
+  def parameter_step(updates, state, params, *, learning_rate, weight_decay,
+                     decays, coupled):
+    """(new params, new state): the update with the parameter step fused
+    (:func:`jlowbit.update8.apply_8bit`; ``decays`` a tree of bools like
+    ``params``)."""
+    checks.check_float_leaves(params, "params")
+    return step(updates, state, params, lambda treedef: update8.ParameterStep(
+        treedef.flatten_up_to(params), learning_rate, weight_decay,
+        tuple(treedef.flatten_up_to(decays)), coupled))
+
+  update_fn.parameter_step = parameter_step
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

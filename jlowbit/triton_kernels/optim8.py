@@ -326,52 +326,81 @@ class Leaf(NamedTuple):
   key_at: int  # index of its first noise key
   aligned: bool  # whether its rows are whole blocks
   row_noise: bool  # whether its noise is keyed per row
+  decays: bool = False  # whether the parameter step decays it (``apply``)
 
 
 Layout = tuple[Leaf, ...]
 
 
-def _leaf_pointers(suffix: str, moments: int,
-                   direction: bool) -> tuple[list[str], list[str]]:
-  """Names of one leaf's (input, output) pointers: ``g``, ``c<j>``/``a<j>``
-  (codes/absmax of moment j), ``d`` (with ``direction``),
+def _leaf_pointers(suffix: str, moments: int, direction: bool,
+                   apply: bool = False) -> tuple[list[str], list[str]]:
+  """Names of one leaf's (input, output) pointers: ``g``, ``p`` (the
+  parameter, with ``apply``), ``c<j>``/``a<j>`` (codes/absmax of moment j),
+  ``d`` (with ``direction``) or ``op`` (the new parameter, with ``apply``),
   ``oc<j>``/``oa<j>``, each + ``suffix``."""
   pairs = [f"{p}{j}{suffix}" for j in range(moments) for p in "ca"]
   outs = [f"d{suffix}"] if direction else []
+  if apply:
+    return [f"g{suffix}", f"p{suffix}", *pairs], [f"op{suffix}",
+                                                 *("o" + p for p in pairs)]
   return [f"g{suffix}", *pairs], [*outs, *("o" + p for p in pairs)]
 
 
-def _leaf_dispatch(layout: Layout, moments: int, direction: bool, lo: int,
-                   hi: int, indent: str) -> list[str]:
+def _leaf_dispatch(layout: Layout, moments: int, direction: bool,
+                   apply: str | None, lo: int, hi: int, indent: str) -> list[str]:
   """Nested ``if``\\ s calling the tile function on the leaf (of ``lo:hi``)
   that owns ``tile``: unmasked on its full tiles, masked on the others."""
   if hi - lo == 1:
     leaf = layout[lo]
-    ins, outs = _leaf_pointers(f"_{lo}", moments, direction)
+    ins, outs = _leaf_pointers(f"_{lo}", moments, direction, apply is not None)
+    decays = "" if apply is None else f", {leaf.decays}"
     call = lambda full: (
         f"_update_tile({', '.join(ins + outs)}, qmaps_ptr, buckets_ptr, "
         f"hyper_ptr, keys_ptr, tile - {leaf.first}, {leaf.rows}, "
         f"{leaf.row_chunks}, {leaf.row_blocks}, {leaf.rows * leaf.row_chunks}, "
         f"{leaf.rows * leaf.row_blocks}, {leaf.key_at}, BLOCK_SIZE, TILE, "
-        f"CHUNK, CODE_BITS, {leaf.aligned}, {leaf.row_noise}, {full})")
+        f"CHUNK, CODE_BITS, {leaf.aligned}, {leaf.row_noise}, {full}{decays})")
     if leaf.full_tiles in (0, leaf.tiles):
       return [indent + call(leaf.full_tiles > 0)]
     return [f"{indent}if tile < {leaf.first + leaf.full_tiles}:",
             f"{indent}  {call(True)}", f"{indent}else:", f"{indent}  {call(False)}"]
   mid = (lo + hi) // 2
   return ([f"{indent}if tile < {layout[mid].first}:"]
-          + _leaf_dispatch(layout, moments, direction, lo, mid, indent + "  ")
+          + _leaf_dispatch(layout, moments, direction, apply, lo, mid,
+                           indent + "  ")
           + [f"{indent}else:"]
-          + _leaf_dispatch(layout, moments, direction, mid, hi, indent + "  "))
+          + _leaf_dispatch(layout, moments, direction, apply, mid, hi,
+                           indent + "  "))
 
 
 _CONSTEXPRS = ("BLOCK_SIZE", "TILE", "CHUNK", "CODE_BITS")
+APPLY_MODES = ("decoupled", "coupled")
+
+
+def _parameter_step(algorithm: str, apply: str) -> tuple[list[str], list[str]]:
+  """Tile-body lines of the parameter step (``apply``): before the math
+  (load ``p``; coupled decay adds ``wd * p`` to the gradient) and after it
+  (decoupled decay adds ``wd * p`` to the direction; store ``p - lr * d``).
+  ``lr`` and ``wd`` follow the algorithm's hyperparameters in ``hyper``."""
+  at = len(algorithms.ALGORITHMS[algorithm].hyper)
+  before = ["param = _load_grad(p_ptr, offsets, mask)",
+            f"learning_rate = tl.load(hyper_ptr + {at})",
+            f"weight_decay = tl.load(hyper_ptr + {at + 1})"]
+  after = []
+  if apply == "coupled":
+    before += ["if DECAYS:", "  grad = grad + weight_decay * param"]
+  else:
+    after += ["if DECAYS:", "  direction = direction + weight_decay * param"]
+  after.append("_store_direction(op_ptr, param - learning_rate * direction, "
+               "offsets, mask)")
+  return before, after
 
 
 def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
-                   direction: bool) -> str:
+                   direction: bool, apply: str | None = None) -> str:
   """Source of the tile function ``_update_tile`` and the kernel (which
-  writes the direction if ``direction``)."""
+  writes the direction if ``direction``, or with ``apply`` (one of
+  :data:`APPLY_MODES`) the new parameters instead)."""
   alg = algorithms.ALGORITHMS[algorithm]
   signed, k = alg.signed, len(alg.signed)
   constexprs = [f"{c}: tl.constexpr" for c in _CONSTEXPRS]
@@ -384,33 +413,38 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
   steps = lambda j: _search_tables()[2][book(j)][stochastic[j]]
   moments = ", ".join(f"m{j}" for j in range(k))
   tile_args = "tile, offsets, mask, leaf_blocks, BLOCK_SIZE, TILE, FULL"
-  ins, outs = _leaf_pointers("_ptr", k, direction)
+  ins, outs = _leaf_pointers("_ptr", k, direction, apply is not None)
+  tile_flags = ("ALIGNED", "ROW_NOISE", "FULL") + (("DECAYS",) if apply else ())
   tile_params = [*ins, *outs, "qmaps_ptr", "buckets_ptr", "hyper_ptr", "keys_ptr",
                  "tile", "rows", "row_chunks", "row_blocks", "leaf_chunks",
                  "leaf_blocks", "key_at", *constexprs,
-                 *(f"{c}: tl.constexpr" for c in ("ALIGNED", "ROW_NOISE", "FULL"))]
+                 *(f"{c}: tl.constexpr" for c in tile_flags)]
   noise = (["units = _tile_noise(keys_ptr, key_at, offsets, mask, n, ROW_NOISE)"]
            if any(stochastic) else [])
+  before, after = _parameter_step(algorithm, apply) if apply else ([], [])
+  if direction:
+    after = ["_store_direction(d_ptr, direction, offsets, mask)"]
   tile_body = [
       "offsets, mask, n = _leaf_tile(tile, rows, row_chunks, row_blocks, "
       "leaf_chunks, BLOCK_SIZE, CHUNK, TILE, ALIGNED, FULL)",
       "grad = _load_grad(g_ptr, offsets, mask)",
+      *before,
       *(f"m{j} = _load_moment(c{j}_ptr, a{j}_ptr, {qmap(j, 0)}, {tile_args}, "
         "CODE_BITS)"
         for j in range(k)),
       f"direction, {moments} = {algorithm}_math(grad, {moments}, hyper_ptr)",
-      *(["_store_direction(d_ptr, direction, offsets, mask)"] if direction else []),
+      *after,
       *noise,
       *(f"_store_moment(m{j}, oc{j}_ptr, oa{j}_ptr, {search(j)}, {tile_args}, "
         f"{'units' if stochastic[j] else 'None'}, CODE_BITS, {steps(j)}, "
         f"{stochastic[j]}, {alg.saturates}, {signed[j]})" for j in range(k)),
   ]
-  ins, outs = zip(*(_leaf_pointers(f"_{i}", k, direction)
+  ins, outs = zip(*(_leaf_pointers(f"_{i}", k, direction, apply is not None)
                     for i in range(len(layout))))
   params = [*sum(ins, []), "qmaps_ptr", "buckets_ptr", "hyper_ptr", "keys_ptr",
             *sum(outs, []), *constexprs]
   body = ["tile = tl.program_id(0)",
-          *_leaf_dispatch(layout, k, direction, 0, len(layout), "")]
+          *_leaf_dispatch(layout, k, direction, apply, 0, len(layout), "")]
   return (f"def _update_tile({', '.join(tile_params)}):\n"
           + "".join(f"  {line}\n" for line in tile_body)
           + f"\n\ndef {algorithm}_update_kernel({', '.join(params)}):\n"
@@ -419,18 +453,20 @@ def _kernel_source(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
 
 @functools.cache
 def update_kernel(algorithm: str, layout: Layout, stochastic: tuple[bool, ...],
-                  direction: bool) -> triton.JITFunction:
+                  direction: bool, apply: str | None = None
+                  ) -> triton.JITFunction:
   """The ``@triton.jit`` update kernel of ``algorithm`` over ``layout``.
 
-  Arguments: per leaf ``g, (codes, absmax) per moment``; then ``qmaps``,
-  ``buckets``, ``hyper``, ``keys`` (uint32, the rounding noise's keys:
-  :func:`fused_update`, read only when a moment of ``stochastic`` is true); then per
-  leaf the outputs ``d`` (if ``direction``),
-  ``(codes, absmax)`` per moment; then the constexprs.
+  Arguments: per leaf ``g``, ``p`` (with ``apply``), ``(codes, absmax)``
+  per moment; then ``qmaps``, ``buckets``, ``hyper``, ``keys`` (uint32, the
+  rounding noise's keys: :func:`fused_update`, read only when a moment of
+  ``stochastic`` is true); then per leaf the outputs ``d`` (if
+  ``direction``) or the new ``p`` (with ``apply``), ``(codes, absmax)`` per
+  moment; then the constexprs.
   The source is registered with :mod:`linecache` so that Triton (and its
   interpreter) can read it.
   """
-  source = _kernel_source(algorithm, layout, stochastic, direction)
+  source = _kernel_source(algorithm, layout, stochastic, direction, apply)
   digest = hashlib.sha256(source.encode()).hexdigest()[:16]
   filename = f"<jlowbit.optim8 {algorithm} {digest}>"
   linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -478,10 +514,24 @@ def bucket_entries() -> np.ndarray:
 Moment = tuple[jax.Array, jax.Array]
 
 
-def _launches(algorithm: str, grads: Sequence[jax.Array]) -> list[list[int]]:
+class ParameterStep(NamedTuple):
+  """The parameter step a launch fuses into the update (:func:`fused_update`):
+  per gradient its parameter ``p`` (float32, bfloat16 or float16, the
+  gradient's shape) and whether it decays, and the decay's ``mode`` (one of
+  :data:`APPLY_MODES`). The kernel writes ``p - lr * (d + wd * p)``
+  (decoupled) or steps with ``g + wd * p`` (coupled) and writes ``p - lr *
+  d``, in float32; ``lr`` and ``wd`` are the two entries of ``hyper`` after
+  the algorithm's own."""
+  params: Sequence[jax.Array]
+  decays: Sequence[bool]
+  mode: str
+
+
+def _launches(algorithm: str, grads: Sequence[jax.Array],
+              apply: bool = False) -> list[list[int]]:
   """Leaf indices per launch: non-empty leaves grouped by gradient dtype and
   by whether 16 divides their rows' length, at most MAX_KERNEL_POINTERS each."""
-  per_leaf = 2 + 4 * len(algorithms.ALGORITHMS[algorithm].moments)
+  per_leaf = 2 + apply + 4 * len(algorithms.ALGORITHMS[algorithm].moments)
   groups: dict[tuple, list[int]] = {}
   for i, grad in enumerate(grads):
     if grad.size:
@@ -500,27 +550,36 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
             moments: Sequence[tuple[Moment, ...]], hyper: jax.Array,
             keys: jax.Array, key_at: Sequence[tuple[int, bool]],
             block_size: int, impl: str,
-            stochastic: tuple[bool, ...], write_direction: bool
+            stochastic: tuple[bool, ...], write_direction: bool,
+            apply: ParameterStep | None
             ) -> list[tuple[jax.Array | None, tuple[Moment, ...]]]:
-  """One kernel launch over non-empty leaves of one dtype."""
+  """One kernel launch over non-empty leaves of one dtype (``apply``: their
+  parameter step)."""
   alg = algorithms.ALGORITHMS[algorithm]
   tile = max(TILE_ELEMENTS, block_size)
   chunk = (VECTOR_CHUNK if all(_row_length(g) % VECTOR_CHUNK == 0 for g in grads)
            else 1)
   layout, first = [], 0
-  for grad, (at, row_noise) in zip(grads, key_at):
+  decays = apply.decays if apply else (False,) * len(grads)
+  for grad, (at, row_noise), decay in zip(grads, key_at, decays):
     n = _row_length(grad)
     rows, row_blocks = grad.size // n, cdiv(n, block_size)
     aligned = n == row_blocks * block_size
     tiles = cdiv(rows * row_blocks * block_size, tile)
     layout.append(Leaf(first, tiles, grad.size // tile if aligned else 0, rows,
-                       n // chunk, row_blocks, at, aligned, row_noise))
+                       n // chunk, row_blocks, at, aligned, row_noise,
+                       bool(decay)))
     first += tiles
   args, out_shape, aliases = [], [], {}
-  for grad, leaf_moments in zip(grads, moments):
+  for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
     n = grad.size
     args.append(grad.reshape(-1))
-    if write_direction:
+    if apply:
+      param = apply.params[i]
+      aliases[len(args)] = len(out_shape)
+      args.append(param.reshape(-1))
+      out_shape.append(jax.ShapeDtypeStruct((n,), param.dtype))
+    elif write_direction:
       out_shape.append(jax.ShapeDtypeStruct(
           (n,), alg.exact_direction_dtype or grad.dtype))
     for codes, absmax in leaf_moments:
@@ -531,17 +590,21 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
   outs = launch(
       __name__, "update_kernel", *args, jnp.asarray(qmaps()),
       jnp.asarray(bucket_entries()), hyper, keys,
-      kernel_args=(algorithm, tuple(layout), stochastic, write_direction),
+      kernel_args=(algorithm, tuple(layout), stochastic, write_direction,
+                   apply.mode if apply else None),
       out_shape=out_shape,
       grid=(first,), impl=impl, input_output_aliases=aliases,
       num_warps=tile // (32 * ELEMENTS_PER_THREAD), BLOCK_SIZE=block_size,
       TILE=tile, CHUNK=chunk, CODE_BITS=CODE_BITS)
-  per_leaf = 2 * len(alg.moments) + write_direction
+  per_leaf = 2 * len(alg.moments) + (write_direction or bool(apply))
   results = []
   for i, (grad, leaf_moments) in enumerate(zip(grads, moments)):
     flat = outs[i * per_leaf:(i + 1) * per_leaf]
     d = None
-    if write_direction:
+    if apply:
+      d, *flat = flat
+      d = d.reshape(grad.shape)
+    elif write_direction:
       d, *flat = flat
       d = d.astype(grad.dtype).reshape(grad.shape)
     results.append((d, tuple(
@@ -556,6 +619,7 @@ def fused_update(
     moments: Sequence[tuple[Moment, ...]], hyper: jax.Array, keys: jax.Array,
     key_at: Sequence[tuple[int, bool]], *, block_size: int, impl: str,
     stochastic: tuple[bool, ...], write_direction: bool,
+    apply: ParameterStep | None = None,
 ) -> list[tuple[jax.Array | None, tuple[Moment, ...]]]:
   r"""Launches the fused 8-bit optimizer step of many leaves (few launches).
 
@@ -582,20 +646,29 @@ def fused_update(
     impl: ``"triton"`` or ``"interpret"``.
     stochastic: per moment, whether it rounds stochastically.
     write_direction: whether the kernel writes the update direction.
+    apply: the parameter step to fuse, or ``None``; then ``hyper`` holds
+      ``lr`` and ``wd`` after the algorithm's entries and the kernel writes
+      the new parameters instead of a direction.
 
   Returns:
     Per gradient ``(direction, new_moments)``: ``direction`` of the
     gradient's shape and dtype (``None`` when not written or for an empty
-    gradient), ``new_moments`` like its ``moments``. The codes and absmax are
-    updated in place (``input_output_aliases``) when the caller donates them.
-    Empty gradients launch nothing and keep their moments.
+    gradient; with ``apply`` the new parameter instead), ``new_moments``
+    like its ``moments``. The codes and absmax (and with ``apply`` the
+    parameters) are updated in place (``input_output_aliases``) when the
+    caller donates them. Empty gradients launch nothing and keep their
+    moments (and parameters).
   """
-  results = [(None, tuple(m)) for m in moments]
-  for leaves in _launches(algorithm, grads):
+  results = [(apply.params[i] if apply else None, tuple(m))
+             for i, m in enumerate(moments)]
+  for leaves in _launches(algorithm, grads, apply is not None):
     outs = _launch(algorithm, [grads[i] for i in leaves],
                    [moments[i] for i in leaves], hyper, keys,
                    [key_at[i] for i in leaves], block_size, impl, stochastic,
-                   write_direction)
+                   write_direction and apply is None,
+                   apply and ParameterStep([apply.params[i] for i in leaves],
+                                           [apply.decays[i] for i in leaves],
+                                           apply.mode))
     for i, out in zip(leaves, outs):
       results[i] = out
   return results
