@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import KERNEL_IMPLS
 
 import jlowbit as lowbit
 
@@ -88,10 +89,11 @@ def test_fused_step_equals_update_then_apply(name):
   _assert_trees_close(got[1], want[1], rtol=1e-6)
 
 
-def test_fused_kernel_step_in_the_interpreter():
-  """The kernel path (Triton's interpreter) through the front end, bfloat16
-  parameters: within one bfloat16 rounding of the unfused step."""
-  tx = lowbit.adamw_8bit(1e-2, weight_decay=0.1, impl="interpret")
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_fused_kernel_step(impl):
+  """The kernel path through the front end, bfloat16 parameters: within one
+  bfloat16 rounding of the unfused step."""
+  tx = lowbit.adamw_8bit(1e-2, weight_decay=0.1, impl=impl)
   params = _tree(jnp.bfloat16)
   want = _run(_unfused(lowbit.adamw_8bit(1e-2, weight_decay=0.1, impl="xla")),
               tx, params, steps=1)
