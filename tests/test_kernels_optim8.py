@@ -282,12 +282,16 @@ def _assert_params(got, want, impl):
     assert_same_cast(got, want, impl)
     return
   assert got.dtype == want.dtype and got.shape == want.shape
-  # FMA contraction and the GPU's approximate division: an ulp of float32
-  # in the direction, then one rounding to the parameter's dtype.
+  # FMA contraction and the GPU's approximate division move the direction
+  # by an ulp or so, then one rounding to the parameter's dtype; where a
+  # moment code sits one step away (rare, _assert_moments) the direction
+  # moves more, the parameter by lr * that (lr = 0.01 here).
   tol = {np.dtype(jnp.bfloat16): 2.0**-7, np.dtype(jnp.float16): 2.0**-10}.get(
       np.dtype(got.dtype), 1e-6)
-  np.testing.assert_allclose(np.asarray(got, np.float32),
-                             np.asarray(want, np.float32), rtol=tol, atol=1e-6)
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  off = np.abs(got - want) > tol * np.abs(want) + 1e-6
+  assert np.count_nonzero(off) <= 1e-5 * got.size
+  np.testing.assert_allclose(got[off], want[off], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", KERNEL_IMPLS)
