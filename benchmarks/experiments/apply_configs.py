@@ -5,7 +5,8 @@ parameter where the update alone moves 8, so the elements per thread and
 the tile that suited the update (``optim8.ELEMENTS_PER_THREAD``,
 ``optim8.TILE_ELEMENTS``; optimizer run 8) may not suit it. This times the
 jitted, donated ``lowbit.update_and_apply`` step (``optim.time_steps``,
-median of 10 x 10 steps) for each ``elements_per_thread x tile`` pair.
+median of 10 x 10 steps; ``--unfused``: ``tx.update`` then
+``optax.apply_updates``) for each ``elements_per_thread x tile`` pair.
 
 Run on an NVIDIA GPU from the repository root::
 
@@ -40,6 +41,7 @@ def main():
   parser.add_argument("--size", default="512M")
   parser.add_argument("--configs", nargs="+", default=["8x2048", "4x2048", "16x4096"],
                       help="ELEMENTS_PER_THREADxTILE_ELEMENTS")
+  parser.add_argument("--unfused", action="store_true")
   parser.add_argument("--json")
   args = parser.parse_args()
   n = int(args.size[:-1]) << 20
@@ -51,9 +53,10 @@ def main():
         per_thread, tile = map(int, config.split("x"))
         optim8.ELEMENTS_PER_THREAD, optim8.TILE_ELEMENTS = per_thread, tile
         seconds, _ = time_steps(OPTIMIZERS[name][0](), *make_tree([(n,)], dtype),
-                                fused=True)
+                                fused=not args.unfused)
         traffic = 3 * itemsize + STATE_BYTES[name]
-        row = dict(optimizer=name, dtype=dtype, per_thread=per_thread, tile=tile,
+        row = dict(optimizer=name, dtype=dtype, fused=not args.unfused,
+                   per_thread=per_thread, tile=tile,
                    ms=seconds * 1e3,
                    pct_hbm=100 * traffic * n / seconds / 1e12 / hbm_tbps())
         rows.append(row)
