@@ -3,7 +3,8 @@
 The kernel that writes the parameters moves 16 bytes a float32 AdamW
 parameter where the update alone moves 8, so the elements per thread and
 the tile that suited the update (``optim8.ELEMENTS_PER_THREAD``,
-``optim8.TILE_ELEMENTS``; optimizer run 8) may not suit it. This times the
+``optim8.TILE_ELEMENTS``; optimizer run 8) may not suit it
+(``optim8.APPLY_TILE_ELEMENTS``). This times the
 jitted, donated ``lowbit.update_and_apply`` step (``optim.time_steps``,
 median of 10 x 10 steps; ``--unfused``: ``tx.update`` then
 ``optax.apply_updates``) for each ``elements_per_thread x tile`` pair.
@@ -51,7 +52,8 @@ def main():
     for name in args.optimizers:
       for config in args.configs:
         per_thread, tile = map(int, config.split("x"))
-        optim8.ELEMENTS_PER_THREAD, optim8.TILE_ELEMENTS = per_thread, tile
+        optim8.ELEMENTS_PER_THREAD = per_thread
+        optim8.TILE_ELEMENTS = optim8.APPLY_TILE_ELEMENTS = tile
         seconds, _ = time_steps(OPTIMIZERS[name][0](), *make_tree([(n,)], dtype),
                                 fused=not args.unfused)
         traffic = 3 * itemsize + STATE_BYTES[name]

@@ -94,6 +94,10 @@ from jlowbit.triton_kernels import common
 from jlowbit.triton_kernels.launch import cdiv, launch
 
 TILE_ELEMENTS = 2048  # elements per program (more when a block is larger)
+# ... when the kernel also writes the parameters (ParameterStep): faster
+# there for every algorithm and dtype on an H200, 1-6% (benchmarks/RESULTS.md,
+# optimizer run 11: 512M fp32 AdamW 2.37 -> 2.24 ms), not for the update.
+APPLY_TILE_ELEMENTS = 1024
 # A thread updates this many elements of a tile. 16 issues 12-18% fewer
 # instructions per element than 8 (sm_90 SASS) but ran slower on an H200
 # (benchmarks/RESULTS.md, optimizer run 8: 512M fp32 AdamW 1.71 vs 1.80 ms,
@@ -556,7 +560,7 @@ def _launch(algorithm: str, grads: Sequence[jax.Array],
   """One kernel launch over non-empty leaves of one dtype (``apply``: their
   parameter step)."""
   alg = algorithms.ALGORITHMS[algorithm]
-  tile = max(TILE_ELEMENTS, block_size)
+  tile = max(APPLY_TILE_ELEMENTS if apply else TILE_ELEMENTS, block_size)
   chunk = (VECTOR_CHUNK if all(_row_length(g) % VECTOR_CHUNK == 0 for g in grads)
            else 1)
   layout, first = [], 0
