@@ -21,6 +21,12 @@ recomputing it (:func:`writes_direction`); otherwise this op computes it
 from the step's old state with :func:`direction_8bit_reference`, which XLA
 fuses into the update's consumer (``optax.apply_updates``).
 
+:func:`apply_8bit` is the step that also writes the parameters (``p - lr *
+(d + wd * p)``, or with coupled decay the moments of ``g + wd * p``): the
+kernel reads each parameter beside its gradient and writes it in place, so
+no direction is written or recomputed (:func:`apply_8bit_reference` is its
+twin; :func:`jlowbit.update_and_apply` the front end).
+
 :func:`update_float` is the same math with unquantized moments (the state of
 small leaves and of the ``*_32bit`` optimizers).
 """

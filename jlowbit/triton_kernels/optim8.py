@@ -19,6 +19,12 @@ their moments are zeroed before the absmax and never stored. The tiles
 that hold neither padding nor lanes past the end (all of a leaf whose
 size ``TILE`` divides) run an unmasked copy of the tile body (``FULL``).
 
+**The parameter step** (``apply``, :class:`ParameterStep`): the kernel
+also reads each leaf's parameter and writes ``p - lr * (d + wd * p)``
+(decoupled decay; coupled: the math takes ``g + wd * p``) in the
+parameter's dtype, in place, instead of the direction; such launches take
+tiles of :data:`APPLY_TILE_ELEMENTS`.
+
 **Many leaves, one launch.** Each XLA custom call costs a host launch and
 splits XLA's CUDA graph, so a model's ~50 large leaves are updated by one
 kernel whose grid covers the tiles of all of them. The kernel is generated
