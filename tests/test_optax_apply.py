@@ -127,3 +127,27 @@ def test_donated_params_and_state():
     params, state = step(grads, state, params)
   assert int(state[0].count) == 2
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_nnx_optimizer_steps_like_nnx_optimizer():
+  """``lowbit.nn.Optimizer``: the fused step inside ``nnx.jit``, the same
+  parameters and state as ``nnx.Optimizer`` with the same ``tx``."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def train(optimizer_cls):
+    model = nnx.Linear(300, 48, rngs=nnx.Rngs(0))
+    optimizer = optimizer_cls(model, lowbit.adamw_8bit(1e-2, impl="xla"),
+                              wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x):
+      grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+      optimizer.update(model, grads)
+
+    for t in range(2):
+      step(model, optimizer, jax.random.normal(jax.random.key(t), (8, 300)))
+    return nnx.state(model, nnx.Param), nnx.state(optimizer)
+
+  got, want = train(lowbit.nn.Optimizer), train(nnx.Optimizer)
+  _assert_trees_close(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), 1e-6)
+  _assert_trees_close(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), 1e-6)

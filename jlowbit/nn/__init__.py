@@ -1,7 +1,8 @@
 """Flax layers with 4-bit weights.
 
 NNX: ``Linear4bit``, ``LinearGeneral4bit``, ``Einsum4bit``, their QLoRA
-forms, model conversion (``quantize_model``, ``merge_lora``). linen:
+forms, model conversion (``quantize_model``, ``merge_lora``), an
+``Optimizer`` whose 8-bit kernel writes the parameters. linen:
 ``Dense4bit``, 4-bit params for unchanged ``nn.Dense`` models.
 
 ``from jlowbit import nn``; see :mod:`jlowbit.nn.linear4bit` and
@@ -27,6 +28,7 @@ from jlowbit.nn.linear4bit import (
     LoRALinearGeneral4bit,
     QuantizedWeight,
 )
+from jlowbit.nn.optimizer import Optimizer
 from jlowbit.nn.linen import (
     QUANTIZED,
     Dense4bit,
