@@ -55,6 +55,7 @@ from jlowbit.optax_transforms import (
     adamw_32bit,
     ademamix_8bit,
     ademamix_32bit,
+    chain,
     lamb_8bit,
     lamb_32bit,
     lars_8bit,

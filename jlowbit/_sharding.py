@@ -70,12 +70,15 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
                         moments: Sequence[tuple], hyper: jax.Array, step,
                         offsets: Sequence[int], block_size: int,
                         noise_type: type | None,
-                        shifts: jax.Array | None = None) -> list:
+                        shifts: jax.Array | None = None,
+                        params: Sequence[jax.Array] | None = None) -> list:
   """``fn`` on every device's shards of ``grads`` and their 8-bit moments.
 
   Args:
-    fn: ``fn(grads, moments, hyper, step=..., noise=...)`` returning per
-      leaf ``(direction, ((codes, absmax), ...))`` for whole local leaves;
+    fn: ``fn(grads, moments, hyper, step=..., noise=...)`` (with ``params``
+      also ``params=...``, the local shards of ``params``) returning per
+      leaf ``(direction, ((codes, absmax), ...))`` for whole local leaves
+      (with ``params``: the new parameter in place of the direction);
       ``noise`` is per leaf ``noise_type(row_counters, contiguous)`` or
       ``None`` (``noise_type`` is ``None``: no moment rounds stochastically).
       Hashable (the compiled step is cached on it, so an eager step
@@ -88,10 +91,14 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
     offsets: per leaf the noise counter of its first (global) element.
     block_size: elements per block.
     noise_type: the per-leaf noise record, or ``None``.
+    shifts: uint32 per leaf added to its noise counters, or ``None``.
+    params: per leaf its parameter (the gradient's shape), sharded as
+      ``fn`` needs it like the gradient, or ``None``.
 
   Returns:
-    ``fn``'s results as global arrays: directions and codes sharded like
-    their gradient, ``absmax`` by :func:`jlowbit._layout.block_spec`.
+    ``fn``'s results as global arrays: directions (new parameters) and
+    codes sharded like their gradient, ``absmax`` by
+    :func:`jlowbit._layout.block_spec`.
   """
   sizes = axis_sizes(mesh)
   specs = [PartitionSpec(*_layout.spec_entries(leaf_sharding(g).spec, g.ndim))
@@ -105,10 +112,12 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
   moments = [tuple((c if b == s else place(c, mesh, b), place(a, mesh, b))
                    for c, a in m)
              for m, s, b in zip(moments, specs, blocks)]
+  if params is not None:  # passed beside the gradients, sharded like them
+    grads = [(g, place(p, mesh, b)) for g, p, b in zip(grads, params, blocks)]
   step = jnp.zeros((), jnp.int32) if step is None else step
   mapped = _mapped(fn, mesh, tuple(shapes), tuple(blocks),
                    tuple(len(m) for m in moments), tuple(offsets), noise_type,
-                   shifts is not None)
+                   shifts is not None, params is not None)
   outs = (mapped(grads, moments, hyper, step) if shifts is None
           else mapped(grads, moments, hyper, step, shifts))
   results = []
@@ -122,13 +131,18 @@ def shard_mapped_update(fn: Callable, mesh, grads: Sequence[jax.Array],
 
 @functools.cache
 def _mapped(fn: Callable, mesh, shapes: tuple, blocks: tuple, moments: tuple,
-            offsets: tuple, noise_type, shifted: bool = False) -> Callable:
+            offsets: tuple, noise_type, shifted: bool = False,
+            with_params: bool = False) -> Callable:
   """The jitted ``jax.shard_map`` of :func:`shard_mapped_update` (cached).
   ``shifted``: it takes a fifth argument, uint32 per leaf, added to the
-  leaves' noise counters (traced counter offsets)."""
+  leaves' noise counters (traced counter offsets). ``with_params``: each
+  gradient comes as a ``(gradient, parameter)`` pair."""
   sizes = axis_sizes(mesh)
 
   def local(grads, moments, hyper, step, shifts=None):
+    extra = {}
+    if with_params:
+      grads, extra["params"] = map(list, zip(*grads))
     noise = [None] * len(grads)
     if noise_type is not None:
       noise = []
@@ -139,12 +153,14 @@ def _mapped(fn: Callable, mesh, shapes: tuple, blocks: tuple, moments: tuple,
         if shifts is not None:
           counters = counters + shifts[i]
         noise.append(noise_type(counters, _layout.contiguous(shape, spec, sizes)))
-    return fn(list(grads), list(moments), hyper, step=step, noise=noise)
+    return fn(list(grads), list(moments), hyper, step=step, noise=noise,
+              **extra)
 
   leaf_specs = [(b, tuple((b, b) for _ in range(k))) for b, k in zip(blocks, moments)]
+  grad_specs = [(b, b) if with_params else b for b in blocks]
   return jax.jit(jax.shard_map(
       local, mesh=mesh,
-      in_specs=(list(blocks), [spec for _, spec in leaf_specs], PartitionSpec(),
+      in_specs=(grad_specs, [spec for _, spec in leaf_specs], PartitionSpec(),
                 PartitionSpec()) + ((PartitionSpec(),) if shifted else ()),
       out_specs=leaf_specs, check_vma=False))
 

@@ -528,16 +528,23 @@ def _update_local(alg: algorithms.Algorithm, grads, moments, hyper,
 
 class _LocalStep(NamedTuple):
   """:func:`_update_local` of one configuration, hashable (for the cache of
-  compiled sharded steps)."""
+  compiled sharded steps). With ``decays`` (per leaf) it is
+  :func:`apply_8bit`'s step: ``hyper`` ends with ``lr`` and ``wd``."""
   algorithm: str
   block_size: int
   stochastic: tuple[bool, ...]
   impl: str
+  decays: tuple[bool, ...] | None = None
+  coupled: bool = False
 
-  def __call__(self, grads, moments, hyper, *, step, noise):
+  def __call__(self, grads, moments, hyper, *, step, noise, params=None):
+    apply = None
+    if self.decays is not None:
+      hyper, (lr, wd) = hyper[:-2], hyper[-2:]
+      apply = ParameterStep(params, lr, wd, self.decays, self.coupled)
     return _update_local(_algorithm(self.algorithm), grads, moments, hyper,
                          self.block_size, self.stochastic, step, noise,
-                         self.impl)
+                         self.impl, apply)
 
 
 def update_8bit(
@@ -624,8 +631,9 @@ def apply_8bit(
   (with ``coupled_decay`` on ``g + wd * p``); the parameters equal
   :func:`apply_8bit_reference`'s (bit for bit in Triton's interpreter;
   within a few ulp compiled, as :func:`update_8bit`'s directions). Leaves
-  on a mesh are updated as in :func:`update_8bit` and then stepped in
-  ``jax.numpy`` (the same values); so are float64 parameters.
+  on a mesh run shard-locally as in :func:`update_8bit`, each device
+  writing its parameter shards. float64 parameters take the parameter step
+  in ``jax.numpy`` after the kernel's update.
 
   Args:
     algorithm, grads, moments, hyper, block_size, stochastic, step, impl,
@@ -718,16 +726,18 @@ def _step(algorithm, grads, moments, hyper, block_size, stochastic, step, impl,
                            stochastic, step, noise, impl,
                            apply and apply.take(leaves))
     else:
-      run = lambda g, leaves=leaves: _sharding.shard_mapped_update(
-          _LocalStep(algorithm, block_size, stochastic, impl),
-          mesh, g, [moments[i] for i in leaves],
-          hyper, step, [offsets[i] for i in leaves], block_size,
+      part = apply and apply.take(leaves)
+      outs = _sharding.shard_mapped_update(
+          _LocalStep(algorithm, block_size, stochastic, impl,
+                     part and part.decays, bool(part and part.coupled)),
+          mesh, [grads[i] for i in leaves], [moments[i] for i in leaves],
+          hyper if part is None else jnp.concatenate(
+              [hyper, jnp.stack([part.learning_rate, part.weight_decay])]),
+          step, [offsets[i] for i in leaves], block_size,
           noise_type=LeafNoise if any(stochastic) else None,
           shifts=None if shifts is None else jnp.stack(
-              [shifts[i] for i in leaves]))
-      grads_here = [grads[i] for i in leaves]
-      outs = (run(grads_here) if apply is None
-              else apply.take(leaves).unfused(run, grads_here))
+              [shifts[i] for i in leaves]),
+          params=part and part.params)
     for i, out in zip(leaves, outs):
       results[i] = out
   return results

@@ -75,6 +75,9 @@ OPTIMIZERS = {
                                                    impl="xla"),
     "adagrad": lambda: lowbit.adagrad_8bit(1e-2, impl="xla"),
     "adamw_32bit": lambda: lowbit.adamw_32bit(1e-2),
+    "chain clip": lambda: lowbit.chain(
+        optax.clip_by_global_norm(0.05), optax.scale(2.0),
+        lowbit.adamw_8bit(1e-2, impl="xla")),
 }
 
 
@@ -106,7 +109,9 @@ def test_fused_kernel_step(impl):
     lambda: optax.adamw(1e-2),
     lambda: lowbit.lamb_8bit(1e-2, impl="xla"),
     lambda: optax.inject_hyperparams(lowbit.adamw_8bit)(learning_rate=1e-2),
-], ids=["optax", "lamb", "inject_hyperparams"])
+    lambda: optax.chain(optax.clip(1.0), lowbit.adamw_8bit(1e-2, impl="xla")),
+    lambda: lowbit.chain(lowbit.adamw_8bit(1e-2, impl="xla"), optax.scale(0.5)),
+], ids=["optax", "lamb", "inject_hyperparams", "optax.chain", "chain, last unfused"])
 def test_other_optimizers_take_update_then_apply(make):
   tx = make()
   params = _tree()

@@ -172,6 +172,26 @@ def test_sharded_update_is_bit_identical_to_unsharded(impl, mode, mesh_name):
     assert _spec(inner.m2.codes[k]) == want_spec, k
 
 
+@pytest.mark.parametrize("impl", ["xla", pytest.param("triton", marks=TRITON)])
+def test_sharded_fused_step_equals_unsharded(impl):
+  """``lowbit.update_and_apply`` on sharded leaves: the kernel (or its twin)
+  writes each device's parameter shards under ``jax.shard_map``; the
+  parameters keep their shardings and equal the unsharded step's."""
+  mesh, leaves = _mesh("2d", AxisType.Explicit)
+  tx = lowbit.adamw_8bit(1e-2, weight_decay=0.1, block_size=BLOCK,
+                         min_8bit_size=64, impl=impl)
+  step = jax.jit(lambda g, s, p: lowbit.update_and_apply(tx, g, s, p))
+  params, grads = _tree(leaves), _tree(leaves, seed=10)
+  want = step(grads, tx.init(params), params)
+  shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in leaves.items()}
+  params, grads = jax.device_put((params, grads), (shardings, shardings))
+  with jax.set_mesh(mesh):
+    got = step(grads, tx.init(params), params)
+  _assert_identical(got, want, float_ulps=1 if impl == "xla" else 0)
+  for k in leaves:
+    assert _spec(got[0][k]) == _full(shardings[k].spec, got[0][k].ndim), k
+
+
 @pytest.mark.parametrize("impl, axis_type", [
     ("xla", AxisType.Explicit), ("xla", AxisType.Auto),
     ("interpret", AxisType.Explicit),

@@ -12,7 +12,8 @@
   :class:`Quantized8bitMoment`;
 * :mod:`~jlowbit.optax_transforms.sharding`: ``state_shardings``;
 * :mod:`~jlowbit.optax_transforms.apply`: ``update_and_apply`` (one step
-  that writes the parameters, fused into the kernel for the aliases).
+  that writes the parameters, fused into the kernel for the aliases) and
+  ``chain`` (an ``optax.chain`` that stays fused).
 
 The step itself is the functional op :func:`jlowbit.update8.update_8bit`
 (:func:`jlowbit.update8.apply_8bit` when it writes the parameters).
@@ -38,7 +39,7 @@ from jlowbit.optax_transforms.aliases import (
     sgd_8bit,
     sgd_32bit,
 )
-from jlowbit.optax_transforms.apply import update_and_apply
+from jlowbit.optax_transforms.apply import chain, update_and_apply
 from jlowbit.optax_transforms.checks import STATIC_ARGS
 from jlowbit.optax_transforms.clipping import (
     PercentileClippingState,

@@ -24,9 +24,15 @@ gradient and moments and writes the new parameter in place (float32 AdamW:
 (schedules and masks included) are those of the chain, and the new state
 is the one ``tx.update`` returns. The parameters equal ``tx.update`` +
 ``optax.apply_updates`` up to rounding: the step is computed in float32 and
-rounded once (optax rounds the update to the gradient's dtype first).
-Any other optimizer (any optax ``GradientTransformation``, a jlowbit alias
-wrapped in ``optax.inject_hyperparams``, ``optax.chain`` or ``MultiSteps``,
+rounded once (optax rounds the update to the gradient's dtype first, and
+a coupled decay's ``g + wd * p`` too). Sharded leaves are stepped
+shard-locally (each device's kernel writes its parameter shards); leaves
+with float32 state and offloaded (streamed) state take the parameter step
+in ``jax.numpy`` after their update (same values, unfused).
+:func:`chain` puts transformations of the gradients (clipping, say) before
+such an alias and stays fused. Any other optimizer (any optax
+``GradientTransformation``, a jlowbit alias wrapped in
+``optax.inject_hyperparams``, ``optax.chain`` or ``MultiSteps``,
 ``lamb_8bit``/``lars_8bit``, whose trust ratio needs every update before
 the step) takes ``tx.update`` and ``optax.apply_updates``: same results,
 no fusion.
@@ -63,6 +69,32 @@ def update_and_apply(optimizer: optax.GradientTransformation, grads: Any,
     return fused(grads, state, params)
   updates, state = optimizer.update(grads, state, params)
   return optax.apply_updates(params, updates), state
+
+
+def chain(*transforms: optax.GradientTransformation
+          ) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(*transforms)`` that :func:`update_and_apply` runs fused
+  when its last transformation is fused (a jlowbit alias): the others
+  transform the gradients as in ``optax.chain``, then the last one's
+  kernel writes the parameters. E.g. gradient clipping before an 8-bit
+  AdamW: ``lowbit.chain(optax.clip_by_global_norm(1.0),
+  lowbit.adamw_8bit(1e-3))``. Same state and results as ``optax.chain``.
+  """
+  tx = optax.chain(*transforms)
+  last = getattr(transforms[-1].update, "update_and_apply", None) if transforms else None
+  if last is None:
+    return tx
+
+  def fused(grads, state, params):
+    new_state = []
+    for transform, inner in zip(transforms[:-1], state[:-1]):
+      grads, inner = transform.update(grads, inner, params)
+      new_state.append(inner)
+    params, inner = last(grads, state[-1], params)
+    return params, (*new_state, inner)
+
+  tx.update.update_and_apply = fused
+  return tx
 
 
 def _leaf_flags(mask: Any, grads: Any) -> Any:
