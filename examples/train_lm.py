@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sysconfig
@@ -132,18 +133,21 @@ def train(name: str, config: Config, data: np.ndarray, steps: int, lr: float,
   model = ByteLM(config, nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, steps // 20, steps, lr / 10)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optimizers(schedule, steps, **state_config)[name]())
+  # lowbit.chain stays fused under update_and_apply (the 8-bit kernel writes
+  # the parameters); optax's AdamW runs as tx.update + optax.apply_updates.
+  tx = lowbit.chain(optax.clip_by_global_norm(1.0),
+                    optimizers(schedule, steps, **state_config)[name]())
   opt_state = tx.init(params)
 
   def loss_fn(params, tokens, targets):
     logits = nnx.merge(graphdef, params)(tokens)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, tokens, targets):
     loss, grads = jax.value_and_grad(loss_fn)(params, tokens, targets)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params, opt_state = lowbit.update_and_apply(tx, grads, opt_state, params)
+    return params, opt_state, loss
 
   losses = []
   start = time.perf_counter()
