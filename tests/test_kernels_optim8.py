@@ -273,7 +273,10 @@ APPLY_LEAVES = [((40, 7), "float32"), ((), "float32"), ((0,), "float32"),
 
 
 def _params(grads):
-  return [(0.5 * jax.random.normal(jax.random.key(100 + i), g.shape)).astype(g.dtype)
+  """Parameters of the gradients' dtypes, but float32 for float16 gradients
+  (mixed precision: the kernel reads and writes each in its own dtype)."""
+  return [(0.5 * jax.random.normal(jax.random.key(100 + i), g.shape)).astype(
+      jnp.float32 if g.dtype == jnp.float16 else g.dtype)
           for i, g in enumerate(grads)]
 
 
