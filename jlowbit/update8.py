@@ -466,12 +466,12 @@ def _update_local(alg: algorithms.Algorithm, grads, moments, hyper,
                 if (p.dtype == jnp.float64) == wide]
       if not leaves:
         continue
-      part = apply.take(leaves)
-      run = lambda g, leaves=leaves, part=None: _update_local(
+      part, leaf_grads = apply.take(leaves), [grads[i] for i in leaves]
+      local = lambda g, fused=None, leaves=leaves: _update_local(
           alg, g, [moments[i] for i in leaves], hyper, block_size, stochastic,
-          step, [noise[i] for i in leaves], impl, part)
-      outs = (part.unfused(run, [grads[i] for i in leaves]) if wide
-              else run([grads[i] for i in leaves], part=part))
+          step, [noise[i] for i in leaves], impl, fused)
+      outs = (part.unfused(local, leaf_grads) if wide
+              else local(leaf_grads, part))
       for i, out in zip(leaves, outs):
         results[i] = out
     return results
