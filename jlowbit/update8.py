@@ -420,6 +420,12 @@ class ParameterStep(NamedTuple):
   decays: tuple[bool, ...]  # per leaf
   coupled: bool  # decay added to the gradient (L2), else to the direction
 
+  def hyper(self, hyper: jax.Array) -> jax.Array:
+    """The algorithm's ``hyper`` with ``lr`` and ``wd`` after it, as the
+    kernel (and :class:`_LocalStep`) reads them."""
+    return jnp.concatenate([hyper, jnp.stack(
+        [self.learning_rate, self.weight_decay]).astype(jnp.float32)])
+
   def take(self, leaves: Sequence[int]) -> "ParameterStep":
     return self._replace(params=[self.params[i] for i in leaves],
                          decays=tuple(self.decays[i] for i in leaves))
@@ -494,8 +500,7 @@ def _update_local(alg: algorithms.Algorithm, grads, moments, hyper,
     key_at = [(0, False)] * len(grads)
   keys = jnp.concatenate(keys) if keys else jnp.zeros((1,), jnp.uint32)
   if apply is not None:
-    hyper = jnp.concatenate([hyper, jnp.stack(
-        [apply.learning_rate, apply.weight_decay]).astype(jnp.float32)])
+    hyper = apply.hyper(hyper)
   # Kernels take float32/bfloat16/float16; float64 gradients run in float32.
   kernel_grads = [_as_rows(g.astype(jnp.float32) if g.dtype == jnp.float64 else g)
                   for g in grads]
@@ -731,8 +736,7 @@ def _step(algorithm, grads, moments, hyper, block_size, stochastic, step, impl,
           _LocalStep(algorithm, block_size, stochastic, impl,
                      part and part.decays, bool(part and part.coupled)),
           mesh, [grads[i] for i in leaves], [moments[i] for i in leaves],
-          hyper if part is None else jnp.concatenate(
-              [hyper, jnp.stack([part.learning_rate, part.weight_decay])]),
+          hyper if part is None else part.hyper(hyper),
           step, [offsets[i] for i in leaves], block_size,
           noise_type=LeafNoise if any(stochastic) else None,
           shifts=None if shifts is None else jnp.stack(

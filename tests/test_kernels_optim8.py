@@ -567,6 +567,23 @@ def test_errors_name_the_argument(kwargs, exc, match):
     _call(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(params=[]), ValueError, r"got 0 params but 1 grads"),
+    (dict(params=[jnp.ones(299)]), ValueError,
+     r"params\[0\] has shape \(299,\) but grads\[0\] has shape \(300,\)"),
+    (dict(params=[jnp.ones(300, jnp.int32)]), TypeError, r"params\[0\].dtype=int32"),
+    (dict(decays=[1]), ValueError, r"decays=\(1,\) must hold one bool per parameter"),
+    (dict(learning_rate=jnp.ones(2)), ValueError,
+     r"learning_rate must be a scalar, got shape \(2,\)"),
+])
+def test_parameter_step_errors_name_the_argument(kwargs, exc, match):
+  grad, moments, hyper = _inputs("adam", (300,), "float32", 256)
+  args = dict(params=[jnp.ones(300)], learning_rate=0.1) | kwargs
+  with pytest.raises(exc, match=match):
+    update8.apply_8bit("adam", args.pop("params"), [grad], [moments], hyper,
+                       block_size=256, impl="xla", **args)
+
+
 @pytest.mark.parametrize("code", [
     codebooks.dynamic(True), codebooks.dynamic(False), codebooks.nf4(),
     np.linspace(-1, 1, 256, dtype=np.float32),

@@ -81,8 +81,8 @@ def chain(*transforms: optax.GradientTransformation
   lowbit.adamw_8bit(1e-3))``. Same state and results as ``optax.chain``.
   """
   tx = optax.chain(*transforms)
-  last = getattr(transforms[-1].update, "update_and_apply", None) if transforms else None
-  if last is None:
+  last = transforms and getattr(transforms[-1].update, "update_and_apply", None)
+  if not last:
     return tx
 
   def fused(grads, state, params):
